@@ -1,0 +1,20 @@
+//! tandem-events: the contract every part of tandem speaks.
+//!
+//! - [`schema`]: the protobuf event schema (envelope and bodies) and [`event`]: kinds and checked encoding;
+//! - [`subjects`]: subject names and wildcard matching;
+//! - [`lifecycle`]: which event may follow which in a request's life;
+//! - [`log`]: the [`log::EventLog`] trait with its JetStream and embedded backends;
+//! - [`nats_server`]: starting a real nats-server for tests and local runs.
+//!
+//! Invariant: every event on the log decodes with this crate forever (schema versions only grow), and a
+//! malformed one is an error, never a panic.
+
+pub mod event;
+pub mod lifecycle;
+pub mod log;
+pub mod nats_server;
+pub mod schema;
+pub mod subjects;
+
+pub use event::{DecodeError, Event, EventKind, SCHEMA_VERSION};
+pub use schema::Body;

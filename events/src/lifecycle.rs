@@ -1,0 +1,252 @@
+//! The request-lifecycle state machine: which event may follow which. The scheduler and the replay CLI both run
+//! every request's events through it; a broken order is a typed [`LifecycleViolation`], never a panic.
+//!
+//! ```text
+//! Received ─▶ Routed ─┬▶ PrefillLocal ──────────────────────────────────────────┬▶ DecodeStarted ─▶ TokensDecoded* ─▶ Completed
+//!    ▲                └▶ PrefillQueued ─▶ PrefillStarted+ ─▶ PrefillDone ─▶ KvTransferred ┘
+//!    └── Migrated ◀── (any state from Routed to decoding)        Failed | Cancelled from any live state
+//! ```
+//! An event identical to one already applied (a retried append, a redelivery) is an idempotent repeat: accepted,
+//! no effect, also after a terminal event.
+
+use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use crate::event::EventKind;
+use crate::schema::Body;
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestState {
+    /// No event seen yet.
+    New,
+    /// Accepted by the gateway, waiting for the scheduler.
+    Received,
+    /// A decode worker owns it and decides how to prefill.
+    Routed,
+    /// The decode worker prefills the prompt itself.
+    PrefillLocal,
+    /// Waiting on the prefill queue.
+    PrefillQueued,
+    /// A prefill worker is computing it.
+    PrefillRunning,
+    /// Prompt computed, KV on its way.
+    PrefillDone,
+    /// KV arrived at the decode worker.
+    KvTransferred,
+    /// In a decode batch.
+    Decoding,
+    /// Taken off a lost decode worker, waiting to be routed again.
+    Migrating,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RequestState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RequestState::Completed | RequestState::Failed | RequestState::Cancelled
+        )
+    }
+
+    /// Between `Received` and a terminal event.
+    pub fn is_live(self) -> bool {
+        self != RequestState::New && !self.is_terminal()
+    }
+}
+
+/// Why an event may not follow the request's current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ViolationReason {
+    #[error("worker events are not part of a request's lifecycle")]
+    NotARequestEvent,
+    #[error("the first event of a request must be Received")]
+    NotReceivedFirst,
+    #[error("the request already ended")]
+    AfterTerminal,
+    #[error("this event cannot follow the current state")]
+    OutOfOrder,
+    #[error("token checkpoint starts at index {found}, expected {expected}: tokens are missing")]
+    TokenIndexGap { expected: u32, found: u32 },
+    #[error(
+        "token checkpoint starts at index {found}, expected {expected}: a token index is written twice"
+    )]
+    TokenIndexRepeated { expected: u32, found: u32 },
+    #[error("prefill delivery attempt {found} does not follow attempt {previous}")]
+    AttemptNotIncreasing { previous: u32, found: u32 },
+    #[error("migration carries {claimed} tokens but only {checkpointed} were checkpointed")]
+    MigratedUncheckpointedTokens { claimed: u32, checkpointed: u32 },
+}
+
+/// An event that breaks the lifecycle, with the state it met.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{event} in state {state:?}: {reason}")]
+pub struct LifecycleViolation {
+    pub state: RequestState,
+    pub event: EventKind,
+    pub reason: ViolationReason,
+}
+
+/// What applying an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The request moved (or stayed, for a further checkpoint) to this state.
+    Advanced(RequestState),
+    /// The same event was applied before; nothing changed.
+    Repeat,
+}
+
+/// One request's lifecycle: its state plus what the rules need to remember.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLifecycle {
+    state: RequestState,
+    tokens_checkpointed: u32,
+    prefill_attempt: u32,
+    /// Fingerprints of the bodies applied so far, to recognise idempotent repeats.
+    applied_fingerprints: BTreeSet<u64>,
+}
+
+impl Default for RequestLifecycle {
+    fn default() -> Self {
+        RequestLifecycle {
+            state: RequestState::New,
+            tokens_checkpointed: 0,
+            prefill_attempt: 0,
+            applied_fingerprints: BTreeSet::new(),
+        }
+    }
+}
+
+impl RequestLifecycle {
+    pub fn state(&self) -> RequestState {
+        self.state
+    }
+
+    /// Generated tokens recorded by `TokensDecoded` checkpoints (and kept across a migration).
+    pub fn tokens_checkpointed(&self) -> u32 {
+        self.tokens_checkpointed
+    }
+
+    /// Applies one event; on a violation the lifecycle is left unchanged.
+    pub fn apply(&mut self, body: &Body) -> Result<Applied, LifecycleViolation> {
+        let fingerprint = fingerprint(body);
+        if self.applied_fingerprints.contains(&fingerprint) {
+            return Ok(Applied::Repeat);
+        }
+        let next = self.next(body).map_err(|reason| LifecycleViolation {
+            state: self.state,
+            event: body.kind(),
+            reason,
+        })?;
+        self.applied_fingerprints.insert(fingerprint);
+        match body {
+            Body::TokensDecoded(checkpoint) => {
+                self.tokens_checkpointed += checkpoint.token_ids.len() as u32;
+            }
+            Body::PrefillStarted(started) => self.prefill_attempt = started.delivery_attempt,
+            Body::Migrated(migrated) => {
+                self.tokens_checkpointed = migrated.tokens_generated;
+                self.prefill_attempt = 0;
+            }
+            _ => {}
+        }
+        self.state = next;
+        Ok(Applied::Advanced(next))
+    }
+
+    /// The state `body` leads to, or why it may not follow the current one.
+    fn next(&self, body: &Body) -> Result<RequestState, ViolationReason> {
+        use RequestState as S;
+        let kind = body.kind();
+        if kind.is_worker_event() {
+            return Err(ViolationReason::NotARequestEvent);
+        }
+        if self.state.is_terminal() {
+            return Err(ViolationReason::AfterTerminal);
+        }
+        if self.state == S::New {
+            return match body {
+                Body::Received(_) => Ok(S::Received),
+                _ => Err(ViolationReason::NotReceivedFirst),
+            };
+        }
+        match (self.state, body) {
+            (_, Body::Failed(_)) => Ok(S::Failed),
+            (_, Body::Cancelled(_)) => Ok(S::Cancelled),
+            (S::Received | S::Migrating, Body::Routed(_)) => Ok(S::Routed),
+            (S::Routed, Body::PrefillLocal(_)) => Ok(S::PrefillLocal),
+            (S::Routed, Body::PrefillQueued(_)) => Ok(S::PrefillQueued),
+            (S::PrefillQueued | S::PrefillRunning, Body::PrefillStarted(started)) => {
+                if started.delivery_attempt > self.prefill_attempt {
+                    Ok(S::PrefillRunning)
+                } else {
+                    Err(ViolationReason::AttemptNotIncreasing {
+                        previous: self.prefill_attempt,
+                        found: started.delivery_attempt,
+                    })
+                }
+            }
+            (S::PrefillRunning, Body::PrefillDone(_)) => Ok(S::PrefillDone),
+            (S::PrefillDone, Body::KvTransferred(_)) => Ok(S::KvTransferred),
+            (S::PrefillLocal | S::KvTransferred, Body::DecodeStarted(_)) => Ok(S::Decoding),
+            (S::Decoding, Body::TokensDecoded(checkpoint)) => {
+                let expected = self.tokens_checkpointed;
+                match checkpoint.start_index {
+                    found if found == expected => Ok(S::Decoding),
+                    found if found > expected => {
+                        Err(ViolationReason::TokenIndexGap { expected, found })
+                    }
+                    found => Err(ViolationReason::TokenIndexRepeated { expected, found }),
+                }
+            }
+            (S::Decoding, Body::Completed(_)) => Ok(S::Completed),
+            (
+                S::Routed
+                | S::PrefillLocal
+                | S::PrefillQueued
+                | S::PrefillRunning
+                | S::PrefillDone
+                | S::KvTransferred
+                | S::Decoding,
+                Body::Migrated(migrated),
+            ) => {
+                if migrated.tokens_generated <= self.tokens_checkpointed {
+                    Ok(S::Migrating)
+                } else {
+                    Err(ViolationReason::MigratedUncheckpointedTokens {
+                        claimed: migrated.tokens_generated,
+                        checkpointed: self.tokens_checkpointed,
+                    })
+                }
+            }
+            _ => Err(ViolationReason::OutOfOrder),
+        }
+    }
+}
+
+/// A stable fingerprint of an event body (kind and encoded fields).
+fn fingerprint(body: &Body) -> u64 {
+    let mut encoded = Vec::new();
+    body.encode(&mut encoded);
+    // `DefaultHasher::new()` uses fixed keys, so fingerprints are the same in every process.
+    let mut hasher = DefaultHasher::new();
+    body.kind().hash(&mut hasher);
+    encoded.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Runs a whole request's events through a fresh lifecycle, returning the final state or the first violation
+/// together with the index of the event that caused it.
+pub fn check_sequence<'a>(
+    bodies: impl IntoIterator<Item = &'a Body>,
+) -> Result<RequestState, (usize, LifecycleViolation)> {
+    let mut lifecycle = RequestLifecycle::default();
+    for (index, body) in bodies.into_iter().enumerate() {
+        lifecycle
+            .apply(body)
+            .map_err(|violation| (index, violation))?;
+    }
+    Ok(lifecycle.state())
+}

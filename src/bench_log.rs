@@ -1,0 +1,3 @@
+#[derive(clap::Args)]
+pub struct BenchLogArgs {}
+pub fn run(_args: BenchLogArgs) -> anyhow::Result<()> { Ok(()) }
