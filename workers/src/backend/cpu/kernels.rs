@@ -1,0 +1,280 @@
+//! The CPU backend's numeric kernels: matrix products against `nn.Linear`-shaped weights, dot products,
+//! RMSNorm, RoPE and the SwiGLU activation, all in f32.
+
+use rayon::prelude::*;
+
+/// Batches up to this many rows read each weight row once for all of them (a GEMV-like kernel); the weight
+/// stream dominates at small batch, and a packing GEMM would copy the whole weight matrix on every call.
+const SMALL_BATCH_ROWS: usize = 8;
+
+/// `out[m, n] = a[m, k] · w[n, k]ᵀ`, where `w` is row-major `[out_features, in_features]` like `nn.Linear`.
+/// `scratch` is reused across calls to avoid per-step allocation.
+pub(crate) fn matmul_transposed(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    debug_assert_eq!(a.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    debug_assert_eq!(out.len(), m * n);
+    if m == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    if m == 1 {
+        let rows_per_task = (n / (threads * 8)).max(64);
+        out.par_chunks_mut(rows_per_task)
+            .enumerate()
+            .for_each(|(task, out_chunk)| {
+                let first_row = task * rows_per_task;
+                for (j, value) in out_chunk.iter_mut().enumerate() {
+                    let row = first_row + j;
+                    *value = dot(a, &w[row * k..(row + 1) * k]);
+                }
+            });
+    } else if m <= SMALL_BATCH_ROWS {
+        // Computed as [n, m] so each task owns a contiguous range of weight rows, then transposed.
+        scratch.clear();
+        scratch.resize(n * m, 0.0);
+        let rows_per_task = (n / (threads * 8)).max(64);
+        scratch
+            .par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let first_row = task * rows_per_task;
+                for (j, values) in chunk.chunks_exact_mut(m).enumerate() {
+                    let row = first_row + j;
+                    let w_row = &w[row * k..(row + 1) * k];
+                    for (i, value) in values.iter_mut().enumerate() {
+                        *value = dot(&a[i * k..(i + 1) * k], w_row);
+                    }
+                }
+            });
+        for (j, values) in scratch.chunks_exact(m).enumerate() {
+            for (i, &value) in values.iter().enumerate() {
+                out[i * n + j] = value;
+            }
+        }
+    } else {
+        let rows_per_task = m.div_ceil(threads);
+        out.par_chunks_mut(rows_per_task * n)
+            .zip(a.par_chunks(rows_per_task * k))
+            .for_each(|(out_rows, a_rows)| {
+                let rows = a_rows.len() / k;
+                // SAFETY: the pointers and strides describe `a_rows` [rows, k] (row-major), `w` viewed as
+                // [k, n] with row stride 1 and column stride k (its transpose), and `out_rows` [rows, n]
+                // (row-major); all three slices are exactly that long, and `out_rows` is exclusively ours.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        k,
+                        n,
+                        1.0,
+                        a_rows.as_ptr(),
+                        k as isize,
+                        1,
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        out_rows.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+            });
+    }
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features `dot_avx2_fma` is compiled for (checked just above).
+            return unsafe { dot_avx2_fma(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent lanes let the compiler vectorize without reassociating a single sum.
+    let mut lanes = [0.0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (x, y) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for lane in 0..8 {
+            lanes[lane] += x[lane] * y[lane];
+        }
+    }
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let len = a.len().min(b.len());
+    let blocks = len / 32 * 32;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < blocks {
+        for (lane, accumulator) in acc.iter_mut().enumerate() {
+            let offset = i + lane * 8;
+            // SAFETY: offset + 8 <= blocks <= len, so both loads are in bounds.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(pa.add(offset)),
+                    _mm256_loadu_ps(pb.add(offset)),
+                )
+            };
+            *accumulator = _mm256_fmadd_ps(x, y, *accumulator);
+        }
+        i += 32;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds exactly 8 f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+    let tail: f32 = a[blocks..len]
+        .iter()
+        .zip(&b[blocks..len])
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out = x / rms(x) * weight`, as Qwen3RMSNorm computes it in f32.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = dot(x, x) / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * scale);
+    }
+}
+
+/// RMSNorm in place (used per head for q_norm / k_norm).
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_square = dot(x, x) / x.len() as f32;
+    let scale = 1.0 / (mean_square + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = w * (*v * scale);
+    }
+}
+
+/// The RoPE frequencies `1 / theta^(2i / head_dim)`, computed in f32 as transformers does.
+pub(crate) fn rope_inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Fills `cos`/`sin` (each `head_dim / 2`) for one position.
+pub(crate) fn rope_angles(
+    position: usize,
+    inverse_frequencies: &[f32],
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    for ((&frequency, c), s) in inverse_frequencies
+        .iter()
+        .zip(cos.iter_mut())
+        .zip(sin.iter_mut())
+    {
+        let angle = position as f32 * frequency;
+        *c = angle.cos();
+        *s = angle.sin();
+    }
+}
+
+/// Rotates one head in place, "rotate half" style: dimension `i` pairs with `i + head_dim / 2`.
+pub(crate) fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (first, second) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (first[i], second[i]);
+        first[i] = x1 * cos[i] - x2 * sin[i];
+        second[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// SwiGLU: `out = silu(gate) * up`.
+pub(crate) fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_matmul_path_matches_a_naive_product() {
+        let k = 37;
+        let n = 301;
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
+            .collect();
+        let mut scratch = Vec::new();
+        for m in [1, 3, 8, 9, 20] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 104_729) % 17) as f32 / 17.0 - 0.5)
+                .collect();
+            let mut out = vec![f32::NAN; m * n];
+            matmul_transposed(&a, m, k, &w, n, &mut out, &mut scratch);
+            for (x, y) in out.iter().zip(naive(&a, m, k, &w, n)) {
+                assert!((x - y).abs() < 1e-4, "m={m}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_paths_agree() {
+        let a: Vec<f32> = (0..77).map(|i| i as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..77).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let expected: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - expected).abs() < 1e-3);
+        assert!((dot_portable(&a, &b) - expected).abs() < 1e-3);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norm() {
+        let frequencies = rope_inverse_frequencies(8, 10_000.0);
+        let (mut cos, mut sin) = (vec![0.0; 4], vec![0.0; 4]);
+        let original: Vec<f32> = (0..8).map(|i| i as f32 - 3.0).collect();
+        let mut head = original.clone();
+        rope_angles(0, &frequencies, &mut cos, &mut sin);
+        apply_rope(&mut head, &cos, &sin);
+        assert_eq!(head, original);
+        rope_angles(17, &frequencies, &mut cos, &mut sin);
+        apply_rope(&mut head, &cos, &sin);
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+        assert!((norm(&head) - norm(&original)).abs() < 1e-3);
+        assert_ne!(head, original);
+    }
+}

@@ -1,0 +1,423 @@
+//! [`Engine`]: sequences over the paged KV cache, driven step by step. It owns the host-side bookkeeping
+//! (block tables, prefix cache, which tokens are computed) and asks its [`Backend`] to run forward steps.
+//! Prefill runs a prompt in chunks; decode runs one new token for each of a batch of sequences of any
+//! lengths in one step, which is what continuous batching builds on.
+
+use std::collections::HashMap;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, SequenceStep};
+use crate::error::EngineError;
+use crate::kv_cache::layout::KvLayout;
+use crate::kv_cache::{BlockTable, KvCacheManager};
+use crate::model::config::ModelConfig;
+use crate::model::weights::ModelWeights;
+use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
+
+/// Identifies a sequence within one engine.
+pub type SequenceId = u64;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size_tokens: usize,
+    /// Blocks in the KV pool; with the block size, this bounds the tokens held at once.
+    pub num_blocks: usize,
+    /// Prefill runs at most this many tokens per forward step.
+    pub prefill_chunk_tokens: usize,
+    /// Reuse the KV of full blocks shared with earlier prompts.
+    pub prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size_tokens: 16,
+            num_blocks: 1024,
+            prefill_chunk_tokens: 512,
+            prefix_caching: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` were generated.
+    Length,
+    /// A stop token id was generated (it is the last output token).
+    Stop,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// The outcome of [`Engine::generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    /// One entry per output token when logprobs were requested, else empty.
+    pub logprobs: Vec<TokenLogprobs>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+}
+
+struct Sequence {
+    /// Every token of the sequence: the prompt, then each decoded token.
+    token_ids: Vec<u32>,
+    /// The KV of `token_ids[..num_computed_tokens]` is in the cache.
+    num_computed_tokens: usize,
+    block_table: BlockTable,
+    cached_prompt_tokens: usize,
+}
+
+pub struct Engine {
+    backend: Box<dyn Backend>,
+    kv_cache: KvCacheManager,
+    sequences: HashMap<SequenceId, Sequence>,
+    next_sequence_id: SequenceId,
+    config: EngineConfig,
+    /// The last step's logits, `[batch, vocab_size]`.
+    logits: Vec<f32>,
+}
+
+impl Engine {
+    /// An engine over `backend`, whose KV pool must match `config`'s block size and count.
+    pub fn new(backend: Box<dyn Backend>, config: EngineConfig) -> Result<Self, EngineError> {
+        let layout = backend.kv_layout();
+        if layout.block_size_tokens != config.block_size_tokens
+            || backend.num_blocks() != config.num_blocks
+        {
+            return Err(EngineError::Config(format!(
+                "backend pool ({} blocks of {} tokens) differs from the engine config ({} of {})",
+                backend.num_blocks(),
+                layout.block_size_tokens,
+                config.num_blocks,
+                config.block_size_tokens
+            )));
+        }
+        if config.prefill_chunk_tokens == 0 {
+            return Err(EngineError::Config(
+                "prefill_chunk_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            kv_cache: KvCacheManager::new(
+                config.num_blocks,
+                config.block_size_tokens,
+                config.prefix_caching,
+            ),
+            backend,
+            sequences: HashMap::new(),
+            next_sequence_id: 0,
+            config,
+            logits: Vec::new(),
+        })
+    }
+
+    /// An engine on the CPU backend.
+    pub fn cpu(weights: ModelWeights, config: EngineConfig) -> Result<Self, EngineError> {
+        let backend = CpuBackend::new(weights, config.num_blocks, config.block_size_tokens)?;
+        Self::new(Box::new(backend), config)
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.backend.model_config()
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.backend.kv_layout()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.kv_cache.num_free_blocks()
+    }
+
+    /// Full blocks currently registered in the prefix cache.
+    pub fn num_cached_blocks(&self) -> usize {
+        self.kv_cache.num_cached_blocks()
+    }
+
+    fn sequence(&self, id: SequenceId) -> Result<&Sequence, EngineError> {
+        self.sequences
+            .get(&id)
+            .ok_or(EngineError::UnknownSequence(id))
+    }
+
+    fn check_tokens(&self, token_ids: &[u32]) -> Result<(), EngineError> {
+        let vocab_size = self.model_config().vocab_size;
+        match token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            Some(&token_id) => Err(EngineError::TokenOutOfVocabulary {
+                token_id,
+                vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Registers a prompt and reserves KV blocks for all of it, reusing cached prefix blocks.
+    pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<SequenceId, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        self.check_tokens(prompt)?;
+        let (mut block_table, cached_prompt_tokens) = self.kv_cache.start_sequence(prompt);
+        if let Err(error) = self.kv_cache.reserve(&mut block_table, prompt.len()) {
+            self.kv_cache.release(block_table);
+            return Err(error);
+        }
+        let id = self.next_sequence_id;
+        self.next_sequence_id += 1;
+        self.sequences.insert(
+            id,
+            Sequence {
+                token_ids: prompt.to_vec(),
+                num_computed_tokens: cached_prompt_tokens,
+                block_table,
+                cached_prompt_tokens,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Prompt tokens of `id` whose KV was reused from the prefix cache.
+    pub fn cached_prompt_tokens(&self, id: SequenceId) -> Result<usize, EngineError> {
+        Ok(self.sequence(id)?.cached_prompt_tokens)
+    }
+
+    /// Every token of `id` so far.
+    pub fn token_ids(&self, id: SequenceId) -> Result<&[u32], EngineError> {
+        Ok(&self.sequence(id)?.token_ids)
+    }
+
+    /// Runs the rest of the prompt of `id`, chunk by chunk, and returns the logits that follow it.
+    pub fn prefill(&mut self, id: SequenceId) -> Result<&[f32], EngineError> {
+        while !self.prefill_chunk(id, self.config.prefill_chunk_tokens)? {}
+        Ok(&self.logits)
+    }
+
+    /// Runs up to `max_tokens` of the prompt of `id` not yet computed; returns true when the prompt is done,
+    /// and then [`Engine::logits`] holds the logits that follow it.
+    pub fn prefill_chunk(
+        &mut self,
+        id: SequenceId,
+        max_tokens: usize,
+    ) -> Result<bool, EngineError> {
+        let sequence = self
+            .sequences
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let start = sequence.num_computed_tokens;
+        let pending = sequence.token_ids.len() - start;
+        if pending == 0 {
+            return Ok(true);
+        }
+        let end = start + pending.min(max_tokens.max(1));
+        let step = SequenceStep {
+            token_ids: &sequence.token_ids[start..end],
+            start_position: start,
+            block_table: &sequence.block_table.blocks,
+        };
+        self.backend.forward(&[step], &mut self.logits)?;
+        sequence.num_computed_tokens = end;
+        self.kv_cache
+            .register_full_blocks(&mut sequence.block_table, &sequence.token_ids, end);
+        Ok(end == sequence.token_ids.len())
+    }
+
+    /// The logits of the last step, `[batch, vocab_size]`.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// Appends one token to each listed (fully prefilled) sequence and runs them all in one step; returns
+    /// the logits that follow each, `[steps.len(), vocab_size]` in the order given.
+    pub fn decode(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[f32], EngineError> {
+        let block_size = self.config.block_size_tokens;
+        let mut needed_blocks = 0;
+        for (index, &(id, token_id)) in steps.iter().enumerate() {
+            self.check_tokens(&[token_id])?;
+            if steps[..index].iter().any(|&(other, _)| other == id) {
+                return Err(EngineError::DuplicateInBatch(id));
+            }
+            let sequence = self.sequence(id)?;
+            let pending_tokens = sequence.token_ids.len() - sequence.num_computed_tokens;
+            if pending_tokens > 0 {
+                return Err(EngineError::NotPrefilled {
+                    sequence_id: id,
+                    pending_tokens,
+                });
+            }
+            needed_blocks += (sequence.token_ids.len() + 1)
+                .div_ceil(block_size)
+                .saturating_sub(sequence.block_table.blocks.len());
+        }
+        if needed_blocks > self.kv_cache.num_free_blocks() {
+            return Err(EngineError::OutOfBlocks {
+                needed_blocks,
+                free_blocks: self.kv_cache.num_free_blocks(),
+            });
+        }
+        for &(id, token_id) in steps {
+            let Some(sequence) = self.sequences.get_mut(&id) else {
+                return Err(EngineError::UnknownSequence(id));
+            };
+            sequence.token_ids.push(token_id);
+            self.kv_cache
+                .reserve(&mut sequence.block_table, sequence.token_ids.len())?;
+        }
+
+        let mut batch = Vec::with_capacity(steps.len());
+        for &(id, _) in steps {
+            let sequence = self
+                .sequences
+                .get(&id)
+                .ok_or(EngineError::UnknownSequence(id))?;
+            batch.push(SequenceStep {
+                token_ids: &sequence.token_ids[sequence.num_computed_tokens..],
+                start_position: sequence.num_computed_tokens,
+                block_table: &sequence.block_table.blocks,
+            });
+        }
+        let result = self.backend.forward(&batch, &mut self.logits);
+        drop(batch);
+        for &(id, _) in steps {
+            if let Some(sequence) = self.sequences.get_mut(&id) {
+                if result.is_err() {
+                    sequence.token_ids.pop();
+                    continue;
+                }
+                sequence.num_computed_tokens = sequence.token_ids.len();
+                self.kv_cache.register_full_blocks(
+                    &mut sequence.block_table,
+                    &sequence.token_ids,
+                    sequence.num_computed_tokens,
+                );
+            }
+        }
+        result?;
+        Ok(&self.logits)
+    }
+
+    /// Forgets a sequence and frees its blocks; its full blocks stay in the prefix cache until reused.
+    pub fn remove_sequence(&mut self, id: SequenceId) -> Result<(), EngineError> {
+        let sequence = self
+            .sequences
+            .remove(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        self.kv_cache.release(sequence.block_table);
+        Ok(())
+    }
+
+    /// The computed KV of `id` with its token ids, in the byte layout documented in [`KvLayout`] and
+    /// `workers/KV_LAYOUT.md`.
+    pub fn export_kv(&self, id: SequenceId) -> Result<Vec<u8>, EngineError> {
+        let sequence = self.sequence(id)?;
+        let num_tokens = sequence.num_computed_tokens;
+        if num_tokens == 0 {
+            return Err(EngineError::NotPrefilled {
+                sequence_id: id,
+                pending_tokens: sequence.token_ids.len(),
+            });
+        }
+        let layout = self.kv_layout();
+        let mut bytes = Vec::new();
+        layout.encode_export_header(&sequence.token_ids[..num_tokens], &mut bytes);
+        let num_blocks = num_tokens.div_ceil(layout.block_size_tokens);
+        for (index, &block) in sequence.block_table.blocks[..num_blocks].iter().enumerate() {
+            let start = bytes.len();
+            bytes.resize(start + layout.block_bytes(), 0);
+            self.backend.read_block(block, &mut bytes[start..]);
+            let used_slots =
+                (num_tokens - index * layout.block_size_tokens).min(layout.block_size_tokens);
+            layout.zero_unused_slots(&mut bytes[start..], used_slots);
+        }
+        Ok(bytes)
+    }
+
+    /// Creates a sequence from an export (of this engine or another with the same model and block size).
+    /// Its tokens are all computed: the next call for it is [`Engine::decode`].
+    pub fn import_kv(&mut self, bytes: &[u8]) -> Result<SequenceId, EngineError> {
+        let layout = self.kv_layout();
+        let parsed = layout.parse_export(bytes)?;
+        self.check_tokens(&parsed.token_ids)?;
+        let mut block_table = BlockTable::default();
+        self.kv_cache
+            .reserve(&mut block_table, parsed.token_ids.len())?;
+        for (&block, block_bytes) in block_table.blocks.iter().zip(&parsed.blocks) {
+            self.backend.write_block(block, block_bytes);
+        }
+        let num_tokens = parsed.token_ids.len();
+        self.kv_cache
+            .register_full_blocks(&mut block_table, &parsed.token_ids, num_tokens);
+        let id = self.next_sequence_id;
+        self.next_sequence_id += 1;
+        self.sequences.insert(
+            id,
+            Sequence {
+                token_ids: parsed.token_ids,
+                num_computed_tokens: num_tokens,
+                block_table,
+                cached_prompt_tokens: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Generates for one prompt from start to finish: prefill, then decode until `max_tokens` or a stop
+    /// token. The sequence is removed at the end (its full blocks stay cached for later prompts).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Generation, EngineError> {
+        let id = self.add_sequence(prompt)?;
+        let result = self.generate_for(id, params);
+        self.remove_sequence(id)?;
+        result
+    }
+
+    fn generate_for(
+        &mut self,
+        id: SequenceId,
+        params: &SamplingParams,
+    ) -> Result<Generation, EngineError> {
+        let mut sampler = Sampler::new(params.clone());
+        let mut generation = Generation {
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: self.sequence(id)?.token_ids.len(),
+            cached_prompt_tokens: self.cached_prompt_tokens(id)?,
+        };
+        if params.max_tokens == 0 {
+            return Ok(generation);
+        }
+        self.prefill(id)?;
+        loop {
+            let sampled = sampler.sample(&self.logits);
+            generation.token_ids.push(sampled.token_id);
+            generation.logprobs.extend(sampled.logprobs);
+            if sampler.is_stop_token(sampled.token_id) {
+                generation.finish_reason = FinishReason::Stop;
+                break;
+            }
+            if generation.token_ids.len() >= params.max_tokens {
+                break;
+            }
+            self.decode(&[(id, sampled.token_id)])?;
+        }
+        Ok(generation)
+    }
+}
