@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "LLM serving with prefill/decode disaggregation on a replayable event log")]
+#[command(
+    name = "tandem",
+    version,
+    about = "LLM serving with prefill/decode disaggregation on a replayable event log"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

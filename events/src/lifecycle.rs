@@ -6,8 +6,8 @@
 //!    ▲                └▶ PrefillQueued ─▶ PrefillStarted+ ─▶ PrefillDone ─▶ KvTransferred ┘
 //!    └── Migrated ◀── (any state from Routed to decoding)        Failed | Cancelled from any live state
 //! ```
-//! An event identical to one already applied (a retried append, a redelivery) is an idempotent repeat: accepted,
-//! no effect, also after a terminal event.
+//! An event that may not follow the current state but is identical to one already applied (a retried append, a
+//! redelivery) is an idempotent repeat: accepted, no effect, also after a terminal event.
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -132,14 +132,21 @@ impl RequestLifecycle {
     /// Applies one event; on a violation the lifecycle is left unchanged.
     pub fn apply(&mut self, body: &Body) -> Result<Applied, LifecycleViolation> {
         let fingerprint = fingerprint(body);
-        if self.applied_fingerprints.contains(&fingerprint) {
-            return Ok(Applied::Repeat);
-        }
-        let next = self.next(body).map_err(|reason| LifecycleViolation {
-            state: self.state,
-            event: body.kind(),
-            reason,
-        })?;
+        // Legality first: after a migration the new decode worker may legitimately send a body identical to one
+        // sent before it (same worker, same decision); only an event that could not follow is a repeat.
+        let next = match self.next(body) {
+            Ok(next) => next,
+            Err(_) if self.applied_fingerprints.contains(&fingerprint) => {
+                return Ok(Applied::Repeat);
+            }
+            Err(reason) => {
+                return Err(LifecycleViolation {
+                    state: self.state,
+                    event: body.kind(),
+                    reason,
+                });
+            }
+        };
         self.applied_fingerprints.insert(fingerprint);
         match body {
             Body::TokensDecoded(checkpoint) => {

@@ -3,7 +3,8 @@
 //!
 //! All writes go through one writer thread that commits whatever has queued up in a single redb transaction
 //! (group commit): every append is durable (fsync'd) before it is acknowledged, and concurrent appenders share
-//! the cost of the sync. redb's commits are atomic, so a crash mid-write leaves the last committed state: a torn
+//! the cost of the sync. Consumer state (deliveries, acks) and KV entries are committed without a sync of their
+//! own: they become durable with the next append, and a crash before that only causes redeliveries. redb's commits are atomic, so a crash mid-write leaves the last committed state: a torn
 //! tail is rolled back on open, never read as a message.
 //!
 //! A consumer's durable state is its cursor (the next sequence it has not looked at) and the messages it has
@@ -297,6 +298,11 @@ impl Writer {
             }
             self.commit_group(ops);
         }
+        // A clean close makes the unsynced consumer and KV state durable too.
+        let synced = self.db.begin_write().map(|txn| txn.commit());
+        if !matches!(synced, Ok(Ok(()))) {
+            tracing::warn!(path = %self.path.display(), "final sync of the embedded log failed");
+        }
     }
 
     fn commit_group(&mut self, ops: Vec<WriteOp>) {
@@ -310,7 +316,17 @@ impl Writer {
             new_ids_in_order: Vec::new(),
         };
         let txn = match self.db.begin_write() {
-            Ok(txn) => txn,
+            Ok(mut txn) => {
+                // Appends are fsync'd before they are acknowledged. Consumer state and heartbeats are not: losing
+                // the last moments of them in a crash only redelivers messages (at-least-once, as JetStream after a
+                // hard kill) or drops a heartbeat that the next one replaces, and it spares an fsync per ack.
+                if !ops.iter().any(|op| matches!(op, WriteOp::Append { .. }))
+                    && let Err(error) = txn.set_durability(redb::Durability::None)
+                {
+                    tracing::warn!(%error, "could not relax durability; committing immediately");
+                }
+                txn
+            }
             Err(error) => {
                 let error = storage_error(&self.path, "begin write", error);
                 ops.into_iter().for_each(|op| op.fail(clone_error(&error)));
