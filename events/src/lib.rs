@@ -4,6 +4,7 @@
 //! - [`subjects`]: subject names and wildcard matching;
 //! - [`lifecycle`]: which event may follow which in a request's life;
 //! - [`log`]: the [`log::EventLog`] trait with its JetStream and embedded backends;
+//! - [`tokens`]: token updates from decode workers to gateways (NATS core or in-process);
 //! - [`nats_server`]: starting a real nats-server for tests and local runs.
 //!
 //! Invariant: every event on the log decodes with this crate forever (schema versions only grow), and a
@@ -15,6 +16,7 @@ pub mod log;
 pub mod nats_server;
 pub mod schema;
 pub mod subjects;
+pub mod tokens;
 
 pub use event::{DecodeError, Event, EventKind, SCHEMA_VERSION};
 pub use schema::Body;

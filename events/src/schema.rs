@@ -163,6 +163,9 @@ pub struct Routed {
     /// 1 for the first routing, incremented by every migration.
     #[prost(uint32, tag = "5")]
     pub attempt: u32,
+    /// Stream sequence of the request's `Received`, so the decode worker reads the prompt without a search.
+    #[prost(uint64, tag = "6")]
+    pub received_sequence: u64,
 }
 
 /// The inputs of the local-vs-remote prefill rule, recorded with its outcome.

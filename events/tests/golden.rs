@@ -70,6 +70,7 @@ fn v1_envelopes() -> Vec<Envelope> {
                 },
             ],
             attempt: 1,
+            received_sequence: 1,
         }),
         Body::PrefillLocal(PrefillLocal {
             decode_worker_id: "decode-0".into(),
