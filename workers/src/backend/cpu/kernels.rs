@@ -46,12 +46,15 @@ pub(crate) fn matmul_transposed(
             .enumerate()
             .for_each(|(task, chunk)| {
                 let first_row = task * rows_per_task;
-                for (j, values) in chunk.chunks_exact_mut(m).enumerate() {
-                    let row = first_row + j;
-                    let w_row = &w[row * k..(row + 1) * k];
-                    for (i, value) in values.iter_mut().enumerate() {
-                        *value = dot(&a[i * k..(i + 1) * k], w_row);
-                    }
+                let w_rows = &w[first_row * k..(first_row + chunk.len() / m) * k];
+                match m {
+                    2 => rows_against_inputs::<2>(a, k, w_rows, chunk),
+                    3 => rows_against_inputs::<3>(a, k, w_rows, chunk),
+                    4 => rows_against_inputs::<4>(a, k, w_rows, chunk),
+                    5 => rows_against_inputs::<5>(a, k, w_rows, chunk),
+                    6 => rows_against_inputs::<6>(a, k, w_rows, chunk),
+                    7 => rows_against_inputs::<7>(a, k, w_rows, chunk),
+                    _ => rows_against_inputs::<8>(a, k, w_rows, chunk),
                 }
             });
         for (j, values) in scratch.chunks_exact(m).enumerate() {
@@ -156,6 +159,63 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `out[j * R + i] = dot(a_i, w_j)` for the `R` input rows of `a` and every row of `w_rows`: the weights
+/// stream through once, in order, each loaded weight vector feeding `R` multiply-adds.
+fn rows_against_inputs<const R: usize>(a: &[f32], k: usize, w_rows: &[f32], out: &mut [f32]) {
+    let inputs: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..(i + 1) * k]);
+    for (w_row, values) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(R)) {
+        values.copy_from_slice(&dot_1xr(w_row, inputs));
+    }
+}
+
+/// The dot products of one weight row with `R` input rows.
+fn dot_1xr<const R: usize>(w_row: &[f32], a: [&[f32]; R]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features `dot_1xr_avx2_fma` is compiled for.
+            return unsafe { dot_1xr_avx2_fma(w_row, a) };
+        }
+    }
+    a.map(|a_row| dot_portable(a_row, w_row))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_1xr_avx2_fma<const R: usize>(w_row: &[f32], a: [&[f32]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let len = w_row.len();
+    assert!(a.iter().all(|row| row.len() == len));
+    let blocks = len / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offset = 0;
+    while offset < blocks {
+        // SAFETY: offset + 8 <= blocks <= len, the length of every row (asserted above).
+        unsafe {
+            let x = _mm256_loadu_ps(w_row.as_ptr().add(offset));
+            for r in 0..R {
+                let y = _mm256_loadu_ps(a[r].as_ptr().add(offset));
+                acc[r] = _mm256_fmadd_ps(x, y, acc[r]);
+            }
+        }
+        offset += 8;
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds exactly 8 f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        let tail: f32 = w_row[blocks..]
+            .iter()
+            .zip(&a[r][blocks..])
+            .map(|(x, y)| x * y)
+            .sum();
+        out[r] = lanes.iter().sum::<f32>() + tail;
+    }
+    out
+}
+
 /// `out = x / rms(x) * weight`, as Qwen3RMSNorm computes it in f32.
 pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_square = dot(x, x) / x.len() as f32;
@@ -241,7 +301,7 @@ mod tests {
             .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
             .collect();
         let mut scratch = Vec::new();
-        for m in [1, 3, 8, 9, 20] {
+        for m in [1, 2, 3, 4, 5, 8, 9, 20] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 104_729) % 17) as f32 / 17.0 - 0.5)
                 .collect();
