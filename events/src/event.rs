@@ -195,6 +195,12 @@ impl Event {
         self
     }
 
+    /// Carries the trace context of `cause` (the event this one answers), so the request stays one trace.
+    pub fn with_trace_from(mut self, cause: &Event) -> Event {
+        self.envelope.trace = cause.envelope.trace.clone();
+        self
+    }
+
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
     }

@@ -8,6 +8,10 @@ pub const STREAM_NAME: &str = "TANDEM";
 pub const EVENT_PREFIX: &str = "tandem.ev";
 /// Filter that matches every event.
 pub const ALL_EVENTS: &str = "tandem.ev.>";
+/// The key-value bucket where workers keep their heartbeats (key: worker id, value: role, `decode` or `prefill`).
+pub const WORKERS_BUCKET: &str = "tandem-workers";
+/// A worker whose last heartbeat is older than this is gone from the bucket.
+pub const WORKER_HEARTBEAT_TTL: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Why an id cannot be used as a subject token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

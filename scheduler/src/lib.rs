@@ -1,4 +1,7 @@
-//! The scheduler: log consumer, redb projections, routing, worker liveness, recovery.
+//! The scheduler: consumes the log and routes requests to decode workers.
 //!
-//! Not built yet: filed as its own issue ("The scheduler: redb projections, routing, worker liveness, recovery").
-//! The crate exists so the workspace has the shape of DESIGN.md §2 from the start.
+//! Built so far: the minimal routing loop ([`router`]), round-robin over live decode workers. The full scheduler
+//! (redb projections, KV-aware routing, liveness and recovery) is filed as its own issue and replaces it.
+
+pub mod router;
+pub mod selection;

@@ -14,6 +14,7 @@ mod error;
 mod kv_cache;
 mod model;
 mod rng;
+pub mod roles;
 mod sampling;
 
 pub use backend::cpu::CpuBackend;

@@ -1,0 +1,184 @@
+//! The decode worker and the routing loop on a real embedded log: a `Received` appended to the log is routed,
+//! decoded with continuous batching, streamed over the token bus, and leaves a lifecycle the state machine accepts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tandem_events::lifecycle::{RequestState, check_sequence};
+use tandem_events::log::embedded::EmbeddedLog;
+use tandem_events::log::{EventLog, StartAt};
+use tandem_events::schema::{Body, Received, SamplingParams};
+use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tandem_events::tokens::{InProcessTokenBus, TokenBus, TokenUpdate};
+use tandem_events::{Event, EventKind};
+use tandem_scheduler::router::{RouterConfig, run_router};
+use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig};
+use tandem_workers::{Engine, EngineConfig, builtin_model};
+
+fn tokenizer() -> tokenizers::Tokenizer {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/qwen3-tokenizer/tokenizer.json"
+    );
+    tokenizers::Tokenizer::from_file(path).expect("shipped tokenizer loads")
+}
+
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        num_blocks: 256,
+        ..EngineConfig::default()
+    }
+}
+
+async fn collect(mut stream: tandem_events::tokens::TokenStream) -> Vec<TokenUpdate> {
+    let mut updates = Vec::new();
+    while let Some(update) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+        .await
+        .expect("token updates keep coming")
+    {
+        let last = update.is_last();
+        updates.push(update);
+        if last {
+            break;
+        }
+    }
+    updates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(data_dir.path()).unwrap());
+    let bus = Arc::new(InProcessTokenBus::new());
+    // Built twice: the built-in weights are deterministic, so both engines hold the same model.
+    let mut reference = Engine::cpu(builtin_model(), engine_config()).unwrap();
+
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let router = tokio::spawn(run_router(
+        Arc::clone(&log),
+        RouterConfig {
+            scheduler_id: "scheduler-test".into(),
+            workers_bucket: WORKERS_BUCKET.into(),
+            workers_ttl: WORKER_HEARTBEAT_TTL,
+        },
+        stop,
+    ));
+    let worker = DecodeWorker::start(
+        DecodeWorkerConfig::new("decode-test", "qwen3"),
+        Engine::cpu(builtin_model(), engine_config()).unwrap(),
+        tokenizer(),
+        Arc::clone(&log),
+        bus.clone() as Arc<dyn TokenBus>,
+    )
+    .await
+    .unwrap();
+
+    // Three requests of different lengths, in flight together.
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..25).map(|t| 1000 + t).collect(),
+        (0..7).map(|t| 500 + 3 * t).collect(),
+        (0..40).map(|t| 2000 + t).collect(),
+    ];
+    let max_tokens = [30u32, 12, 20];
+    let mut streams = Vec::new();
+    for (index, prompt) in prompts.iter().enumerate() {
+        let request_id = format!("REQ{index}");
+        streams.push(bus.subscribe(&request_id).await.unwrap());
+        let received = Event::new(
+            &request_id,
+            "gateway-test",
+            Body::Received(Received {
+                model: "qwen3".into(),
+                prompt_token_ids: prompt.clone(),
+                prompt_tokens: prompt.len() as u32,
+                sampling: Some(SamplingParams {
+                    max_tokens: max_tokens[index],
+                    ..Default::default()
+                }),
+                gateway_id: "gateway-test".into(),
+                stream: true,
+                endpoint: "completion".into(),
+                ..Default::default()
+            }),
+        );
+        log.append_event(&received, 1).await.unwrap();
+    }
+    let mut outputs = Vec::new();
+    for stream in streams {
+        outputs.push(collect(stream).await);
+    }
+
+    for (index, updates) in outputs.iter().enumerate() {
+        let tokens: Vec<u32> = updates.iter().flat_map(|u| u.token_ids.clone()).collect();
+        let indices: Vec<u32> = updates.iter().map(|u| u.start_index).collect();
+        assert_eq!(
+            indices,
+            (0..max_tokens[index]).collect::<Vec<_>>(),
+            "one update per token, in order"
+        );
+        assert_eq!(
+            updates.last().unwrap().finish_reason.as_deref(),
+            Some("length")
+        );
+        let expected = reference
+            .generate(
+                &prompts[index],
+                &tandem_workers::SamplingParams {
+                    max_tokens: max_tokens[index] as usize,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            tokens, expected.token_ids,
+            "batched decode equals the engine alone (greedy)"
+        );
+    }
+
+    worker.shutdown().await;
+    stop_sender.send(true).unwrap();
+    router.await.unwrap().unwrap();
+
+    // The log holds each request's whole life, and the lifecycle accepts it.
+    let messages = log.read(StartAt::Beginning, &[], 100_000).await.unwrap();
+    for index in 0..prompts.len() {
+        let request_id = format!("REQ{index}");
+        let bodies: Vec<Body> = messages
+            .iter()
+            .filter_map(|m| m.event().ok())
+            .filter(|e| e.id() == request_id)
+            .map(|e| e.body().clone())
+            .collect();
+        let kinds: Vec<EventKind> = bodies.iter().map(Body::kind).collect();
+        assert_eq!(
+            kinds[..4],
+            [
+                EventKind::Received,
+                EventKind::Routed,
+                EventKind::PrefillLocal,
+                EventKind::DecodeStarted
+            ]
+        );
+        assert_eq!(kinds.last(), Some(&EventKind::Completed));
+        let checkpointed: usize = bodies
+            .iter()
+            .filter_map(|b| match b {
+                Body::TokensDecoded(t) => Some(t.token_ids.len()),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(checkpointed, max_tokens[index] as usize);
+        assert_eq!(check_sequence(&bodies), Ok(RequestState::Completed));
+    }
+    let worker_kinds: Vec<EventKind> = messages
+        .iter()
+        .filter_map(|m| m.event().ok())
+        .filter(|e| e.id() == "decode-test")
+        .map(|e| e.kind())
+        .collect();
+    assert_eq!(
+        worker_kinds,
+        vec![EventKind::WorkerJoined, EventKind::WorkerLeft]
+    );
+}

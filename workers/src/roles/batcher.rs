@@ -1,0 +1,564 @@
+//! The decode worker's engine thread: continuous batching. Requests join and leave the running batch at every
+//! step; a step decodes one token for every running sequence whatever its length; a prompt is prefilled one chunk
+//! per step, so a long prompt does not stall the decodes running beside it. Admission is bounded by free KV
+//! blocks: a request that cannot get blocks waits in line, it is not dropped.
+//!
+//! The thread owns the [`Engine`] (CPU work, never on the async runtime). It reports what happens as
+//! [`BatchOutput`]s: token updates to stream and events to append, in order per request.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tandem_events::Event;
+use tandem_events::schema::{
+    Body, Completed, DecodeStarted, Failed, PrefillDecision, PrefillLocal,
+    SamplingParams as WireSampling, TokensDecoded,
+};
+use tandem_events::tokens::{TokenLogprob, TokenUpdate, TopLogprob};
+use tokenizers::Tokenizer;
+
+use crate::engine::{Engine, SequenceId};
+use crate::error::EngineError;
+use crate::roles::detokenizer::IncrementalDetokenizer;
+use crate::roles::stop::StopMatcher;
+use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
+
+/// A routed request handed to the engine thread.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub sampling: WireSampling,
+    /// The `Routed.attempt` this job came from; numbers the dedup ids of the events it causes.
+    pub routed_attempt: u32,
+}
+
+/// What the async side sends to the engine thread.
+#[derive(Debug)]
+pub enum BatchCommand {
+    Start(Job),
+    /// The client went away: drop the request and free its blocks (the gateway already logged `Cancelled`).
+    Cancel {
+        request_id: String,
+    },
+    /// Finish running requests, then stop.
+    Drain,
+}
+
+/// What the engine thread reports.
+#[derive(Debug)]
+pub enum BatchOutput {
+    Tokens {
+        request_id: String,
+        update: TokenUpdate,
+    },
+    Event {
+        event: Event,
+        occurrence: u32,
+    },
+    /// The request is over (completed, failed or cancelled): its routing can be acknowledged.
+    Finished {
+        request_id: String,
+    },
+}
+
+/// Settings of the batching loop.
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    pub worker_id: String,
+    pub max_batch_sequences: usize,
+    /// A `TokensDecoded` checkpoint every this many tokens (and one at the end).
+    pub checkpoint_every_tokens: usize,
+    /// Tokens per local prefill chunk (one chunk per step).
+    pub prefill_chunk_tokens: usize,
+    /// Context length of the model: prompt + generated tokens never exceed it.
+    pub max_model_len_tokens: usize,
+}
+
+enum Phase {
+    /// Prompt not fully computed yet.
+    Prefilling,
+    /// The last sampled token is fed at the next step.
+    Decoding { next_input_token: u32 },
+}
+
+struct Running {
+    job: Job,
+    sequence_id: SequenceId,
+    phase: Phase,
+    sampler: Sampler,
+    detokenizer: IncrementalDetokenizer,
+    stop_matcher: StopMatcher,
+    want_logprobs: bool,
+    generated_token_ids: Vec<u32>,
+    generated_logprobs: Vec<f32>,
+    /// Generated tokens already covered by a `TokensDecoded` checkpoint.
+    checkpointed_tokens: usize,
+    max_tokens: usize,
+    /// Set when the last sampled token ended generation: `stop` or `length`.
+    finish_reason: Option<&'static str>,
+}
+
+/// The continuous batching loop; runs until `Drain` has been received and every request is finished, or the
+/// command channel closes.
+pub fn run_batcher(
+    mut engine: Engine,
+    tokenizer: Tokenizer,
+    config: BatcherConfig,
+    commands: mpsc::Receiver<BatchCommand>,
+    outputs: tokio::sync::mpsc::UnboundedSender<BatchOutput>,
+) {
+    let mut batcher = Batcher {
+        engine: &mut engine,
+        tokenizer: &tokenizer,
+        config,
+        outputs,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        cancelled: HashSet::new(),
+        draining: false,
+    };
+    loop {
+        let idle = batcher.waiting.is_empty() && batcher.running.is_empty();
+        if idle && batcher.draining {
+            return;
+        }
+        // Idle: block for work. Busy: take whatever arrived, without waiting.
+        let first = if idle {
+            match commands.recv_timeout(Duration::from_millis(200)) {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            None
+        };
+        for command in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| commands.try_recv().ok()))
+        {
+            batcher.handle(command);
+        }
+        batcher.admit();
+        batcher.step();
+    }
+}
+
+struct Batcher<'a> {
+    engine: &'a mut Engine,
+    tokenizer: &'a Tokenizer,
+    config: BatcherConfig,
+    outputs: tokio::sync::mpsc::UnboundedSender<BatchOutput>,
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    /// Requests cancelled before or while they ran here (a cancellation can overtake its routing).
+    cancelled: HashSet<String>,
+    draining: bool,
+}
+
+impl Batcher<'_> {
+    fn emit(&self, output: BatchOutput) {
+        // The receiver only goes away when the worker shuts down; then there is nobody left to tell.
+        let _ = self.outputs.send(output);
+    }
+
+    fn emit_event(&self, request_id: &str, body: Body, occurrence: u32) {
+        let event = Event::new(request_id, self.config.worker_id.clone(), body);
+        self.emit(BatchOutput::Event { event, occurrence });
+    }
+
+    fn handle(&mut self, command: BatchCommand) {
+        match command {
+            BatchCommand::Start(job) => {
+                if self.cancelled.contains(&job.request_id) {
+                    self.emit(BatchOutput::Finished {
+                        request_id: job.request_id,
+                    });
+                } else {
+                    self.waiting.push_back(job);
+                }
+            }
+            BatchCommand::Cancel { request_id } => {
+                if let Some(position) = self
+                    .waiting
+                    .iter()
+                    .position(|job| job.request_id == request_id)
+                {
+                    self.waiting.remove(position);
+                    self.emit(BatchOutput::Finished {
+                        request_id: request_id.clone(),
+                    });
+                }
+                if let Some(position) = self
+                    .running
+                    .iter()
+                    .position(|run| run.job.request_id == request_id)
+                {
+                    let run = self.running.swap_remove(position);
+                    self.release(run.sequence_id);
+                    self.emit(BatchOutput::Finished {
+                        request_id: request_id.clone(),
+                    });
+                }
+                // Bounded memory: forget old cancellations once there are many.
+                if self.cancelled.len() > 100_000 {
+                    self.cancelled.clear();
+                }
+                self.cancelled.insert(request_id);
+            }
+            BatchCommand::Drain => self.draining = true,
+        }
+    }
+
+    fn release(&mut self, sequence_id: SequenceId) {
+        if let Err(error) = self.engine.remove_sequence(sequence_id) {
+            tracing::warn!(%error, "releasing a sequence failed");
+        }
+    }
+
+    /// Moves waiting requests into the batch while there is room and there are KV blocks for their prompts.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch_sequences {
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            match self.engine.add_sequence(&job.prompt_token_ids) {
+                Ok(sequence_id) => self.start(job, sequence_id),
+                Err(EngineError::OutOfBlocks { .. }) if !self.running.is_empty() => {
+                    // Blocks free up as running requests finish; wait in line rather than fail.
+                    self.waiting.push_front(job);
+                    return;
+                }
+                Err(error) => self.fail_job(&job, "engine_error", &error.to_string()),
+            }
+        }
+    }
+
+    fn start(&mut self, job: Job, sequence_id: SequenceId) {
+        let prompt_tokens = job.prompt_token_ids.len();
+        let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
+        self.emit_event(
+            &job.request_id,
+            Body::PrefillLocal(PrefillLocal {
+                decode_worker_id: self.config.worker_id.clone(),
+                decision: Some(PrefillDecision {
+                    prompt_tokens: prompt_tokens as u32,
+                    cached_tokens: cached_tokens as u32,
+                    // No prefill workers in this deployment: every prompt is prefilled here.
+                    max_local_prefill_tokens: u32::MAX,
+                    prefill_queue_depth: 0,
+                    max_prefill_queue_depth: 0,
+                }),
+            }),
+            job.routed_attempt,
+        );
+        let room = self
+            .config
+            .max_model_len_tokens
+            .saturating_sub(prompt_tokens);
+        let max_tokens = if job.sampling.max_tokens == 0 {
+            room
+        } else {
+            (job.sampling.max_tokens as usize).min(room)
+        };
+        let params = SamplingParams {
+            max_tokens,
+            temperature: job.sampling.temperature,
+            top_k: job.sampling.top_k as usize,
+            top_p: if job.sampling.top_p > 0.0 {
+                job.sampling.top_p
+            } else {
+                1.0
+            },
+            seed: job.sampling.seed,
+            stop_token_ids: job.sampling.stop_token_ids.clone(),
+            logprobs: job.sampling.logprobs.map(|top| top as usize),
+        };
+        self.running.push(Running {
+            want_logprobs: params.logprobs.is_some(),
+            sampler: Sampler::new(params),
+            stop_matcher: StopMatcher::new(job.sampling.stop_strings.clone()),
+            detokenizer: IncrementalDetokenizer::default(),
+            job,
+            sequence_id,
+            phase: Phase::Prefilling,
+            generated_token_ids: Vec::new(),
+            generated_logprobs: Vec::new(),
+            checkpointed_tokens: 0,
+            max_tokens,
+            finish_reason: None,
+        });
+    }
+
+    fn fail_job(&self, job: &Job, reason: &str, message: &str) {
+        tracing::warn!(request_id = %job.request_id, reason, message, "request failed");
+        self.emit_event(
+            &job.request_id,
+            Body::Failed(Failed {
+                reason: reason.to_string(),
+                message: message.to_string(),
+                worker_id: self.config.worker_id.clone(),
+            }),
+            1,
+        );
+        self.emit(BatchOutput::Tokens {
+            request_id: job.request_id.clone(),
+            update: TokenUpdate {
+                error: Some(format!("{reason}: {message}")),
+                prompt_tokens: job.prompt_token_ids.len() as u32,
+                worker_id: self.config.worker_id.clone(),
+                ..Default::default()
+            },
+        });
+        self.emit(BatchOutput::Finished {
+            request_id: job.request_id.clone(),
+        });
+    }
+
+    /// One step: a prefill chunk for the oldest prefilling request, then one decode token for every request that
+    /// is decoding.
+    fn step(&mut self) {
+        if let Some(index) = self
+            .running
+            .iter()
+            .position(|run| matches!(run.phase, Phase::Prefilling))
+        {
+            self.prefill_chunk(index);
+        }
+        self.decode_step();
+    }
+
+    fn prefill_chunk(&mut self, index: usize) {
+        let sequence_id = self.running[index].sequence_id;
+        let started = Instant::now();
+        match self
+            .engine
+            .prefill_chunk(sequence_id, self.config.prefill_chunk_tokens)
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::debug!(
+                    request_id = %self.running[index].job.request_id,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "prefill done"
+                );
+                let run = &self.running[index];
+                self.emit_event(
+                    &run.job.request_id,
+                    Body::DecodeStarted(DecodeStarted {
+                        decode_worker_id: self.config.worker_id.clone(),
+                    }),
+                    run.job.routed_attempt,
+                );
+                let vocab_size = self.engine.model_config().vocab_size;
+                let logits = self.engine.logits();
+                // The logits after the prompt are the last row of the step.
+                let last_row = logits[logits.len() - vocab_size..].to_vec();
+                let finished = self.accept_sampled(index, &last_row);
+                if finished {
+                    self.finish(index);
+                }
+            }
+            Err(error) => {
+                let run = self.running.swap_remove(index);
+                self.release(run.sequence_id);
+                self.fail_job(&run.job, "engine_error", &error.to_string());
+            }
+        }
+    }
+
+    fn decode_step(&mut self) {
+        let steps: Vec<(SequenceId, u32)> = self
+            .running
+            .iter()
+            .filter_map(|run| match run.phase {
+                Phase::Decoding { next_input_token } => Some((run.sequence_id, next_input_token)),
+                Phase::Prefilling => None,
+            })
+            .collect();
+        if steps.is_empty() {
+            return;
+        }
+        let logits = match self.engine.decode(&steps) {
+            Ok(logits) => logits.to_vec(),
+            Err(EngineError::OutOfBlocks { .. }) => {
+                // No block for the next token of some sequence: give up the newest request so the rest go on.
+                if let Some(index) = self
+                    .running
+                    .iter()
+                    .rposition(|run| matches!(run.phase, Phase::Decoding { .. }))
+                {
+                    let run = self.running.swap_remove(index);
+                    self.release(run.sequence_id);
+                    self.fail_job(&run.job, "out_of_kv_blocks", "the KV cache is full");
+                }
+                return;
+            }
+            Err(error) => {
+                for (sequence_id, _) in steps {
+                    if let Some(index) = self
+                        .running
+                        .iter()
+                        .position(|run| run.sequence_id == sequence_id)
+                    {
+                        let run = self.running.swap_remove(index);
+                        self.release(run.sequence_id);
+                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                    }
+                }
+                return;
+            }
+        };
+        let vocab_size = self.engine.model_config().vocab_size;
+        let mut finished = Vec::new();
+        for (row, (sequence_id, _)) in steps.iter().enumerate() {
+            let Some(index) = self
+                .running
+                .iter()
+                .position(|run| run.sequence_id == *sequence_id)
+            else {
+                continue;
+            };
+            if self.accept_sampled(index, &logits[row * vocab_size..(row + 1) * vocab_size]) {
+                finished.push(*sequence_id);
+            }
+        }
+        for sequence_id in finished {
+            if let Some(index) = self
+                .running
+                .iter()
+                .position(|run| run.sequence_id == sequence_id)
+            {
+                self.finish(index);
+            }
+        }
+    }
+
+    /// Samples the next token of request `index` from its logits row, streams it, and says whether it finished.
+    fn accept_sampled(&mut self, index: usize, logits_row: &[f32]) -> bool {
+        let tokenizer = self.tokenizer;
+        let worker_id = self.config.worker_id.clone();
+        let run = &mut self.running[index];
+        let sampled = run.sampler.sample(logits_row);
+        let token_id = sampled.token_id;
+        let start_index = run.generated_token_ids.len() as u32;
+        run.generated_token_ids.push(token_id);
+        let is_stop_token = run.sampler.is_stop_token(token_id);
+        let mut logprobs = Vec::new();
+        if let Some(token_logprobs) = &sampled.logprobs {
+            run.generated_logprobs.push(token_logprobs.logprob);
+            if run.want_logprobs {
+                logprobs.push(wire_logprobs(tokenizer, token_logprobs));
+            }
+        }
+        let piece = run
+            .detokenizer
+            .push(tokenizer, token_id)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, token_id, "token could not be decoded to text");
+                String::new()
+            });
+        let outcome = run.stop_matcher.push(&piece);
+        let length_reached = run.generated_token_ids.len() >= run.max_tokens;
+        let finish_reason = if outcome.stopped || is_stop_token {
+            Some("stop")
+        } else if length_reached {
+            Some("length")
+        } else {
+            None
+        };
+        let mut text = outcome.text;
+        if finish_reason.is_some() && !outcome.stopped {
+            text.push_str(&run.stop_matcher.finish());
+        }
+        let update = TokenUpdate {
+            start_index,
+            token_ids: vec![token_id],
+            text,
+            logprobs,
+            finish_reason: finish_reason.map(str::to_string),
+            error: None,
+            prompt_tokens: run.job.prompt_token_ids.len() as u32,
+            worker_id,
+        };
+        let request_id = run.job.request_id.clone();
+        run.finish_reason = finish_reason;
+        run.phase = Phase::Decoding {
+            next_input_token: token_id,
+        };
+        let checkpoint_due = run.generated_token_ids.len() - run.checkpointed_tokens
+            >= self.config.checkpoint_every_tokens;
+        self.emit(BatchOutput::Tokens { request_id, update });
+        if finish_reason.is_some() {
+            return true;
+        }
+        if checkpoint_due {
+            self.checkpoint(index);
+        }
+        false
+    }
+
+    /// Appends a `TokensDecoded` with the tokens generated since the last one.
+    fn checkpoint(&mut self, index: usize) {
+        let run = &mut self.running[index];
+        if run.generated_token_ids.len() == run.checkpointed_tokens {
+            return;
+        }
+        let start = run.checkpointed_tokens;
+        let body = Body::TokensDecoded(TokensDecoded {
+            decode_worker_id: self.config.worker_id.clone(),
+            start_index: start as u32,
+            token_ids: run.generated_token_ids[start..].to_vec(),
+            logprobs: run
+                .generated_logprobs
+                .get(start..)
+                .map(<[f32]>::to_vec)
+                .unwrap_or_default(),
+        });
+        run.checkpointed_tokens = run.generated_token_ids.len();
+        let (request_id, occurrence) = (run.job.request_id.clone(), start as u32);
+        self.emit_event(&request_id, body, occurrence);
+    }
+
+    fn finish(&mut self, index: usize) {
+        self.checkpoint(index);
+        let run = self.running.swap_remove(index);
+        self.release(run.sequence_id);
+        let finish_reason = run.finish_reason.unwrap_or("length");
+        self.emit_event(
+            &run.job.request_id,
+            Body::Completed(Completed {
+                finish_reason: finish_reason.to_string(),
+                prompt_tokens: run.job.prompt_token_ids.len() as u32,
+                completion_tokens: run.generated_token_ids.len() as u32,
+                decode_worker_id: self.config.worker_id.clone(),
+            }),
+            1,
+        );
+        self.emit(BatchOutput::Finished {
+            request_id: run.job.request_id,
+        });
+    }
+}
+
+fn top_logprob(tokenizer: &Tokenizer, token_id: u32, logprob: f32) -> TopLogprob {
+    let token = tokenizer.decode(&[token_id], false).unwrap_or_default();
+    TopLogprob {
+        token_id,
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob,
+    }
+}
+
+fn wire_logprobs(tokenizer: &Tokenizer, logprobs: &TokenLogprobs) -> TokenLogprob {
+    TokenLogprob {
+        chosen: Some(top_logprob(tokenizer, logprobs.token_id, logprobs.logprob)),
+        top: logprobs
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| top_logprob(tokenizer, token_id, logprob))
+            .collect(),
+    }
+}

@@ -1,0 +1,472 @@
+//! The decode worker role: consumes the `Routed` events addressed to it, reads each request's `Received`, runs it
+//! in the continuous batch (prefilling locally), streams tokens to the gateway over the token bus, and appends
+//! `PrefillLocal`, `DecodeStarted`, `TokensDecoded` checkpoints and `Completed` (or `Failed`). It announces itself
+//! with `WorkerJoined`, keeps a heartbeat in the workers bucket, and says `WorkerLeft` on shutdown.
+//!
+//! A routing is acknowledged only when its request is over, so a worker that dies mid-request leaves it to be
+//! delivered again; while a request runs longer than the ack wait, the worker keeps marking it in progress.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
+use tandem_events::schema::{Body, Failed, WorkerJoined, WorkerLeft};
+use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tandem_events::tokens::TokenBus;
+use tandem_events::{Event, EventKind, subjects};
+use tokenizers::Tokenizer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::engine::Engine;
+use crate::roles::RoleError;
+use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
+
+/// How a decode worker runs.
+#[derive(Debug, Clone)]
+pub struct DecodeWorkerConfig {
+    pub worker_id: String,
+    pub model_name: String,
+    pub device: String,
+    pub max_batch_sequences: usize,
+    pub checkpoint_every_tokens: usize,
+    pub prefill_chunk_tokens: usize,
+    /// A routing not acknowledged (or marked in progress) within this is delivered again.
+    pub ack_wait: Duration,
+}
+
+impl DecodeWorkerConfig {
+    pub fn new(worker_id: impl Into<String>, model_name: impl Into<String>) -> DecodeWorkerConfig {
+        DecodeWorkerConfig {
+            worker_id: worker_id.into(),
+            model_name: model_name.into(),
+            device: "cpu".into(),
+            max_batch_sequences: 64,
+            checkpoint_every_tokens: 16,
+            prefill_chunk_tokens: 256,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running decode worker.
+pub struct DecodeWorker {
+    worker_id: String,
+    stop_intake: watch::Sender<bool>,
+    commands: std::sync::mpsc::Sender<BatchCommand>,
+    engine_thread: Option<std::thread::JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    output_task: Option<JoinHandle<()>>,
+    log: Arc<dyn EventLog>,
+}
+
+/// Deliveries of requests running here, acknowledged when the request is over.
+type InFlight = Arc<Mutex<HashMap<String, Arc<Delivery>>>>;
+
+impl DecodeWorker {
+    /// Registers the worker on the log and starts consuming its routings.
+    pub async fn start(
+        config: DecodeWorkerConfig,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        log: Arc<dyn EventLog>,
+        tokens: Arc<dyn TokenBus>,
+    ) -> Result<DecodeWorker, RoleError> {
+        subjects::check_token(&config.worker_id)
+            .map_err(|error| RoleError::Config(error.to_string()))?;
+        let routed = log
+            .consumer(ConsumerConfig {
+                ack_wait: config.ack_wait,
+                ..ConsumerConfig::new(
+                    config.worker_id.clone(),
+                    vec![
+                        subjects::routed_to(&config.worker_id)
+                            .map_err(|e| RoleError::Config(e.to_string()))?,
+                    ],
+                )
+            })
+            .await?;
+        // Only cancellations from now on matter to a worker that is just starting.
+        let cancellations = log
+            .consumer(ConsumerConfig {
+                start_at: StartAt::TimeNs(tandem_events::event::now_ns()),
+                ..ConsumerConfig::new(
+                    format!("{}-cancellations", config.worker_id),
+                    vec![subjects::kind_filter(EventKind::Cancelled)],
+                )
+            })
+            .await?;
+        let heartbeats = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
+
+        let kv_layout = engine.kv_layout();
+        let joined = Event::new(
+            config.worker_id.clone(),
+            config.worker_id.clone(),
+            Body::WorkerJoined(WorkerJoined {
+                role: "decode".into(),
+                transfer_endpoint: String::new(),
+                device: config.device.clone(),
+                model: config.model_name.clone(),
+                total_blocks: engine.config().num_blocks as u32,
+                block_size_tokens: kv_layout.block_size_tokens as u32,
+                max_batch_sequences: config.max_batch_sequences as u32,
+            }),
+        );
+        log.append_event(&joined, 1).await?;
+        heartbeats
+            .put(&config.worker_id, Bytes::from_static(b"decode"))
+            .await?;
+
+        let batcher_config = BatcherConfig {
+            worker_id: config.worker_id.clone(),
+            max_batch_sequences: config.max_batch_sequences,
+            checkpoint_every_tokens: config.checkpoint_every_tokens.max(1),
+            prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
+            max_model_len_tokens: engine.model_config().max_position_embeddings,
+        };
+        let (command_sender, command_receiver) = std::sync::mpsc::channel();
+        let (output_sender, output_receiver) = tokio::sync::mpsc::unbounded_channel();
+        let engine_thread = std::thread::Builder::new()
+            .name(format!("engine-{}", config.worker_id))
+            .spawn(move || {
+                run_batcher(
+                    engine,
+                    tokenizer,
+                    batcher_config,
+                    command_receiver,
+                    output_sender,
+                )
+            })
+            .map_err(|error| {
+                RoleError::Config(format!("cannot start the engine thread: {error}"))
+            })?;
+
+        let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
+        let (stop_intake, stop_receiver) = watch::channel(false);
+        let worker_id = config.worker_id.clone();
+        let tasks = vec![
+            tokio::spawn(intake_routings(
+                routed,
+                Arc::clone(&log),
+                command_sender.clone(),
+                Arc::clone(&in_flight),
+                worker_id.clone(),
+                stop_receiver.clone(),
+            )),
+            tokio::spawn(intake_cancellations(
+                cancellations,
+                command_sender.clone(),
+                stop_receiver.clone(),
+            )),
+            tokio::spawn(keep_alive(
+                heartbeats,
+                worker_id.clone(),
+                Arc::clone(&in_flight),
+                config.ack_wait,
+                stop_receiver,
+            )),
+        ];
+        let output_task = tokio::spawn(deliver_outputs(
+            output_receiver,
+            Arc::clone(&log),
+            tokens,
+            in_flight,
+        ));
+        tracing::info!(worker_id = %config.worker_id, "decode worker started");
+        Ok(DecodeWorker {
+            worker_id,
+            stop_intake,
+            commands: command_sender,
+            engine_thread: Some(engine_thread),
+            tasks,
+            output_task: Some(output_task),
+            log,
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Stops taking new routings, lets the requests already here finish, appends `WorkerLeft`.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_intake.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let _ = self.commands.send(BatchCommand::Drain);
+        if let Some(thread) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Some(output_task) = self.output_task.take() {
+            let _ = output_task.await;
+        }
+        let left = Event::new(
+            self.worker_id.clone(),
+            self.worker_id.clone(),
+            Body::WorkerLeft(WorkerLeft {
+                reason: "shutdown".into(),
+            }),
+        );
+        if let Err(error) = self.log.append_event(&left, 1).await {
+            tracing::warn!(%error, "could not append WorkerLeft");
+        }
+        tracing::info!(worker_id = %self.worker_id, "decode worker stopped");
+    }
+}
+
+/// Turns each `Routed` delivery into a job for the engine thread.
+async fn intake_routings(
+    routed: Box<dyn tandem_events::log::Consumer>,
+    log: Arc<dyn EventLog>,
+    commands: std::sync::mpsc::Sender<BatchCommand>,
+    in_flight: InFlight,
+    worker_id: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let deliveries = tokio::select! {
+            fetched = routed.fetch(16, Duration::from_millis(500)) => fetched,
+            _ = stop.changed() => break,
+        };
+        let deliveries = match deliveries {
+            Ok(deliveries) => deliveries,
+            Err(error) => {
+                tracing::warn!(%error, "fetching routings failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for delivery in deliveries {
+            match job_for(&delivery, log.as_ref()).await {
+                Ok(job) => {
+                    let already_running = {
+                        let mut in_flight = in_flight
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        let known = in_flight.contains_key(&job.request_id);
+                        if !known {
+                            in_flight.insert(job.request_id.clone(), Arc::new(delivery));
+                        }
+                        known
+                    };
+                    // A redelivery of a request still running here (a slow ack) must not run it twice.
+                    if !already_running && commands.send(BatchCommand::Start(job)).is_err() {
+                        return;
+                    }
+                }
+                Err(problem) => {
+                    tracing::warn!(%problem, sequence = delivery.message.sequence, "routing cannot be served");
+                    if let Some(request_id) = problem.request_id() {
+                        let failed = Event::new(
+                            request_id,
+                            worker_id.clone(),
+                            Body::Failed(Failed {
+                                reason: "bad_routing".into(),
+                                message: problem.to_string(),
+                                worker_id: worker_id.clone(),
+                            }),
+                        );
+                        if let Err(error) = log.append_event(&failed, 1).await {
+                            tracing::warn!(%error, "could not append Failed");
+                        }
+                    }
+                    if let Err(error) = delivery.term().await {
+                        tracing::warn!(%error, "could not terminate a bad routing");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a routing delivery cannot become a job.
+#[derive(Debug, thiserror::Error)]
+enum RoutingProblem {
+    #[error("malformed Routed event: {0}")]
+    Malformed(String),
+    #[error("event on the routing subject is a {0}, not Routed")]
+    NotRouted(EventKind),
+    #[error("request {request_id}: its Received event was not found on the log")]
+    ReceivedMissing { request_id: String },
+    #[error("request {request_id}: reading its Received failed: {reason}")]
+    ReadFailed { request_id: String, reason: String },
+}
+
+impl RoutingProblem {
+    fn request_id(&self) -> Option<String> {
+        match self {
+            RoutingProblem::ReceivedMissing { request_id }
+            | RoutingProblem::ReadFailed { request_id, .. } => Some(request_id.clone()),
+            RoutingProblem::Malformed(_) | RoutingProblem::NotRouted(_) => None,
+        }
+    }
+}
+
+async fn job_for(delivery: &Delivery, log: &dyn EventLog) -> Result<Job, RoutingProblem> {
+    let event = delivery
+        .message
+        .event()
+        .map_err(|error| RoutingProblem::Malformed(error.to_string()))?;
+    let Body::Routed(routed) = event.body() else {
+        return Err(RoutingProblem::NotRouted(event.kind()));
+    };
+    let request_id = event.id().to_string();
+    let received_subject = subjects::event_subject(EventKind::Received, &request_id)
+        .map_err(|error| RoutingProblem::Malformed(error.to_string()))?;
+    let read_failed = |error: tandem_events::log::LogError| RoutingProblem::ReadFailed {
+        request_id: request_id.clone(),
+        reason: error.to_string(),
+    };
+    // The scheduler records where the Received is; without that, search the request's subject.
+    let start = if routed.received_sequence > 0 {
+        StartAt::Sequence(routed.received_sequence)
+    } else {
+        StartAt::Beginning
+    };
+    let found = log
+        .read(start, std::slice::from_ref(&received_subject), 1)
+        .await
+        .map_err(read_failed)?;
+    let received = found
+        .first()
+        .and_then(|message| message.event().ok())
+        .filter(|received| received.id() == request_id)
+        .and_then(|received| match received.body() {
+            Body::Received(body) => Some(body.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| RoutingProblem::ReceivedMissing {
+            request_id: request_id.clone(),
+        })?;
+    Ok(Job {
+        request_id,
+        prompt_token_ids: received.prompt_token_ids,
+        sampling: received.sampling.unwrap_or_default(),
+        routed_attempt: routed.attempt.max(1),
+    })
+}
+
+async fn intake_cancellations(
+    cancellations: Box<dyn tandem_events::log::Consumer>,
+    commands: std::sync::mpsc::Sender<BatchCommand>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let deliveries = tokio::select! {
+            fetched = cancellations.fetch(64, Duration::from_millis(500)) => fetched,
+            _ = stop.changed() => break,
+        };
+        match deliveries {
+            Ok(deliveries) => {
+                for delivery in deliveries {
+                    if let Ok(event) = delivery.message.event() {
+                        let request_id = event.id().to_string();
+                        if commands.send(BatchCommand::Cancel { request_id }).is_err() {
+                            return;
+                        }
+                    }
+                    if let Err(error) = delivery.ack().await {
+                        tracing::warn!(%error, "could not ack a cancellation");
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "fetching cancellations failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Heartbeats in the workers bucket, and in-progress marks for requests running longer than the ack wait.
+async fn keep_alive(
+    heartbeats: Box<dyn tandem_events::log::KvBucket>,
+    worker_id: String,
+    in_flight: InFlight,
+    ack_wait: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let beat = WORKER_HEARTBEAT_TTL / 4;
+    let progress_every = ack_wait / 3;
+    let mut since_progress = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(beat) => {}
+            _ = stop.changed() => break,
+        }
+        if let Err(error) = heartbeats
+            .put(&worker_id, Bytes::from_static(b"decode"))
+            .await
+        {
+            tracing::warn!(%error, "heartbeat failed");
+        }
+        since_progress += beat;
+        if since_progress >= progress_every {
+            since_progress = Duration::ZERO;
+            let running: Vec<(String, Arc<Delivery>)> = in_flight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .map(|(request_id, delivery)| (request_id.clone(), Arc::clone(delivery)))
+                .collect();
+            for (request_id, delivery) in running {
+                if let Err(error) = delivery.in_progress().await {
+                    tracing::warn!(%error, %request_id, "could not mark a routing in progress");
+                }
+            }
+        }
+    }
+    if let Err(error) = heartbeats.delete(&worker_id).await {
+        tracing::warn!(%error, "could not remove the heartbeat");
+    }
+}
+
+/// Streams tokens at once; appends events in order, batched (one group commit for everything queued); acks a
+/// request's routing after the events before its end are on the log.
+async fn deliver_outputs(
+    mut outputs: tokio::sync::mpsc::UnboundedReceiver<BatchOutput>,
+    log: Arc<dyn EventLog>,
+    tokens: Arc<dyn TokenBus>,
+    in_flight: InFlight,
+) {
+    let mut queued = Vec::new();
+    while outputs.recv_many(&mut queued, 512).await > 0 {
+        let mut events = Vec::new();
+        let mut finished = Vec::new();
+        for output in queued.drain(..) {
+            match output {
+                BatchOutput::Tokens { request_id, update } => {
+                    if let Err(error) = tokens.publish(&request_id, update).await {
+                        tracing::warn!(%error, %request_id, "token update not delivered");
+                    }
+                }
+                BatchOutput::Event { event, occurrence } => {
+                    match tandem_events::log::OutgoingMessage::from_event(&event, occurrence) {
+                        Ok(message) => events.push(message),
+                        Err(error) => tracing::warn!(%error, "event not appendable"),
+                    }
+                }
+                BatchOutput::Finished { request_id } => finished.push(request_id),
+            }
+        }
+        if !events.is_empty()
+            && let Err(error) = log.append_batch(events).await
+        {
+            tracing::error!(%error, "appending events failed");
+        }
+        for request_id in finished {
+            let delivery = in_flight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&request_id);
+            if let Some(delivery) = delivery
+                && let Err(error) = delivery.ack().await
+            {
+                tracing::warn!(%error, %request_id, "could not ack a routing");
+            }
+        }
+    }
+}
