@@ -1,0 +1,52 @@
+//! The gateway's configuration: what the binary passes in.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body accepted unless configured otherwise: room for a prompt of a few hundred thousand tokens.
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 4 << 20;
+/// Longest a request may run unless configured otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Answers `GET /ready`: true when the gateway can take requests (the log is reachable, workers are up, ...).
+pub type ReadinessFn = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What the gateway serves and how.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The model name clients send (`qwen3`); any other name is a 404.
+    pub served_model_name: String,
+    /// Folder with `tokenizer.json` and `tokenizer_config.json` (chat template, special tokens), and optionally
+    /// `chat_template.jinja` and `generation_config.json` (EOS ids).
+    pub tokenizer_dir: PathBuf,
+    /// Prompt plus completion may not exceed this.
+    pub context_length_tokens: u32,
+    /// The model's vocabulary (embedding rows); prompt token ids must be below it and below the tokenizer's.
+    pub vocab_size: u32,
+    /// This gateway's id: the emitter of its events and `Received.gateway_id`.
+    pub gateway_id: String,
+    pub body_limit_bytes: usize,
+    /// A request still running after this is cancelled (`Cancelled{reason: "deadline"}`) and answered 504.
+    pub request_timeout: Duration,
+}
+
+impl GatewayConfig {
+    /// A configuration with the default body limit and request timeout and a fresh gateway id.
+    pub fn new(
+        served_model_name: impl Into<String>,
+        tokenizer_dir: impl Into<PathBuf>,
+        context_length_tokens: u32,
+        vocab_size: u32,
+    ) -> GatewayConfig {
+        GatewayConfig {
+            served_model_name: served_model_name.into(),
+            tokenizer_dir: tokenizer_dir.into(),
+            context_length_tokens,
+            vocab_size,
+            gateway_id: format!("gateway-{}", ulid::Ulid::new()),
+            body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
