@@ -154,7 +154,13 @@ impl Generation {
                     return Err(ApiError::generation_failed(&reason));
                 }
                 Accepted::Progress(progress) => {
-                    if progress.finish_reason.is_some() {
+                    if let Some(finish_reason) = &progress.finish_reason {
+                        tracing::debug!(
+                            request_id = %self.request_id,
+                            completion_tokens = self.tracker.next_index,
+                            %finish_reason,
+                            "request finished"
+                        );
                         self.finish();
                     }
                     return Ok(Some(progress));

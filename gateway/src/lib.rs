@@ -3,7 +3,7 @@
 //! answers with the decode worker's text (whole or as SSE). A client that goes away cancels its request on the log.
 //!
 //! - `config`: what the binary passes in ([`GatewayConfig`]); `server`: the [`Gateway`] (router, serve);
-//! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors ([`ApiError`]);
+//! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
 //! - `logprobs`, `sse`, and `routes/`: the handlers.
@@ -26,5 +26,5 @@ pub mod tokenizer;
 mod validation;
 
 pub use config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_REQUEST_TIMEOUT, GatewayConfig, ReadinessFn};
-pub use errors::{ApiError, GatewayError};
+pub use errors::GatewayError;
 pub use server::Gateway;

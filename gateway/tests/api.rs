@@ -636,3 +636,34 @@ async fn tokens_resent_after_a_migration_are_not_sent_twice() {
     );
     assert_eq!(body["usage"]["completion_tokens"], CHAT_COMPLETION_TOKENS);
 }
+
+#[tokio::test]
+async fn streamed_logprobs_ride_with_their_deltas() {
+    let gateway = TestGateway::start().await;
+    let mut request = seed_request();
+    request["stream"] = json!(true);
+    request["logprobs"] = json!(true);
+    request["top_logprobs"] = json!(1);
+    request["chat_template_kwargs"] = json!({"enable_thinking": false});
+    let (status, events) = gateway.post_stream("/v1/chat/completions", &request).await;
+    assert_eq!(status, StatusCode::OK);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|event| serde_json::from_str(event).unwrap())
+        .collect();
+    let mut tokens = Vec::new();
+    for chunk in &chunks {
+        let Some(content) = chunk["choices"][0]["logprobs"]["content"].as_array() else {
+            continue;
+        };
+        for entry in content {
+            assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 1);
+            tokens.push(entry["token"].as_str().unwrap().to_string());
+        }
+    }
+    // The stop token `<|im_end|>` has a logprob but no text.
+    assert_eq!(
+        tokens,
+        ["Hello", " from", " the", " echo", " decoder", ".", ""]
+    );
+}
