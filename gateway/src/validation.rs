@@ -184,7 +184,8 @@ pub fn validate_chat(
         }
     };
     let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
-        (false, None) => None,
+        // Some clients send `top_logprobs: 0` alongside `logprobs: false`: nothing asked, nothing to refuse.
+        (false, None | Some(0)) => None,
         (false, Some(_)) => {
             return Err(ApiError::invalid_param(
                 "top_logprobs",
