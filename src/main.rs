@@ -2,6 +2,7 @@
 
 mod bench_log;
 mod generate;
+mod roles;
 
 use std::process::ExitCode;
 
@@ -20,16 +21,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// All roles in one process: gateway, scheduler, prefill and decode workers.
-    Serve(RoleArgs),
-    /// The OpenAI-compatible HTTP gateway.
-    Gateway(RoleArgs),
-    /// The scheduler: consumes the log, keeps redb projections, routes requests.
-    Scheduler(RoleArgs),
+    /// All roles in one process: gateway, scheduler, decode workers (embedded log unless --nats).
+    Serve(roles::ServeArgs),
+    /// The OpenAI-compatible HTTP gateway (needs --nats).
+    Gateway(roles::GatewayArgs),
+    /// The scheduler: consumes the log and routes requests (needs --nats).
+    Scheduler(roles::SchedulerArgs),
     /// A prefill worker: pulls prefill jobs and pushes KV into decode workers.
-    Prefill(RoleArgs),
-    /// A decode worker: continuous batching, local prefill, token streaming.
-    Decode(RoleArgs),
+    Prefill {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A decode worker: continuous batching, local prefill, token streaming (needs --nats).
+    Decode(roles::DecodeArgs),
     /// Read a log: timelines, audit, stats, export, re-execution.
     Replay {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -50,28 +54,6 @@ enum BenchCommand {
     Engine(generate::BenchEngineArgs),
 }
 
-/// Flags shared by the roles; they are parsed now so the CLI contract is visible even where a role is not built.
-#[derive(clap::Args)]
-struct RoleArgs {
-    /// Hugging Face Qwen3 folder; the built-in model when absent.
-    #[arg(long, env = "TANDEM_MODEL")]
-    model: Option<std::path::PathBuf>,
-    /// NATS URL of the JetStream log; the embedded log when absent.
-    #[arg(long, env = "TANDEM_NATS")]
-    nats: Option<String>,
-    /// Where the embedded log keeps its data.
-    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
-    data_dir: std::path::PathBuf,
-    #[arg(long, env = "TANDEM_HOST", default_value = "0.0.0.0")]
-    host: String,
-    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
-    port: u16,
-    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", default_value = "qwen3")]
-    served_model_name: String,
-    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
-    device: String,
-}
-
 fn not_built(role: &str, issue: &str) -> ExitCode {
     eprintln!("tandem {role}: not built yet (filed as the issue \"{issue}\")");
     ExitCode::from(2)
@@ -80,15 +62,18 @@ fn not_built(role: &str, issue: &str) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve(_) => return not_built("serve", "Gateway and `tandem serve`"),
-        Command::Gateway(_) => return not_built("gateway", "Gateway and `tandem serve`"),
-        Command::Scheduler(_) => return not_built("scheduler", "The scheduler"),
-        Command::Prefill(_) => return not_built("prefill", "Prefill/decode disaggregation"),
-        Command::Decode(_) => return not_built("decode", "Prefill/decode disaggregation"),
+        Command::Serve(args) => roles::serve(args),
+        Command::Gateway(args) => roles::gateway(args),
+        Command::Scheduler(args) => roles::scheduler(args),
+        Command::Prefill { .. } => return not_built("prefill", "Prefill/decode disaggregation"),
+        Command::Decode(args) => roles::decode(args),
         Command::Replay { .. } => return not_built("replay", "The replay CLI"),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Log(args)) => bench_log::run(args),

@@ -142,7 +142,7 @@ async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
 
     // The log holds each request's whole life, and the lifecycle accepts it.
     let messages = log.read(StartAt::Beginning, &[], 100_000).await.unwrap();
-    for index in 0..prompts.len() {
+    for (index, expected_tokens) in max_tokens.iter().enumerate() {
         let request_id = format!("REQ{index}");
         let bodies: Vec<Body> = messages
             .iter()
@@ -168,7 +168,7 @@ async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
                 _ => None,
             })
             .sum();
-        assert_eq!(checkpointed, max_tokens[index] as usize);
+        assert_eq!(checkpointed, *expected_tokens as usize);
         assert_eq!(check_sequence(&bodies), Ok(RequestState::Completed));
     }
     let worker_kinds: Vec<EventKind> = messages

@@ -25,6 +25,6 @@ pub use kv_cache::BlockId;
 pub use kv_cache::layout::KvLayout;
 pub use model::builtin::{BUILTIN_SEED, builtin_config, builtin_model};
 pub use model::config::ModelConfig;
-pub use model::loader::load_model;
+pub use model::loader::{load_model, load_model_config};
 pub use model::weights::ModelWeights;
 pub use sampling::{SampledToken, Sampler, SamplingParams, TokenLogprobs};

@@ -18,6 +18,12 @@ const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Loads the Qwen3 checkpoint in `dir`. Errors name the file and tensor at fault.
+/// Reads only `config.json` of a Qwen3 folder, for roles that need the model's shape and not its weights.
+pub fn load_model_config(dir: &Path) -> Result<ModelConfig, LoadError> {
+    let config_path = dir.join("config.json");
+    ModelConfig::from_json(&config_path, &read_json(&config_path)?)
+}
+
 pub fn load_model(dir: &Path) -> Result<ModelWeights, LoadError> {
     let config_path = dir.join("config.json");
     let config = ModelConfig::from_json(&config_path, &read_json(&config_path)?)?;

@@ -1,0 +1,427 @@
+//! Running the roles: `tandem serve` (all of them in one process) and `tandem gateway | scheduler | decode` (one
+//! each, against JetStream). This module wires the parts together: the log and token bus, the model, the gateway,
+//! the routing loop and the decode workers, and shuts them down in order on Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tandem_events::log::EventLog;
+use tandem_events::log::embedded::EmbeddedLog;
+use tandem_events::log::jetstream::JetStreamLog;
+use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
+use tandem_gateway::{Gateway, GatewayConfig};
+use tandem_scheduler::router::{RouterConfig, run_router};
+use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig};
+use tandem_workers::{
+    Engine, EngineConfig, ModelConfig, builtin_config, builtin_model, load_model, load_model_config,
+};
+use tokio::sync::watch;
+
+/// Where the log is.
+#[derive(clap::Args, Clone)]
+pub struct LogArgs {
+    /// NATS URL of the JetStream log; without it, the embedded log under --data-dir.
+    #[arg(long, env = "TANDEM_NATS")]
+    nats: Option<String>,
+    /// Where the embedded log keeps its data.
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+    data_dir: PathBuf,
+}
+
+/// Which model, and how the engine holds it.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face Qwen3 folder; the built-in model (deterministic weights, real tokenizer) when absent.
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: Option<PathBuf>,
+    /// Folder with tokenizer.json and tokenizer_config.json; the model folder, or the shipped Qwen3 tokenizer.
+    #[arg(long, env = "TANDEM_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
+    /// The model name clients ask for.
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", default_value = "qwen3")]
+    served_model_name: String,
+    /// `cpu` (the CUDA backend is filed as its own issue).
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    device: String,
+    /// KV blocks per decode worker.
+    #[arg(long, env = "TANDEM_KV_BLOCKS", default_value_t = 2048)]
+    kv_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, env = "TANDEM_KV_BLOCK_TOKENS", default_value_t = 16)]
+    kv_block_tokens: usize,
+    /// Most requests decoded together by one worker.
+    #[arg(long, env = "TANDEM_MAX_BATCH_SEQUENCES", default_value_t = 64)]
+    max_batch_sequences: usize,
+}
+
+/// Where the HTTP API listens.
+#[derive(clap::Args, Clone)]
+pub struct HttpArgs {
+    #[arg(long, env = "TANDEM_HOST", default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
+    port: u16,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Decode workers in this process.
+    #[arg(long, env = "TANDEM_DECODE_WORKERS", default_value_t = 1)]
+    decode_workers: usize,
+    /// Prefill workers in this process (disaggregated prefill is filed as its own issue; 0 until then).
+    #[arg(long, env = "TANDEM_PREFILL_WORKERS", default_value_t = 0)]
+    prefill_workers: usize,
+}
+
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+#[derive(clap::Args)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// The log and the token bus the roles of this process share.
+struct Backbone {
+    log: Arc<dyn EventLog>,
+    tokens: Arc<dyn TokenBus>,
+}
+
+async fn open_backbone(args: &LogArgs, role_alone: bool) -> Result<Backbone> {
+    match &args.nats {
+        Some(url) => {
+            let log = JetStreamLog::connect(url).await?;
+            let tokens = Arc::new(NatsTokenBus::new(log.client().clone()));
+            tracing::info!(%url, "event log: JetStream");
+            Ok(Backbone {
+                log: Arc::new(log),
+                tokens,
+            })
+        }
+        None if role_alone => bail!(
+            "a single role needs the shared log: pass --nats nats://HOST:4222 (or run `tandem serve` for all roles \
+             in one process on the embedded log)"
+        ),
+        None => {
+            let log = EmbeddedLog::open(&args.data_dir).with_context(|| {
+                format!("opening the embedded log under {}", args.data_dir.display())
+            })?;
+            tracing::info!(data_dir = %args.data_dir.display(), "event log: embedded");
+            Ok(Backbone {
+                log: Arc::new(log),
+                tokens: Arc::new(InProcessTokenBus::new()),
+            })
+        }
+    }
+}
+
+fn check_device(device: &str) -> Result<()> {
+    if device != "cpu" {
+        bail!(
+            "device {device:?} is not built yet (the CUDA backend is its own issue); use --device cpu"
+        );
+    }
+    Ok(())
+}
+
+/// The model's shape, without loading weights (what the gateway needs).
+fn model_shape(args: &ModelArgs) -> Result<ModelConfig> {
+    match &args.model {
+        Some(dir) => load_model_config(dir)
+            .with_context(|| format!("reading the model at {}", dir.display())),
+        None => Ok(builtin_config()),
+    }
+}
+
+fn tokenizer_dir(args: &ModelArgs) -> Result<PathBuf> {
+    if let Some(dir) = &args.tokenizer {
+        return Ok(dir.clone());
+    }
+    if let Some(dir) = &args.model
+        && dir.join("tokenizer.json").is_file()
+    {
+        return Ok(dir.clone());
+    }
+    // The shipped Qwen3 tokenizer: next to the sources when run with cargo, or installed beside the binary.
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let candidates = [
+        Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/assets/qwen3-tokenizer"
+        ))),
+        exe_dir
+            .as_ref()
+            .map(|dir| dir.join("assets/qwen3-tokenizer")),
+        exe_dir
+            .as_ref()
+            .map(|dir| dir.join("../share/tandem/qwen3-tokenizer")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("tokenizer.json").is_file())
+        .context("no tokenizer found: pass --tokenizer DIR (a folder with tokenizer.json and tokenizer_config.json)")
+}
+
+fn engine(args: &ModelArgs) -> Result<Engine> {
+    check_device(&args.device)?;
+    let weights = match &args.model {
+        Some(dir) => {
+            load_model(dir).with_context(|| format!("loading the model at {}", dir.display()))?
+        }
+        None => builtin_model(),
+    };
+    let config = EngineConfig {
+        num_blocks: args.kv_blocks,
+        block_size_tokens: args.kv_block_tokens,
+        ..EngineConfig::default()
+    };
+    Ok(Engine::cpu(weights, config)?)
+}
+
+async fn start_decode_workers(
+    args: &ModelArgs,
+    count: usize,
+    backbone: &Backbone,
+) -> Result<Vec<DecodeWorker>> {
+    let tokenizer_path = tokenizer_dir(args)?.join("tokenizer.json");
+    let mut workers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|error| anyhow::anyhow!("loading {}: {error}", tokenizer_path.display()))?;
+        let engine = engine(args)?;
+        let worker_id = format!("decode-{}", ulid::Ulid::new());
+        let config = DecodeWorkerConfig {
+            device: args.device.clone(),
+            max_batch_sequences: args.max_batch_sequences,
+            ..DecodeWorkerConfig::new(worker_id, args.served_model_name.clone())
+        };
+        workers.push(
+            DecodeWorker::start(
+                config,
+                engine,
+                tokenizer,
+                Arc::clone(&backbone.log),
+                Arc::clone(&backbone.tokens),
+            )
+            .await?,
+        );
+    }
+    Ok(workers)
+}
+
+/// Ready when at least one decode worker has a live heartbeat; checked in the background.
+fn readiness(
+    log: Arc<dyn EventLog>,
+    mut stop: watch::Receiver<bool>,
+) -> tandem_gateway::ReadinessFn {
+    let ready = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ready);
+    tokio::spawn(async move {
+        let bucket = match log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await {
+            Ok(bucket) => bucket,
+            Err(error) => {
+                tracing::error!(%error, "readiness: cannot read the workers bucket");
+                return;
+            }
+        };
+        while !*stop.borrow() {
+            let mut any_decode = false;
+            if let Ok(keys) = bucket.keys().await {
+                for key in keys {
+                    if bucket.get(&key).await.ok().flatten().as_deref() == Some(b"decode") {
+                        any_decode = true;
+                        break;
+                    }
+                }
+            }
+            flag.store(any_decode, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    });
+    Arc::new(move || ready.load(Ordering::Relaxed))
+}
+
+async fn start_gateway(
+    model: &ModelArgs,
+    http: &HttpArgs,
+    backbone: &Backbone,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<Result<(), tandem_gateway::GatewayError>>> {
+    let shape = model_shape(model)?;
+    let config = GatewayConfig::new(
+        model.served_model_name.clone(),
+        tokenizer_dir(model)?,
+        shape.max_position_embeddings as u32,
+        shape.vocab_size as u32,
+    );
+    let ready = readiness(Arc::clone(&backbone.log), stop.clone());
+    let gateway = Gateway::new(
+        config,
+        Arc::clone(&backbone.log),
+        Arc::clone(&backbone.tokens),
+        ready,
+    )?;
+    let address = format!("{}:{}", http.host, http.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("listening on {address}"))?;
+    tracing::info!(%address, "gateway listening");
+    let mut stop = stop;
+    Ok(tokio::spawn(gateway.serve(listener, async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    })))
+}
+
+fn start_router(
+    backbone: &Backbone,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), tandem_scheduler::router::RouterError>> {
+    let config = RouterConfig {
+        scheduler_id: format!("scheduler-{}", ulid::Ulid::new()),
+        workers_bucket: WORKERS_BUCKET.into(),
+        workers_ttl: WORKER_HEARTBEAT_TTL,
+    };
+    tokio::spawn(run_router(Arc::clone(&backbone.log), config, stop))
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `tandem serve`: every role in this process.
+pub fn serve(args: ServeArgs) -> Result<()> {
+    if args.prefill_workers > 0 {
+        bail!(
+            "--prefill-workers: disaggregated prefill is not built yet (filed as its own issue); decode workers prefill locally"
+        );
+    }
+    if args.decode_workers == 0 {
+        bail!("--decode-workers must be at least 1");
+    }
+    runtime()?.block_on(async {
+        let backbone = open_backbone(&args.log, false).await?;
+        let (stop_sender, stop) = watch::channel(false);
+        let workers = start_decode_workers(&args.model, args.decode_workers, &backbone).await?;
+        let router = start_router(&backbone, stop.clone());
+        let gateway = start_gateway(&args.model, &args.http, &backbone, stop.clone()).await?;
+        eprintln!(
+            "tandem serving {} on http://{}:{} ({} log)",
+            args.model.served_model_name,
+            args.http.host,
+            args.http.port,
+            if args.log.nats.is_some() {
+                "JetStream"
+            } else {
+                "embedded"
+            }
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        // Order matters: the gateway stops taking requests and waits for its open ones, which the workers finish.
+        let _ = stop_sender.send(true);
+        gateway.await??;
+        for worker in workers {
+            worker.shutdown().await;
+        }
+        router.await??;
+        drop(backbone);
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// `tandem gateway`: the HTTP API alone, against JetStream.
+pub fn gateway(args: GatewayArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let backbone = open_backbone(&args.log, true).await?;
+        let (stop_sender, stop) = watch::channel(false);
+        let gateway = start_gateway(&args.model, &args.http, &backbone, stop).await?;
+        shutdown_signal().await;
+        let _ = stop_sender.send(true);
+        gateway.await??;
+        Ok(())
+    })
+}
+
+/// `tandem scheduler`: the routing loop alone, against JetStream.
+pub fn scheduler(args: SchedulerArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let backbone = open_backbone(&args.log, true).await?;
+        let (stop_sender, stop) = watch::channel(false);
+        let router = start_router(&backbone, stop);
+        shutdown_signal().await;
+        let _ = stop_sender.send(true);
+        router.await??;
+        Ok(())
+    })
+}
+
+/// `tandem decode`: one decode worker, against JetStream.
+pub fn decode(args: DecodeArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let backbone = open_backbone(&args.log, true).await?;
+        let workers = start_decode_workers(&args.model, 1, &backbone).await?;
+        shutdown_signal().await;
+        for worker in workers {
+            worker.shutdown().await;
+        }
+        Ok(())
+    })
+}
