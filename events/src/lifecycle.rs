@@ -7,7 +7,8 @@
 //!    └── Migrated ◀── (any state from Routed to decoding)        Failed | Cancelled from any live state
 //! ```
 //! An event that may not follow the current state but is identical to one already applied (a retried append, a
-//! redelivery) is an idempotent repeat: accepted, no effect, also after a terminal event.
+//! redelivery) is an idempotent repeat: accepted, no effect, also after a terminal event. A cancellation races the
+//! work in flight: pipeline events that land after `Cancelled` are accepted as late, with no effect.
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -96,6 +97,9 @@ pub enum Applied {
     Advanced(RequestState),
     /// The same event was applied before; nothing changed.
     Repeat,
+    /// Work that was in flight when the request was cancelled (a routing, a checkpoint, even a completion racing
+    /// the client's disconnect) landed after the cancellation; recorded, nothing changed.
+    AfterCancellation,
 }
 
 /// One request's lifecycle: its state plus what the rules need to remember.
@@ -138,6 +142,11 @@ impl RequestLifecycle {
             Ok(next) => next,
             Err(_) if self.applied_fingerprints.contains(&fingerprint) => {
                 return Ok(Applied::Repeat);
+            }
+            Err(ViolationReason::AfterTerminal)
+                if self.state == RequestState::Cancelled && is_pipeline_work(body.kind()) =>
+            {
+                return Ok(Applied::AfterCancellation);
             }
             Err(reason) => {
                 return Err(LifecycleViolation {
@@ -231,6 +240,24 @@ impl RequestLifecycle {
             _ => Err(ViolationReason::OutOfOrder),
         }
     }
+}
+
+/// Events that the pipeline emits on its own after a request is handed on: they may still land after the gateway
+/// appended `Cancelled`, since the workers learn of the cancellation through the log.
+fn is_pipeline_work(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Routed
+            | EventKind::PrefillLocal
+            | EventKind::PrefillQueued
+            | EventKind::PrefillStarted
+            | EventKind::PrefillDone
+            | EventKind::KvTransferred
+            | EventKind::DecodeStarted
+            | EventKind::TokensDecoded
+            | EventKind::Completed
+            | EventKind::Failed
+    )
 }
 
 /// A stable fingerprint of an event body (kind and encoded fields).

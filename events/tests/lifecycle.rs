@@ -265,6 +265,44 @@ fn received_other() -> Body {
 }
 
 #[test]
+fn work_in_flight_may_land_after_a_cancellation_but_changes_nothing() {
+    let mut lifecycle = RequestLifecycle::default();
+    for body in [
+        received(),
+        routed("d", 1),
+        local(),
+        decode_started(),
+        tokens(0, &[1]),
+        cancelled(),
+    ] {
+        assert!(matches!(lifecycle.apply(&body), Ok(Applied::Advanced(_))));
+    }
+    assert_eq!(
+        lifecycle.apply(&tokens(1, &[2])),
+        Ok(Applied::AfterCancellation)
+    );
+    assert_eq!(
+        lifecycle.apply(&completed()),
+        Ok(Applied::AfterCancellation)
+    );
+    assert_eq!(lifecycle.state(), RequestState::Cancelled);
+    // Not after a completion, and never a second request start.
+    assert_eq!(
+        violation(&[received(), cancelled(), received_other()]),
+        (2, ViolationReason::AfterTerminal)
+    );
+    let done = [
+        received(),
+        routed("d", 1),
+        local(),
+        decode_started(),
+        completed(),
+        tokens(0, &[1]),
+    ];
+    assert_eq!(violation(&done), (5, ViolationReason::AfterTerminal));
+}
+
+#[test]
 fn nothing_new_after_a_terminal_event() {
     let base = [
         received(),
@@ -276,10 +314,9 @@ fn nothing_new_after_a_terminal_event() {
     let mut after = base.to_vec();
     after.push(tokens(0, &[9]));
     assert_eq!(violation(&after), (5, ViolationReason::AfterTerminal));
-    let mut cancelled_then_failed = vec![received(), cancelled()];
-    cancelled_then_failed.push(failed());
+    let failed_then_cancelled = [received(), failed(), cancelled()];
     assert_eq!(
-        violation(&cancelled_then_failed),
+        violation(&failed_then_cancelled),
         (2, ViolationReason::AfterTerminal)
     );
 }
