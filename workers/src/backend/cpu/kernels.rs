@@ -5,7 +5,9 @@ use rayon::prelude::*;
 
 /// Batches up to this many rows read each weight row once for all of them (a GEMV-like kernel); the weight
 /// stream dominates at small batch, and a packing GEMM would copy the whole weight matrix on every call.
-const SMALL_BATCH_ROWS: usize = 8;
+const SMALL_BATCH_ROWS: usize = 32;
+/// Input rows per register tile of the streaming kernel.
+const TILE_ROWS: usize = 8;
 
 /// `out[m, n] = a[m, k] · w[n, k]ᵀ`, where `w` is row-major `[out_features, in_features]` like `nn.Linear`.
 /// `scratch` is reused across calls to avoid per-step allocation.
@@ -47,19 +49,31 @@ pub(crate) fn matmul_transposed(
             .for_each(|(task, chunk)| {
                 let first_row = task * rows_per_task;
                 let w_rows = &w[first_row * k..(first_row + chunk.len() / m) * k];
-                match m {
-                    2 => rows_against_inputs::<2>(a, k, w_rows, chunk),
-                    3 => rows_against_inputs::<3>(a, k, w_rows, chunk),
-                    4 => rows_against_inputs::<4>(a, k, w_rows, chunk),
-                    5 => rows_against_inputs::<5>(a, k, w_rows, chunk),
-                    6 => rows_against_inputs::<6>(a, k, w_rows, chunk),
-                    7 => rows_against_inputs::<7>(a, k, w_rows, chunk),
-                    _ => rows_against_inputs::<8>(a, k, w_rows, chunk),
-                }
+                rows_against_inputs(a, k, m, w_rows, chunk);
             });
         for (j, values) in scratch.chunks_exact(m).enumerate() {
             for (i, &value) in values.iter().enumerate() {
                 out[i * n + j] = value;
+            }
+        }
+    } else if n >= m * threads * 4 {
+        // Few rows against a wide weight (lm_head at a large batch): each task multiplies all rows by its own
+        // slice of weight rows, so every weight element is packed once per call, not once per task.
+        let columns_per_task = n.div_ceil(threads * 4);
+        scratch.clear();
+        scratch.resize(m * n, 0.0);
+        scratch
+            .par_chunks_mut(m * columns_per_task)
+            .enumerate()
+            .for_each(|(task, block)| {
+                let columns = block.len() / m;
+                let w_rows = &w[task * columns_per_task * k..][..columns * k];
+                sgemm_transposed(a, m, k, w_rows, columns, block);
+            });
+        for (task, block) in scratch.chunks(m * columns_per_task).enumerate() {
+            let columns = block.len() / m;
+            for (i, row) in block.chunks_exact(columns).enumerate() {
+                out[i * n + task * columns_per_task..][..columns].copy_from_slice(row);
             }
         }
     } else {
@@ -67,29 +81,34 @@ pub(crate) fn matmul_transposed(
         out.par_chunks_mut(rows_per_task * n)
             .zip(a.par_chunks(rows_per_task * k))
             .for_each(|(out_rows, a_rows)| {
-                let rows = a_rows.len() / k;
-                // SAFETY: the pointers and strides describe `a_rows` [rows, k] (row-major), `w` viewed as
-                // [k, n] with row stride 1 and column stride k (its transpose), and `out_rows` [rows, n]
-                // (row-major); all three slices are exactly that long, and `out_rows` is exclusively ours.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        k,
-                        n,
-                        1.0,
-                        a_rows.as_ptr(),
-                        k as isize,
-                        1,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        out_rows.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    );
-                }
+                sgemm_transposed(a_rows, a_rows.len() / k, k, w, n, out_rows)
             });
+    }
+}
+
+/// `out[m, n] = a[m, k] · w[n, k]ᵀ` on one thread, through matrixmultiply's packed GEMM.
+fn sgemm_transposed(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(a.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    // SAFETY: the pointers and strides describe `a` [m, k] (row-major), `w` viewed as [k, n] with row
+    // stride 1 and column stride k (its transpose), and `out` [m, n] (row-major); the assert above checks
+    // that all three slices are at least that long, and `out` is borrowed mutably, so exclusively ours.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -161,10 +180,29 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
 
 /// `out[j * R + i] = dot(a_i, w_j)` for the `R` input rows of `a` and every row of `w_rows`: the weights
 /// stream through once, in order, each loaded weight vector feeding `R` multiply-adds.
-fn rows_against_inputs<const R: usize>(a: &[f32], k: usize, w_rows: &[f32], out: &mut [f32]) {
-    let inputs: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..(i + 1) * k]);
-    for (w_row, values) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(R)) {
-        values.copy_from_slice(&dot_1xr(w_row, inputs));
+fn rows_against_inputs(a: &[f32], k: usize, m: usize, w_rows: &[f32], out: &mut [f32]) {
+    let full_tiles = m / TILE_ROWS;
+    let tile_inputs: Vec<[&[f32]; TILE_ROWS]> = (0..full_tiles)
+        .map(|tile| std::array::from_fn(|r| &a[(tile * TILE_ROWS + r) * k..][..k]))
+        .collect();
+    let rest = full_tiles * TILE_ROWS;
+    for (w_row, values) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+        // The weight row stays in L1 across tiles, so it is read from memory once.
+        for (tile, inputs) in tile_inputs.iter().enumerate() {
+            values[tile * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&dot_1xr(w_row, *inputs));
+        }
+        let rest_values = &mut values[rest..];
+        let input = |r: usize| &a[(rest + r) * k..][..k];
+        match m - rest {
+            0 => {}
+            1 => rest_values[0] = dot(w_row, input(0)),
+            2 => rest_values.copy_from_slice(&dot_1xr::<2>(w_row, std::array::from_fn(input))),
+            3 => rest_values.copy_from_slice(&dot_1xr::<3>(w_row, std::array::from_fn(input))),
+            4 => rest_values.copy_from_slice(&dot_1xr::<4>(w_row, std::array::from_fn(input))),
+            5 => rest_values.copy_from_slice(&dot_1xr::<5>(w_row, std::array::from_fn(input))),
+            6 => rest_values.copy_from_slice(&dot_1xr::<6>(w_row, std::array::from_fn(input))),
+            _ => rest_values.copy_from_slice(&dot_1xr::<7>(w_row, std::array::from_fn(input))),
+        }
     }
 }
 
@@ -296,19 +334,31 @@ mod tests {
     #[test]
     fn every_matmul_path_matches_a_naive_product() {
         let k = 37;
-        let n = 301;
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
-            .collect();
         let mut scratch = Vec::new();
-        for m in [1, 2, 3, 4, 5, 8, 9, 20] {
+        // Streaming (m <= 32, with and without a remainder tile), weight-split GEMM (wide n), row-split GEMM.
+        for (m, n) in [
+            (1, 301),
+            (2, 301),
+            (3, 301),
+            (5, 301),
+            (8, 301),
+            (9, 301),
+            (20, 301),
+            (31, 301),
+        ]
+        .into_iter()
+        .chain([(40, 2000), (33, 3001), (40, 301), (70, 301)])
+        {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 23) as f32 / 23.0 - 0.5)
+                .collect();
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 104_729) % 17) as f32 / 17.0 - 0.5)
                 .collect();
             let mut out = vec![f32::NAN; m * n];
             matmul_transposed(&a, m, k, &w, n, &mut out, &mut scratch);
             for (x, y) in out.iter().zip(naive(&a, m, k, &w, n)) {
-                assert!((x - y).abs() < 1e-4, "m={m}: {x} vs {y}");
+                assert!((x - y).abs() < 1e-4, "m={m} n={n}: {x} vs {y}");
             }
         }
     }
