@@ -176,10 +176,10 @@ impl TokenBus for InProcessTokenBus {
 
     async fn subscribe(&self, request_id: &str) -> Result<TokenStream, LogError> {
         let (sender, receiver) = mpsc::unbounded_channel();
-        self.subscribers
-            .lock()
-            .map_err(|_| LogError::Closed)?
-            .insert(request_id.to_string(), sender);
+        let mut subscribers = self.subscribers.lock().map_err(|_| LogError::Closed)?;
+        // Forget requests whose subscriber went away (a cancelled request may never be published to again).
+        subscribers.retain(|_, sender| !sender.is_closed());
+        subscribers.insert(request_id.to_string(), sender);
         Ok(Box::pin(tokio_stream_from(receiver)))
     }
 }

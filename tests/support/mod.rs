@@ -1,0 +1,257 @@
+//! Test support for end-to-end tests: a `tandem` process on a free loopback port, and plain HTTP/1.1 to it.
+//! One place for these helpers, used by every end-to-end test.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The seed's request message: 25 prompt tokens with the Qwen3 chat template (see assets/qwen3-tokenizer/SOURCE.md).
+pub const SEED_MESSAGE: &str =
+    "Explain why Roger Federer is considered one of the greatest tennis players of all time";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// A `tandem serve` process; stopped with SIGINT (a clean shutdown) on `stop`, killed on drop.
+pub struct TandemServe {
+    child: Option<Child>,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+impl TandemServe {
+    /// Starts `tandem serve` with `extra_args` and waits until `/ready` answers 200.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> TandemServe {
+        let port = free_port();
+        let log_path = data_dir.with_extension("log");
+        let log_file = std::fs::File::create(&log_path).expect("server log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("serve")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("tandem binary starts");
+        let mut server = TandemServe {
+            child: Some(child),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            log_path,
+        };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(120) {
+            if let Ok((200, _)) = server.try_get("/ready") {
+                return server;
+            }
+            let exited = server
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "tandem serve exited ({status}) before it was ready; its log:\n{}",
+                    server.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "tandem serve never became ready; its log:\n{}",
+            server.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        request(self.port, "GET", path, None)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        request(self.port, "GET", path, None).expect("GET")
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, text) =
+            request(self.port, "POST", path, Some(&body.to_string())).expect("POST");
+        let json =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, json)
+    }
+
+    /// Sends SIGINT, as Ctrl-C does, and waits for a clean exit.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let interrupted = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(interrupted.success());
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "tandem serve exited with {status}; log:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!(
+                    "tandem serve did not stop after SIGINT; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TandemServe {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the (de-chunked) body.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reader = BufReader::new(stream);
+    let (status, chunked) = read_head(&mut reader)?;
+    let mut raw = Vec::new();
+    reader.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    Ok((status, if chunked { dechunk(&text) } else { text }))
+}
+
+/// Opens a streaming request and returns the reader positioned at the body, for SSE tests.
+pub fn open_stream(port: u16, path: &str, body: &serde_json::Value) -> (u16, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut reader = BufReader::new(stream);
+    let (status, _) = read_head(&mut reader).expect("response head");
+    (status, reader)
+}
+
+fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<(u16, bool)> {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if line.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && line.to_ascii_lowercase().contains("chunked")
+        {
+            chunked = true;
+        }
+    }
+    Ok((status, chunked))
+}
+
+fn dechunk(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some((size_line, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size_line.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Every request on the log, with its events in log order, checked by the lifecycle state machine; returns each
+/// request's final state.
+pub fn lifecycle_states(
+    messages: &[tandem_events::log::LogMessage],
+) -> std::collections::BTreeMap<String, tandem_events::lifecycle::RequestState> {
+    use tandem_events::lifecycle::check_sequence;
+    let mut by_request: std::collections::BTreeMap<String, Vec<tandem_events::Body>> =
+        Default::default();
+    for message in messages {
+        let event = message
+            .event()
+            .unwrap_or_else(|error| panic!("event {}: {error}", message.sequence));
+        if !event.kind().is_worker_event() {
+            by_request
+                .entry(event.id().to_string())
+                .or_default()
+                .push(event.body().clone());
+        }
+    }
+    by_request
+        .into_iter()
+        .map(|(request_id, bodies)| {
+            let kinds: Vec<_> = bodies.iter().map(|body| body.kind()).collect();
+            let state = check_sequence(&bodies).unwrap_or_else(|(index, violation)| {
+                panic!("{request_id} {kinds:?}: event {index}: {violation}")
+            });
+            (request_id, state)
+        })
+        .collect()
+}
+
+/// The kinds of one request's events, in log order.
+pub fn kinds_of(
+    messages: &[tandem_events::log::LogMessage],
+    request_id: &str,
+) -> Vec<tandem_events::EventKind> {
+    messages
+        .iter()
+        .filter_map(|message| message.event().ok())
+        .filter(|event| event.id() == request_id)
+        .map(|event| event.kind())
+        .collect()
+}
