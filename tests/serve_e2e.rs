@@ -37,11 +37,9 @@ fn check_seed_request(server: &TandemServe) -> String {
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
     let id = body["id"].as_str().expect("id").to_string();
-    let request_id = id
-        .strip_prefix("chatcmpl-")
+    id.strip_prefix("chatcmpl-")
         .expect("chatcmpl- id")
-        .to_string();
-    request_id
+        .to_string()
 }
 
 fn check_request_events(messages: &[LogMessage], request_id: &str) {
