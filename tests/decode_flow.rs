@@ -182,3 +182,89 @@ async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
         vec![EventKind::WorkerJoined, EventKind::WorkerLeft]
     );
 }
+
+/// Runs one request through a fresh worker and returns its updates.
+async fn run_one(
+    max_tokens: u32,
+    stop_strings: Vec<String>,
+    logprobs: Option<u32>,
+) -> Vec<TokenUpdate> {
+    let data_dir = tempfile::tempdir().unwrap();
+    let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(data_dir.path()).unwrap());
+    let bus = Arc::new(InProcessTokenBus::new());
+    let worker = DecodeWorker::start(
+        DecodeWorkerConfig::new("decode-stop", "qwen3"),
+        Engine::cpu(builtin_model(), engine_config()).unwrap(),
+        tokenizer(),
+        Arc::clone(&log),
+        bus.clone() as Arc<dyn TokenBus>,
+    )
+    .await
+    .unwrap();
+    let stream = bus.subscribe("STOPREQ").await.unwrap();
+    let received = Event::new(
+        "STOPREQ",
+        "gateway-test",
+        Body::Received(Received {
+            model: "qwen3".into(),
+            prompt_token_ids: vec![151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198],
+            prompt_tokens: 9,
+            sampling: Some(SamplingParams {
+                max_tokens,
+                stop_strings,
+                logprobs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let sequence = log.append_event(&received, 1).await.unwrap().sequence;
+    // Routed by hand: this test is about the worker, not the routing loop.
+    let routed = Event::new(
+        "STOPREQ",
+        "scheduler-test",
+        Body::Routed(tandem_events::schema::Routed {
+            decode_worker_id: "decode-stop".into(),
+            attempt: 1,
+            received_sequence: sequence,
+            ..Default::default()
+        }),
+    );
+    log.append_event(&routed, 1).await.unwrap();
+    let updates = collect(stream).await;
+    worker.shutdown().await;
+    updates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_across_tokens_ends_generation_before_it() {
+    let free_run = run_one(24, vec![], Some(2)).await;
+    let full_text: String = free_run.iter().map(|u| u.text.as_str()).collect();
+    let logprobs: Vec<_> = free_run.iter().flat_map(|u| u.logprobs.clone()).collect();
+    assert_eq!(logprobs.len(), 24, "one logprob entry per token");
+    assert!(logprobs.iter().all(|entry| entry.top.len() == 2));
+    // A stop string that starts inside one token's text and ends inside the next one's.
+    let texts: Vec<&str> = free_run.iter().map(|u| u.text.as_str()).collect();
+    let boundary = (3..texts.len() - 1)
+        .find(|&i| !texts[i].is_empty() && !texts[i + 1].is_empty())
+        .expect("two adjacent tokens with text");
+    let tail_of_first = texts[boundary].chars().last().unwrap();
+    let head_of_second = texts[boundary + 1].chars().next().unwrap();
+    let stop = format!("{tail_of_first}{head_of_second}");
+    let stop_at = full_text
+        .find(&stop)
+        .expect("the stop string is in the text");
+
+    let stopped = run_one(24, vec![stop.clone()], None).await;
+    let text: String = stopped.iter().map(|u| u.text.as_str()).collect();
+    assert_eq!(
+        text,
+        full_text[..stop_at],
+        "text ends right before the stop string"
+    );
+    assert_eq!(
+        stopped.last().unwrap().finish_reason.as_deref(),
+        Some("stop")
+    );
+    assert!(stopped.len() < free_run.len(), "generation ended early");
+}
