@@ -10,7 +10,8 @@
 //! A consumer's durable state is its cursor (the next sequence it has not looked at) and the messages it has
 //! delivered but not finished, with their delivery counts. Every matching message below the cursor that is not
 //! pending is finished (acked, termed, or given up after `max_deliver`). After a restart, pending messages are
-//! redelivered at once, since the process that held them is gone.
+//! redelivered at once, since the process that held them is gone. (`remove_after_idle` is not applied here: one
+//! process owns the embedded log, so its consumers do not pile up.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};

@@ -300,6 +300,7 @@ impl EventLog for JetStreamLog {
             ack_wait: config.ack_wait,
             max_deliver: config.max_deliver.map_or(-1, i64::from),
             filter_subjects: config.filter_subjects.clone(),
+            inactive_threshold: config.remove_after_idle.unwrap_or_default(),
             ..Default::default()
         };
         let consumer = stream

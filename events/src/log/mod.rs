@@ -110,6 +110,9 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     /// Deliveries after which a message is given up on; `None` for no limit.
     pub max_deliver: Option<u32>,
+    /// A consumer nobody has fetched from for this long is removed (JetStream); `None` keeps it forever. For
+    /// consumers named after one process (a worker's own), so they do not pile up as workers come and go.
+    pub remove_after_idle: Option<Duration>,
 }
 
 impl ConsumerConfig {
@@ -120,6 +123,7 @@ impl ConsumerConfig {
             start_at: StartAt::Beginning,
             ack_wait: Duration::from_secs(30),
             max_deliver: None,
+            remove_after_idle: None,
         }
     }
 }

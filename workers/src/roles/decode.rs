@@ -62,6 +62,9 @@ pub struct DecodeWorker {
     log: Arc<dyn EventLog>,
 }
 
+/// A worker's own consumers outlive it by this much on JetStream (a restarted process gets a new worker id).
+const WORKER_CONSUMER_IDLE_REMOVAL: Duration = Duration::from_secs(3600);
+
 /// Deliveries of requests running here, acknowledged when the request is over.
 type InFlight = Arc<Mutex<HashMap<String, Arc<Delivery>>>>;
 
@@ -79,6 +82,7 @@ impl DecodeWorker {
         let routed = log
             .consumer(ConsumerConfig {
                 ack_wait: config.ack_wait,
+                remove_after_idle: Some(WORKER_CONSUMER_IDLE_REMOVAL),
                 ..ConsumerConfig::new(
                     config.worker_id.clone(),
                     vec![
@@ -92,6 +96,7 @@ impl DecodeWorker {
         let cancellations = log
             .consumer(ConsumerConfig {
                 start_at: StartAt::TimeNs(tandem_events::event::now_ns()),
+                remove_after_idle: Some(WORKER_CONSUMER_IDLE_REMOVAL),
                 ..ConsumerConfig::new(
                     format!("{}-cancellations", config.worker_id),
                     vec![subjects::kind_filter(EventKind::Cancelled)],
