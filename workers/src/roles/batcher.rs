@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use tandem_events::Event;
 use tandem_events::schema::{
-    Body, Completed, DecodeStarted, Failed, PrefillDecision, PrefillLocal,
-    SamplingParams as WireSampling, TokensDecoded,
+    Body, Completed, DecodeStarted, Failed, PrefillLocal, SamplingParams as WireSampling,
+    TokensDecoded,
 };
 use tandem_events::tokens::{TokenLogprob, TokenUpdate, TopLogprob};
 use tokenizers::Tokenizer;
@@ -21,6 +21,7 @@ use tokenizers::Tokenizer;
 use crate::engine::{Engine, SequenceId};
 use crate::error::EngineError;
 use crate::roles::detokenizer::IncrementalDetokenizer;
+use crate::roles::prefill_rule::PrefillRule;
 use crate::roles::stop::StopMatcher;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
 
@@ -238,18 +239,14 @@ impl Batcher<'_> {
     fn start(&mut self, job: Job, sequence_id: SequenceId) {
         let prompt_tokens = job.prompt_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
+        // No prefill workers yet: the rule with a zero queue limit always says local.
+        let (_remote, decision) =
+            PrefillRule::local_only().decide(prompt_tokens as u32, cached_tokens as u32, 0);
         self.emit_event(
             &job.request_id,
             Body::PrefillLocal(PrefillLocal {
                 decode_worker_id: self.config.worker_id.clone(),
-                decision: Some(PrefillDecision {
-                    prompt_tokens: prompt_tokens as u32,
-                    cached_tokens: cached_tokens as u32,
-                    // No prefill workers in this deployment: every prompt is prefilled here.
-                    max_local_prefill_tokens: u32::MAX,
-                    prefill_queue_depth: 0,
-                    max_prefill_queue_depth: 0,
-                }),
+                decision: Some(decision),
             }),
             job.routed_attempt,
         );

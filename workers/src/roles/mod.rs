@@ -5,6 +5,7 @@
 mod batcher;
 pub mod decode;
 mod detokenizer;
+pub mod prefill_rule;
 mod stop;
 
 /// Errors of the roles.
