@@ -211,7 +211,13 @@ async fn ack_nak_and_redelivery(harness: Box<dyn Harness>) {
         .consumer(short_consumer("work", vec![ALL_EVENTS.into()]))
         .await
         .unwrap();
+    assert_eq!(consumer.pending().await.unwrap(), 4, "all four wait");
     let batch = consumer.fetch(10, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(
+        consumer.pending().await.unwrap(),
+        4,
+        "delivered but unacked still count"
+    );
     assert_eq!(batch.len(), 4);
     assert!(batch.iter().all(|d| d.delivery_attempt == 1));
     // 1: ack, 2: nak now, 3: left alone (ack-wait expires), 4: term.
@@ -275,6 +281,7 @@ async fn ack_nak_and_redelivery(harness: Box<dyn Harness>) {
         nothing.is_empty(),
         "acked and termed messages never come back"
     );
+    assert_eq!(consumer.pending().await.unwrap(), 0);
 }
 
 async fn max_deliver(harness: Box<dyn Harness>) {

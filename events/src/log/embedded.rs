@@ -923,6 +923,36 @@ impl Consumer for EmbeddedConsumer {
             }
         }
     }
+
+    async fn pending(&self) -> Result<u64, LogError> {
+        let (cursor, filters, delivered_unfinished) = {
+            let state = self.state.lock().map_err(|_| LogError::Closed)?;
+            (
+                state.cursor,
+                state.config.filter_subjects.clone(),
+                state.pending.len() as u64,
+            )
+        };
+        let read = self
+            .inner
+            .db
+            .begin_read()
+            .map_err(|e| self.inner.storage_error("pending", e))?;
+        let messages = read
+            .open_table(MESSAGES)
+            .map_err(|e| self.inner.storage_error("pending", e))?;
+        let mut not_delivered = 0u64;
+        for entry in messages
+            .range(cursor..)
+            .map_err(|e| self.inner.storage_error("pending", e))?
+        {
+            let (_, record) = entry.map_err(|e| self.inner.storage_error("pending", e))?;
+            if matches_any(&filters, record.value().1) {
+                not_delivered += 1;
+            }
+        }
+        Ok(not_delivered + delivered_unfinished)
+    }
 }
 
 struct EmbeddedAck {

@@ -394,6 +394,15 @@ impl Consumer for JetStreamConsumer {
         }
         Ok(deliveries)
     }
+
+    async fn pending(&self) -> Result<u64, LogError> {
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .map_err(|error| js_error("consumer info", error))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
 }
 
 struct JetStreamAck {

@@ -200,6 +200,10 @@ pub trait Consumer: Send + Sync {
     /// Up to `max_messages` deliveries; waits up to `wait` for the first one when none is ready, and returns an
     /// empty batch when none came.
     async fn fetch(&self, max_messages: usize, wait: Duration) -> Result<Vec<Delivery>, LogError>;
+
+    /// Messages this consumer has not finished: not yet delivered, or delivered and not yet acked (the depth of a
+    /// work queue, e.g. the prefill queue).
+    async fn pending(&self) -> Result<u64, LogError>;
 }
 
 /// A key-value bucket whose entries expire after the bucket's time-to-live (worker heartbeats).
