@@ -6,6 +6,8 @@
 //!    ▲                └▶ PrefillQueued ─▶ PrefillStarted+ ─▶ PrefillDone ─▶ KvTransferred ┘
 //!    └── Migrated ◀── (any state from Routed to decoding)        Failed | Cancelled from any live state
 //! ```
+//! On the remote path the decode worker starts as soon as the KV has arrived, so `DecodeStarted` may come right
+//! after `PrefillStarted`, and the prefill worker's `PrefillDone` then `KvTransferred` may follow it (once each).
 //! An event that may not follow the current state but is identical to one already applied (a retried append, a
 //! redelivery) is an idempotent repeat: accepted, no effect, also after a terminal event. A cancellation races the
 //! work in flight: pipeline events that land after `Cancelled` are accepted as late, with no effect.
@@ -108,8 +110,19 @@ pub struct RequestLifecycle {
     state: RequestState,
     tokens_checkpointed: u32,
     prefill_attempt: u32,
+    /// The current prefill went to the prefill queue, and which of its records are on the log yet: the decode
+    /// worker starts decoding as soon as the KV has arrived, so `DecodeStarted` may land before the prefill
+    /// worker's `PrefillDone` and `KvTransferred`.
+    remote_prefill: RemotePrefill,
     /// Fingerprints of the bodies applied so far, to recognise idempotent repeats.
     applied_fingerprints: BTreeSet<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct RemotePrefill {
+    queued: bool,
+    done_recorded: bool,
+    transfer_recorded: bool,
 }
 
 impl Default for RequestLifecycle {
@@ -118,6 +131,7 @@ impl Default for RequestLifecycle {
             state: RequestState::New,
             tokens_checkpointed: 0,
             prefill_attempt: 0,
+            remote_prefill: RemotePrefill::default(),
             applied_fingerprints: BTreeSet::new(),
         }
     }
@@ -162,9 +176,13 @@ impl RequestLifecycle {
                 self.tokens_checkpointed += checkpoint.token_ids.len() as u32;
             }
             Body::PrefillStarted(started) => self.prefill_attempt = started.delivery_attempt,
+            Body::PrefillQueued(_) => self.remote_prefill.queued = true,
+            Body::PrefillDone(_) => self.remote_prefill.done_recorded = true,
+            Body::KvTransferred(_) => self.remote_prefill.transfer_recorded = true,
             Body::Migrated(migrated) => {
                 self.tokens_checkpointed = migrated.tokens_generated;
                 self.prefill_attempt = 0;
+                self.remote_prefill = RemotePrefill::default();
             }
             _ => {}
         }
@@ -178,6 +196,9 @@ impl RequestLifecycle {
         let kind = body.kind();
         if kind.is_worker_event() {
             return Err(ViolationReason::NotARequestEvent);
+        }
+        if let Some(state) = self.late_prefill_record(body) {
+            return Ok(state);
         }
         if self.state.is_terminal() {
             return Err(ViolationReason::AfterTerminal);
@@ -207,6 +228,12 @@ impl RequestLifecycle {
             (S::PrefillRunning, Body::PrefillDone(_)) => Ok(S::PrefillDone),
             (S::PrefillDone, Body::KvTransferred(_)) => Ok(S::KvTransferred),
             (S::PrefillLocal | S::KvTransferred, Body::DecodeStarted(_)) => Ok(S::Decoding),
+            // The KV arrived before the prefill worker's records reached the log.
+            (S::PrefillRunning | S::PrefillDone, Body::DecodeStarted(_))
+                if self.remote_prefill.queued =>
+            {
+                Ok(S::Decoding)
+            }
             (S::Decoding, Body::TokensDecoded(checkpoint)) => {
                 let expected = self.tokens_checkpointed;
                 match checkpoint.start_index {
@@ -238,6 +265,27 @@ impl RequestLifecycle {
                 }
             }
             _ => Err(ViolationReason::OutOfOrder),
+        }
+    }
+}
+
+impl RequestLifecycle {
+    /// A prefill worker's `PrefillDone` / `KvTransferred` landing after the decode worker already started decoding
+    /// (or even finished): accepted once each, in that order, without changing the state.
+    fn late_prefill_record(&self, body: &Body) -> Option<RequestState> {
+        let decoding_or_done =
+            matches!(self.state, RequestState::Decoding | RequestState::Completed);
+        if !self.remote_prefill.queued || !decoding_or_done || self.prefill_attempt == 0 {
+            return None;
+        }
+        match body {
+            Body::PrefillDone(_) if !self.remote_prefill.done_recorded => Some(self.state),
+            Body::KvTransferred(_)
+                if self.remote_prefill.done_recorded && !self.remote_prefill.transfer_recorded =>
+            {
+                Some(self.state)
+            }
+            _ => None,
         }
     }
 }

@@ -129,6 +129,63 @@ fn remote_prefill_path_with_redelivery() {
 }
 
 #[test]
+fn remote_prefill_records_may_trail_the_decode_start() {
+    // The KV arrived before the prefill worker appended its records.
+    let early_decode = [
+        received(),
+        routed("decode-1", 1),
+        queued(),
+        started(1),
+        decode_started(),
+        tokens(0, &[5]),
+        done(),
+        transferred(),
+        completed(),
+    ];
+    assert_eq!(final_state(&early_decode), RequestState::Completed);
+    let records_after_completion = [
+        received(),
+        routed("decode-1", 1),
+        queued(),
+        started(1),
+        done(),
+        decode_started(),
+        completed(),
+        transferred(),
+    ];
+    assert_eq!(
+        final_state(&records_after_completion),
+        RequestState::Completed
+    );
+    // But not on the local path, not before any prefill worker started, and not twice or out of order.
+    assert_eq!(
+        violation(&[
+            received(),
+            routed("d", 1),
+            local(),
+            decode_started(),
+            done()
+        ]),
+        (4, ViolationReason::OutOfOrder)
+    );
+    assert_eq!(
+        violation(&[received(), routed("d", 1), queued(), decode_started()]),
+        (3, ViolationReason::OutOfOrder)
+    );
+    assert_eq!(
+        violation(&[
+            received(),
+            routed("d", 1),
+            queued(),
+            started(1),
+            decode_started(),
+            transferred()
+        ]),
+        (5, ViolationReason::OutOfOrder)
+    );
+}
+
+#[test]
 fn every_live_state_can_fail_or_be_cancelled() {
     let prefixes: Vec<Vec<Body>> = vec![
         vec![received()],
