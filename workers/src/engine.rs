@@ -420,4 +420,121 @@ impl Engine {
         }
         Ok(generation)
     }
+
+    /// The KV blocks reserved for `id`, in token order: what a decode worker names as the destination of a
+    /// KV transfer.
+    pub fn kv_block_ids(&self, id: SequenceId) -> Result<&[crate::kv_cache::BlockId], EngineError> {
+        Ok(&self.sequence(id)?.block_table.blocks)
+    }
+
+    /// One layer's K and V for the computed tokens of `id` from `from_token` on, for the KV transfer: for
+    /// each block from `from_token / block_size_tokens` to the last computed one, that block's
+    /// `[k, v][kv_head][slot][dim]` little-endian f32 (the layer's contiguous part of the block layout in
+    /// `KV_LAYOUT.md`), slots past the computed tokens zero. `from_token` must be a multiple of the block
+    /// size (a destination's cached prefix is whole blocks) and below the computed tokens.
+    pub fn export_kv_layer(
+        &self,
+        id: SequenceId,
+        layer: usize,
+        from_token: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        let sequence = self.sequence(id)?;
+        let layout = self.kv_layout();
+        let block_size = layout.block_size_tokens;
+        let num_tokens = sequence.num_computed_tokens;
+        if num_tokens == 0 {
+            return Err(EngineError::NotPrefilled {
+                sequence_id: id,
+                pending_tokens: sequence.token_ids.len(),
+            });
+        }
+        if layer >= layout.num_layers
+            || !from_token.is_multiple_of(block_size)
+            || from_token >= num_tokens
+        {
+            return Err(EngineError::KvImport(format!(
+                "cannot export layer {layer} from token {from_token} of sequence {id}: the model has {} layers, \
+                 blocks hold {block_size} tokens and {num_tokens} tokens are computed",
+                layout.num_layers
+            )));
+        }
+        let layer_bytes = layout.block_bytes() / layout.num_layers;
+        let first_block = from_token / block_size;
+        let end_block = num_tokens.div_ceil(block_size);
+        let mut block = vec![0u8; layout.block_bytes()];
+        let mut out = Vec::with_capacity((end_block - first_block) * layer_bytes);
+        for index in first_block..end_block {
+            self.backend
+                .read_block(sequence.block_table.blocks[index], &mut block);
+            let used_slots = (num_tokens - index * block_size).min(block_size);
+            layout.zero_unused_slots(&mut block, used_slots);
+            out.extend_from_slice(&block[layer * layer_bytes..(layer + 1) * layer_bytes]);
+        }
+        Ok(out)
+    }
+
+    /// Writes the K and V of every layer (each in the form [`Engine::export_kv_layer`] gives) for the prompt
+    /// tokens `from_token..` of `id` into the blocks [`Engine::add_sequence`] reserved for them, and marks
+    /// the prompt computed: the next call for `id` is [`Engine::decode`] with the token the prefill side
+    /// sampled. `from_token` must be exactly the prompt tokens this engine already holds (its cached prefix),
+    /// so blocks shared with other sequences are never written. Nothing is written unless every layer has
+    /// the right length.
+    pub fn import_kv_layers<L: AsRef<[u8]>>(
+        &mut self,
+        id: SequenceId,
+        from_token: usize,
+        layers: &[L],
+    ) -> Result<(), EngineError> {
+        let layout = self.kv_layout();
+        let block_size = layout.block_size_tokens;
+        let layer_bytes = layout.block_bytes() / layout.num_layers;
+        let sequence = self
+            .sequences
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let num_tokens = sequence.token_ids.len();
+        if sequence.num_computed_tokens != from_token || from_token >= num_tokens {
+            return Err(EngineError::KvImport(format!(
+                "sequence {id} holds {} of its {num_tokens} prompt tokens; the KV sent starts at token {from_token}",
+                sequence.num_computed_tokens
+            )));
+        }
+        let first_block = from_token / block_size;
+        let end_block = num_tokens.div_ceil(block_size);
+        let expected_bytes = (end_block - first_block) * layer_bytes;
+        if layers.len() != layout.num_layers {
+            return Err(EngineError::KvImport(format!(
+                "{} layers sent, the model has {}",
+                layers.len(),
+                layout.num_layers
+            )));
+        }
+        if let Some((layer, bytes)) = layers
+            .iter()
+            .enumerate()
+            .find(|(_, bytes)| bytes.as_ref().len() != expected_bytes)
+        {
+            return Err(EngineError::KvImport(format!(
+                "layer {layer}: {} bytes sent, {expected_bytes} expected for tokens {from_token}..{num_tokens}",
+                bytes.as_ref().len()
+            )));
+        }
+        let mut block = vec![0u8; layout.block_bytes()];
+        for (position, index) in (first_block..end_block).enumerate() {
+            for (layer, bytes) in layers.iter().enumerate() {
+                block[layer * layer_bytes..(layer + 1) * layer_bytes].copy_from_slice(
+                    &bytes.as_ref()[position * layer_bytes..(position + 1) * layer_bytes],
+                );
+            }
+            self.backend
+                .write_block(sequence.block_table.blocks[index], &block);
+        }
+        sequence.num_computed_tokens = num_tokens;
+        self.kv_cache.register_full_blocks(
+            &mut sequence.block_table,
+            &sequence.token_ids,
+            num_tokens,
+        );
+        Ok(())
+    }
 }

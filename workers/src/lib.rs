@@ -16,6 +16,7 @@ mod model;
 mod rng;
 pub mod roles;
 mod sampling;
+pub mod transfer;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::{Backend, SequenceStep};
