@@ -27,11 +27,8 @@ enum Command {
     Gateway(roles::GatewayArgs),
     /// The scheduler: consumes the log and routes requests (needs --nats).
     Scheduler(roles::SchedulerArgs),
-    /// A prefill worker: pulls prefill jobs and pushes KV into decode workers.
-    Prefill {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// A prefill worker: pulls prefill jobs and pushes KV into decode workers over TCP (needs --nats).
+    Prefill(roles::PrefillArgs),
     /// A decode worker: continuous batching, local prefill, token streaming (needs --nats).
     Decode(roles::DecodeArgs),
     /// Read a log: timelines, audit, stats, export, re-execution.
@@ -72,7 +69,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => roles::serve(args),
         Command::Gateway(args) => roles::gateway(args),
         Command::Scheduler(args) => roles::scheduler(args),
-        Command::Prefill { .. } => return not_built("prefill", "Prefill/decode disaggregation"),
+        Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
         Command::Replay { .. } => return not_built("replay", "The replay CLI"),
         Command::Generate(args) => generate::run(args),

@@ -1,5 +1,5 @@
-//! Running the roles: `tandem serve` (all of them in one process) and `tandem gateway | scheduler | decode` (one
-//! each, against JetStream). This module wires the parts together: the log and token bus, the model, the gateway,
+//! Running the roles: `tandem serve` (all of them in one process) and `tandem gateway | scheduler | prefill | decode`
+//! (one each, against JetStream). This module wires the parts together: the log and token bus, the model, the gateway,
 //! the routing loop and the decode workers, and shuts them down in order on Ctrl-C or SIGTERM.
 
 use std::path::{Path, PathBuf};
@@ -15,9 +15,15 @@ use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
 use tandem_gateway::{Gateway, GatewayConfig};
 use tandem_scheduler::router::{RouterConfig, run_router};
-use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig};
+use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig, RemotePrefill};
+use tandem_workers::roles::prefill::{PrefillWorker, PrefillWorkerConfig};
+use tandem_workers::roles::prefill_rule::PrefillRule;
+use tandem_workers::transfer::{
+    InProcessTransport, KvTransport, TcpTransport, TransferTimeouts, model_fingerprint,
+};
 use tandem_workers::{
-    Engine, EngineConfig, ModelConfig, builtin_config, builtin_model, load_model, load_model_config,
+    BUILTIN_SEED, Engine, EngineConfig, ModelConfig, builtin_config, builtin_model, load_model,
+    load_model_config,
 };
 use tokio::sync::watch;
 
@@ -58,6 +64,29 @@ pub struct ModelArgs {
     max_batch_sequences: usize,
 }
 
+/// The local-vs-remote prefill rule of decode workers (applied while prefill workers are alive).
+#[derive(clap::Args, Clone)]
+pub struct PrefillRuleArgs {
+    /// Prompts with more uncached tokens than this go to a prefill worker.
+    #[arg(long, env = "TANDEM_MAX_LOCAL_PREFILL_TOKENS", default_value_t = 1000)]
+    max_local_prefill_tokens: u32,
+    /// ... while the prefill queue holds fewer jobs than this.
+    #[arg(long, env = "TANDEM_MAX_PREFILL_QUEUE_DEPTH", default_value_t = 2)]
+    max_prefill_queue_depth: u32,
+    /// How long a queued prompt's KV may take to arrive before the request fails.
+    #[arg(long, env = "TANDEM_KV_WAIT_TIMEOUT_S", default_value_t = 60)]
+    kv_wait_timeout_s: u64,
+}
+
+impl PrefillRuleArgs {
+    fn rule(&self) -> PrefillRule {
+        PrefillRule {
+            max_local_prefill_tokens: self.max_local_prefill_tokens,
+            max_prefill_queue_depth: self.max_prefill_queue_depth,
+        }
+    }
+}
+
 /// Where the HTTP API listens.
 #[derive(clap::Args, Clone)]
 pub struct HttpArgs {
@@ -78,9 +107,12 @@ pub struct ServeArgs {
     /// Decode workers in this process.
     #[arg(long, env = "TANDEM_DECODE_WORKERS", default_value_t = 1)]
     decode_workers: usize,
-    /// Prefill workers in this process (disaggregated prefill is filed as its own issue; 0 until then).
+    /// Prefill workers in this process; with at least one, long prompts are prefilled there and their KV moved
+    /// to the decode worker in memory.
     #[arg(long, env = "TANDEM_PREFILL_WORKERS", default_value_t = 0)]
     prefill_workers: usize,
+    #[command(flatten)]
+    prefill_rule: PrefillRuleArgs,
 }
 
 #[derive(clap::Args)]
@@ -101,6 +133,20 @@ pub struct SchedulerArgs {
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prefill_rule: PrefillRuleArgs,
+    /// Where prefill workers send KV (TCP `host:port`; port 0 picks one). The endpoint in `PrefillQueued` uses
+    /// this address, so give one that prefill workers can reach.
+    #[arg(long, env = "TANDEM_KV_LISTEN", default_value = "127.0.0.1:0")]
+    kv_listen: String,
+}
+
+#[derive(clap::Args)]
+pub struct PrefillArgs {
     #[command(flatten)]
     log: LogArgs,
     #[command(flatten)]
@@ -207,18 +253,78 @@ fn engine(args: &ModelArgs) -> Result<Engine> {
     Ok(Engine::cpu(weights, config)?)
 }
 
+/// The model's identity for KV transfers: its shape plus what names its weights (the built-in seed, or the
+/// checkpoint's config and safetensors file sizes).
+fn fingerprint(args: &ModelArgs) -> Result<u64> {
+    let shape = model_shape(args)?;
+    let tag = match &args.model {
+        None => format!("builtin:{BUILTIN_SEED}").into_bytes(),
+        Some(dir) => {
+            let mut tag = std::fs::read(dir.join("config.json")).unwrap_or_default();
+            let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|entry| entry.ok())
+                .filter(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".safetensors")
+                })
+                .map(|entry| {
+                    let size = entry.metadata().map(|meta| meta.len()).unwrap_or(0);
+                    (entry.file_name().to_string_lossy().to_string(), size)
+                })
+                .collect();
+            files.sort();
+            for (name, size) in files {
+                tag.extend_from_slice(format!("{name}:{size};").as_bytes());
+            }
+            tag
+        }
+    };
+    Ok(model_fingerprint(&shape, &tag))
+}
+
+/// How decode workers take remote prefills: a KV receiver each, on this transport.
+enum KvReceivers<'a> {
+    None,
+    InProcess(&'a InProcessTransport),
+    Tcp { listen: &'a str },
+}
+
 async fn start_decode_workers(
     args: &ModelArgs,
     count: usize,
     backbone: &Backbone,
+    receivers: KvReceivers<'_>,
+    rule: &PrefillRuleArgs,
 ) -> Result<Vec<DecodeWorker>> {
     let tokenizer_path = tokenizer_dir(args)?.join("tokenizer.json");
+    let model_fingerprint = fingerprint(args)?;
     let mut workers = Vec::with_capacity(count);
     for _ in 0..count {
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|error| anyhow::anyhow!("loading {}: {error}", tokenizer_path.display()))?;
         let engine = engine(args)?;
         let worker_id = format!("decode-{}", ulid::Ulid::new());
+        let receiver = match &receivers {
+            KvReceivers::None => None,
+            KvReceivers::InProcess(transport) => Some(transport.listen(&worker_id).await?),
+            KvReceivers::Tcp { listen } => Some(
+                TcpTransport::new(TransferTimeouts::default())
+                    .listen(listen)
+                    .await?,
+            ),
+        };
+        let remote_prefill = receiver.map(|receiver| {
+            tracing::info!(endpoint = receiver.endpoint(), "taking remote prefills");
+            RemotePrefill {
+                receiver,
+                rule: rule.rule(),
+                model_fingerprint,
+                kv_wait_timeout: Duration::from_secs(rule.kv_wait_timeout_s),
+            }
+        });
         let config = DecodeWorkerConfig {
             device: args.device.clone(),
             max_batch_sequences: args.max_batch_sequences,
@@ -231,9 +337,37 @@ async fn start_decode_workers(
                 tokenizer,
                 Arc::clone(&backbone.log),
                 Arc::clone(&backbone.tokens),
+                remote_prefill,
             )
             .await?,
         );
+    }
+    Ok(workers)
+}
+
+async fn start_prefill_workers<T: KvTransport + 'static>(
+    args: &ModelArgs,
+    count: usize,
+    backbone: &Backbone,
+    transport: Arc<T>,
+) -> Result<Vec<PrefillWorker>> {
+    let model_fingerprint = fingerprint(args)?;
+    let mut workers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let config = PrefillWorkerConfig {
+            worker_id: format!("prefill-{}", ulid::Ulid::new()),
+            model_name: args.served_model_name.clone(),
+            device: args.device.clone(),
+            model_fingerprint,
+        };
+        let worker = PrefillWorker::start(
+            config,
+            engine(args)?,
+            Arc::clone(&backbone.log),
+            Arc::clone(&transport),
+        )
+        .await?;
+        workers.push(worker);
     }
     Ok(workers)
 }
@@ -347,18 +481,34 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `tandem serve`: every role in this process.
 pub fn serve(args: ServeArgs) -> Result<()> {
-    if args.prefill_workers > 0 {
-        bail!(
-            "--prefill-workers: disaggregated prefill is not built yet (filed as its own issue); decode workers prefill locally"
-        );
-    }
     if args.decode_workers == 0 {
         bail!("--decode-workers must be at least 1");
     }
     runtime()?.block_on(async {
         let backbone = open_backbone(&args.log, false).await?;
         let (stop_sender, stop) = watch::channel(false);
-        let workers = start_decode_workers(&args.model, args.decode_workers, &backbone).await?;
+        // One process: KV moves between its workers in memory.
+        let transport = Arc::new(InProcessTransport::new(TransferTimeouts::default()));
+        let receivers = if args.prefill_workers > 0 {
+            KvReceivers::InProcess(transport.as_ref())
+        } else {
+            KvReceivers::None
+        };
+        let prefill_workers = start_prefill_workers(
+            &args.model,
+            args.prefill_workers,
+            &backbone,
+            Arc::clone(&transport),
+        )
+        .await?;
+        let workers = start_decode_workers(
+            &args.model,
+            args.decode_workers,
+            &backbone,
+            receivers,
+            &args.prefill_rule,
+        )
+        .await?;
         let router = start_router(&backbone, stop.clone());
         let gateway = start_gateway(&args.model, &args.http, &backbone, stop.clone()).await?;
         eprintln!(
@@ -378,6 +528,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let _ = stop_sender.send(true);
         gateway.await??;
         for worker in workers {
+            worker.shutdown().await;
+        }
+        for worker in prefill_workers {
             worker.shutdown().await;
         }
         router.await??;
@@ -417,7 +570,25 @@ pub fn scheduler(args: SchedulerArgs) -> Result<()> {
 pub fn decode(args: DecodeArgs) -> Result<()> {
     runtime()?.block_on(async {
         let backbone = open_backbone(&args.log, true).await?;
-        let workers = start_decode_workers(&args.model, 1, &backbone).await?;
+        let receivers = KvReceivers::Tcp {
+            listen: &args.kv_listen,
+        };
+        let workers =
+            start_decode_workers(&args.model, 1, &backbone, receivers, &args.prefill_rule).await?;
+        shutdown_signal().await;
+        for worker in workers {
+            worker.shutdown().await;
+        }
+        Ok(())
+    })
+}
+
+/// `tandem prefill`: one prefill worker, against JetStream, sending KV over TCP.
+pub fn prefill(args: PrefillArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let backbone = open_backbone(&args.log, true).await?;
+        let transport = Arc::new(TcpTransport::new(TransferTimeouts::default()));
+        let workers = start_prefill_workers(&args.model, 1, &backbone, transport).await?;
         shutdown_signal().await;
         for worker in workers {
             worker.shutdown().await;

@@ -70,6 +70,7 @@ async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
         tokenizer(),
         Arc::clone(&log),
         bus.clone() as Arc<dyn TokenBus>,
+        None,
     )
     .await
     .unwrap();
@@ -198,6 +199,7 @@ async fn run_one(
         tokenizer(),
         Arc::clone(&log),
         bus.clone() as Arc<dyn TokenBus>,
+        None,
     )
     .await
     .unwrap();

@@ -7,13 +7,14 @@
 //! [`BatchOutput`]s: token updates to stream and events to append, in order per request.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use tandem_events::Event;
 use tandem_events::schema::{
-    Body, Completed, DecodeStarted, Failed, PrefillLocal, SamplingParams as WireSampling,
-    TokensDecoded,
+    Body, Completed, DecodeStarted, Failed, KvDestination, PrefillLocal, PrefillQueued,
+    SamplingParams as WireSampling, TokensDecoded,
 };
 use tandem_events::tokens::{TokenLogprob, TokenUpdate, TopLogprob};
 use tokenizers::Tokenizer;
@@ -21,9 +22,12 @@ use tokenizers::Tokenizer;
 use crate::engine::{Engine, SequenceId};
 use crate::error::EngineError;
 use crate::roles::detokenizer::IncrementalDetokenizer;
+use crate::roles::engine_sampling;
 use crate::roles::prefill_rule::PrefillRule;
 use crate::roles::stop::StopMatcher;
-use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
+use crate::sampling::{SampledToken, Sampler, TokenLogprobs};
+use crate::transfer::engine_io::import_received;
+use crate::transfer::{ExpectedTransfer, ReceivedKv};
 
 /// A routed request handed to the engine thread.
 #[derive(Debug, Clone)]
@@ -42,6 +46,16 @@ pub enum BatchCommand {
     /// The client went away: drop the request and free its blocks (the gateway already logged `Cancelled`).
     Cancel {
         request_id: String,
+    },
+    /// The KV of a remotely prefilled request arrived, verified; decoding can start.
+    KvArrived {
+        request_id: String,
+        received: ReceivedKv,
+    },
+    /// The KV of a remotely prefilled request did not come (refused, corrupt, timed out): the request fails.
+    KvFailed {
+        request_id: String,
+        reason: String,
     },
     /// Finish running requests, then stop.
     Drain,
@@ -62,6 +76,10 @@ pub enum BatchOutput {
     Finished {
         request_id: String,
     },
+    /// Register the KV transfer this worker awaits, before the `PrefillQueued` that announces it is appended.
+    AwaitKv {
+        expected: ExpectedTransfer,
+    },
 }
 
 /// Settings of the batching loop.
@@ -75,11 +93,20 @@ pub struct BatcherConfig {
     pub prefill_chunk_tokens: usize,
     /// Context length of the model: prompt + generated tokens never exceed it.
     pub max_model_len_tokens: usize,
+    /// Where prompts are prefilled; remote only when prefill workers can reach this worker (`kv_endpoint`).
+    pub prefill_rule: PrefillRule,
+    /// The transfer endpoint prefill workers write into, when this worker takes remote prefills.
+    pub kv_endpoint: Option<String>,
+    pub model_fingerprint: u64,
+    /// Jobs waiting in the prefill queue, kept fresh by the async side.
+    pub prefill_queue_depth: Arc<AtomicU32>,
 }
 
 enum Phase {
     /// Prompt not fully computed yet.
     Prefilling,
+    /// On the prefill queue: a prefill worker computes the prompt and sends its KV.
+    AwaitingKv,
     /// The last sampled token is fed at the next step.
     Decoding { next_input_token: u32 },
 }
@@ -208,6 +235,17 @@ impl Batcher<'_> {
                 }
                 self.cancelled.insert(request_id);
             }
+            BatchCommand::KvArrived {
+                request_id,
+                received,
+            } => self.kv_arrived(&request_id, &received),
+            BatchCommand::KvFailed { request_id, reason } => {
+                if let Some(index) = self.awaiting_kv(&request_id) {
+                    let run = self.running.swap_remove(index);
+                    self.release(run.sequence_id);
+                    self.fail_job(&run.job, "kv_transfer_failed", &reason);
+                }
+            }
             BatchCommand::Drain => self.draining = true,
         }
     }
@@ -239,17 +277,68 @@ impl Batcher<'_> {
     fn start(&mut self, job: Job, sequence_id: SequenceId) {
         let prompt_tokens = job.prompt_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
-        // No prefill workers yet: the rule with a zero queue limit always says local.
-        let (_remote, decision) =
-            PrefillRule::local_only().decide(prompt_tokens as u32, cached_tokens as u32, 0);
-        self.emit_event(
-            &job.request_id,
-            Body::PrefillLocal(PrefillLocal {
+        let rule = match self.config.kv_endpoint {
+            Some(_) => self.config.prefill_rule,
+            None => PrefillRule::local_only(),
+        };
+        let queue_depth = self.config.prefill_queue_depth.load(Ordering::Relaxed);
+        let (remote, decision) =
+            rule.decide(prompt_tokens as u32, cached_tokens as u32, queue_depth);
+        let remote_destination = match (&self.config.kv_endpoint, remote) {
+            (Some(endpoint), true) => {
+                match ExpectedTransfer::for_sequence(
+                    self.engine,
+                    sequence_id,
+                    &job.request_id,
+                    self.config.model_fingerprint,
+                ) {
+                    Ok(expected) => Some((endpoint.clone(), expected)),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot describe the KV destination; prefilling locally");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let phase = if let Some((endpoint, expected)) = remote_destination {
+            // Counted at once, so a burst of long prompts does not all see an empty queue.
+            let _ = self.config.prefill_queue_depth.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |depth| Some(depth.saturating_add(1)),
+            );
+            let destination = KvDestination {
                 decode_worker_id: self.config.worker_id.clone(),
-                decision: Some(decision),
-            }),
-            job.routed_attempt,
-        );
+                endpoint,
+                block_ids: expected.block_ids.clone(),
+                block_size_tokens: expected.layout.block_size_tokens as u32,
+                cached_tokens: expected.from_token,
+            };
+            self.emit(BatchOutput::AwaitKv { expected });
+            self.emit_event(
+                &job.request_id,
+                Body::PrefillQueued(PrefillQueued {
+                    decode_worker_id: self.config.worker_id.clone(),
+                    decision: Some(decision),
+                    prompt_token_ids: job.prompt_token_ids.clone(),
+                    sampling: Some(job.sampling.clone()),
+                    kv_destination: Some(destination),
+                }),
+                job.routed_attempt,
+            );
+            Phase::AwaitingKv
+        } else {
+            self.emit_event(
+                &job.request_id,
+                Body::PrefillLocal(PrefillLocal {
+                    decode_worker_id: self.config.worker_id.clone(),
+                    decision: Some(decision),
+                }),
+                job.routed_attempt,
+            );
+            Phase::Prefilling
+        };
         let room = self
             .config
             .max_model_len_tokens
@@ -259,19 +348,7 @@ impl Batcher<'_> {
         } else {
             (job.sampling.max_tokens as usize).min(room)
         };
-        let params = SamplingParams {
-            max_tokens,
-            temperature: job.sampling.temperature,
-            top_k: job.sampling.top_k as usize,
-            top_p: if job.sampling.top_p > 0.0 {
-                job.sampling.top_p
-            } else {
-                1.0
-            },
-            seed: job.sampling.seed,
-            stop_token_ids: job.sampling.stop_token_ids.clone(),
-            logprobs: job.sampling.logprobs.map(|top| top as usize),
-        };
+        let params = engine_sampling(&job.sampling, max_tokens);
         self.running.push(Running {
             want_logprobs: params.logprobs.is_some(),
             sampler: Sampler::new(params),
@@ -279,7 +356,7 @@ impl Batcher<'_> {
             detokenizer: IncrementalDetokenizer::default(),
             job,
             sequence_id,
-            phase: Phase::Prefilling,
+            phase,
             generated_token_ids: Vec::new(),
             generated_logprobs: Vec::new(),
             checkpointed_tokens: 0,
@@ -371,7 +448,7 @@ impl Batcher<'_> {
             .iter()
             .filter_map(|run| match run.phase {
                 Phase::Decoding { next_input_token } => Some((run.sequence_id, next_input_token)),
-                Phase::Prefilling => None,
+                Phase::Prefilling | Phase::AwaitingKv => None,
             })
             .collect();
         if steps.is_empty() {
@@ -432,12 +509,67 @@ impl Batcher<'_> {
         }
     }
 
+    fn awaiting_kv(&self, request_id: &str) -> Option<usize> {
+        self.running.iter().position(|run| {
+            run.job.request_id == request_id && matches!(run.phase, Phase::AwaitingKv)
+        })
+    }
+
+    /// Writes a remotely computed prompt's KV into the request's blocks and starts decoding with the first token
+    /// the prefill worker sampled.
+    fn kv_arrived(&mut self, request_id: &str, received: &ReceivedKv) {
+        let Some(index) = self.awaiting_kv(request_id) else {
+            tracing::warn!(%request_id, "KV arrived for a request not waiting for it (cancelled?)");
+            return;
+        };
+        let _ = self.config.prefill_queue_depth.fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |depth| Some(depth.saturating_sub(1)),
+        );
+        let sequence_id = self.running[index].sequence_id;
+        let imported = import_received(self.engine, sequence_id, received);
+        match (imported, received.first_token_id) {
+            (Ok(()), Some(first_token)) => {
+                let run = &self.running[index];
+                self.emit_event(
+                    &run.job.request_id,
+                    Body::DecodeStarted(DecodeStarted {
+                        decode_worker_id: self.config.worker_id.clone(),
+                    }),
+                    run.job.routed_attempt,
+                );
+                let sampled = SampledToken {
+                    token_id: first_token,
+                    logprobs: None,
+                };
+                if self.accept_token(index, sampled) {
+                    self.finish(index);
+                }
+            }
+            (result, _) => {
+                let reason = match result {
+                    Err(error) => error.to_string(),
+                    Ok(()) => "the prefill worker sent no first token".to_string(),
+                };
+                let run = self.running.swap_remove(index);
+                self.release(run.sequence_id);
+                self.fail_job(&run.job, "kv_transfer_failed", &reason);
+            }
+        }
+    }
+
     /// Samples the next token of request `index` from its logits row, streams it, and says whether it finished.
     fn accept_sampled(&mut self, index: usize, logits_row: &[f32]) -> bool {
+        let sampled = self.running[index].sampler.sample(logits_row);
+        self.accept_token(index, sampled)
+    }
+
+    /// Takes `sampled` as the request's next token, streams it, and says whether the request finished.
+    fn accept_token(&mut self, index: usize, sampled: SampledToken) -> bool {
         let tokenizer = self.tokenizer;
         let worker_id = self.config.worker_id.clone();
         let run = &mut self.running[index];
-        let sampled = run.sampler.sample(logits_row);
         let token_id = sampled.token_id;
         let start_index = run.generated_token_ids.len() as u32;
         run.generated_token_ids.push(token_id);

@@ -7,6 +7,7 @@
 //! delivered again; while a request runs longer than the ack wait, the worker keeps marking it in progress.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
-use crate::roles::RoleError;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
+use crate::roles::prefill_rule::PrefillRule;
+use crate::roles::{RoleError, prefill_queue_consumer};
+use crate::transfer::{ExpectedTransfer, KvReceiver};
 
 /// How a decode worker runs.
 #[derive(Debug, Clone)]
@@ -51,6 +54,18 @@ impl DecodeWorkerConfig {
     }
 }
 
+/// What a decode worker needs to send prompts to prefill workers: where they write the KV and when to ask them.
+pub struct RemotePrefill {
+    /// Listening already; its endpoint goes into each `PrefillQueued`.
+    pub receiver: KvReceiver,
+    pub rule: PrefillRule,
+    /// [`crate::transfer::model_fingerprint`] of this worker's model; a prefill worker with another model is
+    /// refused.
+    pub model_fingerprint: u64,
+    /// How long a queued prompt's KV may take to arrive before the request fails.
+    pub kv_wait_timeout: Duration,
+}
+
 /// A running decode worker.
 pub struct DecodeWorker {
     worker_id: String,
@@ -76,6 +91,7 @@ impl DecodeWorker {
         tokenizer: Tokenizer,
         log: Arc<dyn EventLog>,
         tokens: Arc<dyn TokenBus>,
+        remote_prefill: Option<RemotePrefill>,
     ) -> Result<DecodeWorker, RoleError> {
         subjects::check_token(&config.worker_id)
             .map_err(|error| RoleError::Config(error.to_string()))?;
@@ -124,7 +140,30 @@ impl DecodeWorker {
             .put(&config.worker_id, Bytes::from_static(b"decode"))
             .await?;
 
+        let (stop_intake, stop_receiver) = watch::channel(false);
+        let prefill_queue_depth = Arc::new(AtomicU32::new(0));
+        let mut depth_task = None;
+        if remote_prefill.is_some() {
+            let prefill_queue = log.consumer(prefill_queue_consumer()).await?;
+            let workers = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
+            depth_task = Some(tokio::spawn(track_prefill_queue_depth(
+                prefill_queue,
+                workers,
+                Arc::clone(&prefill_queue_depth),
+                stop_receiver.clone(),
+            )));
+        }
         let batcher_config = BatcherConfig {
+            prefill_rule: remote_prefill
+                .as_ref()
+                .map_or(PrefillRule::local_only(), |remote| remote.rule),
+            kv_endpoint: remote_prefill
+                .as_ref()
+                .map(|remote| remote.receiver.endpoint().to_string()),
+            model_fingerprint: remote_prefill
+                .as_ref()
+                .map_or(0, |remote| remote.model_fingerprint),
+            prefill_queue_depth,
             worker_id: config.worker_id.clone(),
             max_batch_sequences: config.max_batch_sequences,
             checkpoint_every_tokens: config.checkpoint_every_tokens.max(1),
@@ -149,9 +188,8 @@ impl DecodeWorker {
             })?;
 
         let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
-        let (stop_intake, stop_receiver) = watch::channel(false);
         let worker_id = config.worker_id.clone();
-        let tasks = vec![
+        let tasks: Vec<JoinHandle<()>> = vec![
             tokio::spawn(intake_routings(
                 routed,
                 Arc::clone(&log),
@@ -173,12 +211,20 @@ impl DecodeWorker {
                 stop_receiver,
             )),
         ];
+        let kv_waits = remote_prefill.map(|remote| KvWaits {
+            receiver: Arc::new(remote.receiver),
+            timeout: remote.kv_wait_timeout,
+            commands: command_sender.clone(),
+        });
         let output_task = tokio::spawn(deliver_outputs(
             output_receiver,
             Arc::clone(&log),
             tokens,
             in_flight,
+            kv_waits,
         ));
+        let mut tasks = tasks;
+        tasks.extend(depth_task);
         tracing::info!(worker_id = %config.worker_id, "decode worker started");
         Ok(DecodeWorker {
             worker_id,
@@ -429,6 +475,74 @@ async fn keep_alive(
     }
 }
 
+/// Waits for announced KV transfers and tells the engine thread how each ended.
+struct KvWaits {
+    receiver: Arc<KvReceiver>,
+    timeout: Duration,
+    commands: std::sync::mpsc::Sender<BatchCommand>,
+}
+
+impl KvWaits {
+    fn start(&self, expected: ExpectedTransfer) {
+        let request_id = expected.request_id.clone();
+        let commands = self.commands.clone();
+        match self.receiver.expect(expected, self.timeout) {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    let command = match pending.wait().await {
+                        Ok(received) => BatchCommand::KvArrived {
+                            request_id,
+                            received,
+                        },
+                        Err(error) => BatchCommand::KvFailed {
+                            request_id,
+                            reason: error.to_string(),
+                        },
+                    };
+                    let _ = commands.send(command);
+                });
+            }
+            Err(error) => {
+                let _ = commands.send(BatchCommand::KvFailed {
+                    request_id,
+                    reason: error.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// Keeps the prefill queue's depth fresh for the prefill rule. With no prefill worker alive the queue counts as
+/// full, so prompts are prefilled here rather than wait for a worker that is not there.
+async fn track_prefill_queue_depth(
+    prefill_queue: Box<dyn tandem_events::log::Consumer>,
+    workers: Box<dyn tandem_events::log::KvBucket>,
+    depth: Arc<AtomicU32>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let mut prefill_alive = false;
+        for worker_id in workers.keys().await.unwrap_or_default() {
+            if workers.get(&worker_id).await.ok().flatten().as_deref() == Some(b"prefill") {
+                prefill_alive = true;
+                break;
+            }
+        }
+        match prefill_queue.pending().await {
+            Ok(_) if !prefill_alive => depth.store(u32::MAX, Ordering::Relaxed),
+            Ok(pending) => depth.store(
+                u32::try_from(pending).unwrap_or(u32::MAX),
+                Ordering::Relaxed,
+            ),
+            Err(error) => tracing::debug!(%error, "prefill queue depth unknown"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
 /// Streams tokens at once; appends events in order, batched (one group commit for everything queued); acks a
 /// request's routing after the events before its end are on the log.
 async fn deliver_outputs(
@@ -436,6 +550,7 @@ async fn deliver_outputs(
     log: Arc<dyn EventLog>,
     tokens: Arc<dyn TokenBus>,
     in_flight: InFlight,
+    kv_waits: Option<KvWaits>,
 ) {
     let mut queued = Vec::new();
     while outputs.recv_many(&mut queued, 512).await > 0 {
@@ -455,6 +570,11 @@ async fn deliver_outputs(
                     }
                 }
                 BatchOutput::Finished { request_id } => finished.push(request_id),
+                // Registered before the `PrefillQueued` below is appended, so the prefill worker always finds it.
+                BatchOutput::AwaitKv { expected } => match &kv_waits {
+                    Some(kv_waits) => kv_waits.start(expected),
+                    None => tracing::error!("a remote prefill without a KV receiver"),
+                },
             }
         }
         if !events.is_empty()

@@ -1,0 +1,124 @@
+//! Prefill/decode disaggregation in `tandem serve`: a long prompt is prefilled by a prefill worker and its KV moved
+//! into the decode worker's blocks, a short one is prefilled locally, and both give the same tokens (greedy) as
+//! the aggregated server. The log shows each path, and the lifecycle state machine accepts it.
+
+mod support;
+
+use serde_json::json;
+use support::{TandemServe, kinds_of, lifecycle_states};
+use tandem_events::EventKind;
+use tandem_events::lifecycle::RequestState;
+use tandem_events::log::embedded::EmbeddedLog;
+use tandem_events::log::{EventLog, LogMessage, StartAt};
+
+fn long_prompt() -> Vec<u32> {
+    (0..150).map(|t| 1000 + 7 * t).collect()
+}
+
+fn short_prompt() -> Vec<u32> {
+    (0..10).map(|t| 400 + t).collect()
+}
+
+/// Greedy completions of both prompts; returns (text, request id) for each.
+fn complete_both(server: &TandemServe) -> Vec<(String, String)> {
+    [long_prompt(), short_prompt()]
+        .into_iter()
+        .map(|prompt| {
+            let (status, body) = server.post_json(
+                "/v1/completions",
+                &json!({"model": "qwen3", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+            );
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["usage"]["completion_tokens"], 12);
+            let id = body["id"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("cmpl-")
+                .to_string();
+            (body["choices"][0]["text"].as_str().unwrap().to_string(), id)
+        })
+        .collect()
+}
+
+fn read_log(data_dir: &std::path::Path) -> Vec<LogMessage> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log = EmbeddedLog::open(data_dir).unwrap();
+        log.read(StartAt::Beginning, &[], 100_000).await.unwrap()
+    })
+}
+
+#[test]
+fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let aggregated_dir = dir.path().join("aggregated");
+    let aggregated = TandemServe::start(&aggregated_dir, &[]);
+    let expected = complete_both(&aggregated);
+    aggregated.stop();
+
+    let disaggregated_dir = dir.path().join("disaggregated");
+    let disaggregated = TandemServe::start(
+        &disaggregated_dir,
+        &["--prefill-workers", "1", "--max-local-prefill-tokens", "64"],
+    );
+    // The decode worker sends prompts away only once it has seen a live prefill worker.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let answers = complete_both(&disaggregated);
+    disaggregated.stop();
+
+    assert_eq!(
+        answers[0].0, expected[0].0,
+        "remote prefill gives the aggregated tokens"
+    );
+    assert_eq!(
+        answers[1].0, expected[1].0,
+        "local prefill gives the aggregated tokens"
+    );
+
+    let messages = read_log(&disaggregated_dir);
+    let long_kinds = kinds_of(&messages, &answers[0].1);
+    for kind in [
+        EventKind::PrefillQueued,
+        EventKind::PrefillStarted,
+        EventKind::PrefillDone,
+        EventKind::KvTransferred,
+        EventKind::DecodeStarted,
+        EventKind::Completed,
+    ] {
+        assert!(
+            long_kinds.contains(&kind),
+            "{kind:?} missing from {long_kinds:?}"
+        );
+    }
+    assert!(
+        !long_kinds.contains(&EventKind::PrefillLocal),
+        "{long_kinds:?}"
+    );
+    let short_kinds = kinds_of(&messages, &answers[1].1);
+    assert!(
+        short_kinds.contains(&EventKind::PrefillLocal),
+        "{short_kinds:?}"
+    );
+    assert!(
+        !short_kinds.contains(&EventKind::PrefillQueued),
+        "{short_kinds:?}"
+    );
+    let transferred = messages
+        .iter()
+        .filter_map(|m| m.event().ok())
+        .find_map(|e| match e.body() {
+            tandem_events::Body::KvTransferred(body) => Some(body.clone()),
+            _ => None,
+        })
+        .expect("a KvTransferred event");
+    assert_eq!(transferred.transport, "in_process");
+    assert_eq!(transferred.blocks, 150u32.div_ceil(16));
+    assert!(transferred.bytes > 0);
+    let states = lifecycle_states(&messages);
+    assert!(
+        states
+            .values()
+            .all(|state| *state == RequestState::Completed),
+        "{states:?}"
+    );
+}

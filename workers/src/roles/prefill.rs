@@ -1,0 +1,406 @@
+//! The prefill worker role: pulls `PrefillQueued` jobs from the shared prefill queue (one job to one worker),
+//! computes the prompt (its own prefix cache helps), samples the first token with the request's sampler, pushes the
+//! KV into the decode worker's reserved blocks through a [`KvTransport`], and appends `PrefillStarted`,
+//! `PrefillDone` and `KvTransferred`. Stateless: a job is acknowledged only once its KV is delivered, and marked in
+//! progress while it computes, so a worker that dies mid-job leaves it to another.
+//!
+//! The prompt is computed whole before its layers are sent: the CPU backend runs all layers of a chunk in one call,
+//! so streaming layers while later ones compute waits for a per-layer forward.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_events::Event;
+use tandem_events::log::{Delivery, EventLog, OutgoingMessage};
+use tandem_events::schema::{
+    Body, PrefillDone, PrefillQueued, PrefillStarted, WorkerJoined, WorkerLeft,
+};
+use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::engine::Engine;
+use crate::roles::{RoleError, engine_sampling, prefill_queue_consumer};
+use crate::sampling::Sampler;
+use crate::transfer::engine_io::export_layer;
+use crate::transfer::{KvTransport, OutgoingTransfer, TransferHeader};
+
+/// How a prefill worker runs.
+#[derive(Debug, Clone)]
+pub struct PrefillWorkerConfig {
+    pub worker_id: String,
+    pub model_name: String,
+    pub device: String,
+    /// [`crate::transfer::model_fingerprint`] of this worker's model.
+    pub model_fingerprint: u64,
+}
+
+/// A running prefill worker.
+pub struct PrefillWorker {
+    worker_id: String,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    log: Arc<dyn EventLog>,
+}
+
+/// The computed prompt, ready to send.
+struct Computed {
+    header: TransferHeader,
+    layers: Vec<Bytes>,
+    first_token_id: u32,
+    first_token_logprob: Option<f32>,
+    cached_tokens: u32,
+    compute_ns: u64,
+}
+
+struct ComputeJob {
+    request_id: String,
+    job: PrefillQueued,
+    trace_context: String,
+    reply: oneshot::Sender<Result<Computed, String>>,
+}
+
+impl PrefillWorker {
+    pub async fn start<T: KvTransport + 'static>(
+        config: PrefillWorkerConfig,
+        engine: Engine,
+        log: Arc<dyn EventLog>,
+        transport: Arc<T>,
+    ) -> Result<PrefillWorker, RoleError> {
+        tandem_events::subjects::check_token(&config.worker_id)
+            .map_err(|error| RoleError::Config(error.to_string()))?;
+        let queue = log.consumer(prefill_queue_consumer()).await?;
+        let heartbeats = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
+        let kv_layout = engine.kv_layout();
+        let joined = Event::new(
+            config.worker_id.clone(),
+            config.worker_id.clone(),
+            Body::WorkerJoined(WorkerJoined {
+                role: "prefill".into(),
+                transfer_endpoint: String::new(),
+                device: config.device.clone(),
+                model: config.model_name.clone(),
+                total_blocks: engine.config().num_blocks as u32,
+                block_size_tokens: kv_layout.block_size_tokens as u32,
+                max_batch_sequences: 1,
+            }),
+        );
+        log.append_event(&joined, 1).await?;
+        heartbeats
+            .put(&config.worker_id, Bytes::from_static(b"prefill"))
+            .await?;
+
+        let (compute_sender, compute_receiver) = std::sync::mpsc::channel::<ComputeJob>();
+        let fingerprint = config.model_fingerprint;
+        std::thread::Builder::new()
+            .name(format!("engine-{}", config.worker_id))
+            .spawn(move || run_compute(engine, fingerprint, compute_receiver))
+            .map_err(|error| {
+                RoleError::Config(format!("cannot start the engine thread: {error}"))
+            })?;
+
+        let (stop, stop_receiver) = watch::channel(false);
+        let worker = Worker {
+            config: config.clone(),
+            log: Arc::clone(&log),
+            transport,
+            compute: compute_sender,
+        };
+        let task = tokio::spawn(async move {
+            let mut stop_receiver = stop_receiver;
+            let mut since_beat = Duration::ZERO;
+            while !*stop_receiver.borrow() {
+                let fetched = tokio::select! {
+                    fetched = queue.fetch(1, Duration::from_millis(500)) => fetched,
+                    _ = stop_receiver.changed() => break,
+                };
+                match fetched {
+                    Ok(deliveries) => {
+                        for delivery in deliveries {
+                            worker.handle(delivery).await;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "fetching prefill jobs failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                since_beat += Duration::from_millis(500);
+                if since_beat >= WORKER_HEARTBEAT_TTL / 4 {
+                    since_beat = Duration::ZERO;
+                    if let Err(error) = heartbeats
+                        .put(&worker.config.worker_id, Bytes::from_static(b"prefill"))
+                        .await
+                    {
+                        tracing::warn!(%error, "heartbeat failed");
+                    }
+                }
+            }
+            let _ = heartbeats.delete(&worker.config.worker_id).await;
+        });
+        tracing::info!(worker_id = %config.worker_id, "prefill worker started");
+        Ok(PrefillWorker {
+            worker_id: config.worker_id,
+            stop,
+            task: Some(task),
+            log,
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Finishes the job in hand, then stops and appends `WorkerLeft`.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let left = Event::new(
+            self.worker_id.clone(),
+            self.worker_id.clone(),
+            Body::WorkerLeft(WorkerLeft {
+                reason: "shutdown".into(),
+            }),
+        );
+        if let Err(error) = self.log.append_event(&left, 1).await {
+            tracing::warn!(%error, "could not append WorkerLeft");
+        }
+    }
+}
+
+struct Worker<T> {
+    config: PrefillWorkerConfig,
+    log: Arc<dyn EventLog>,
+    transport: Arc<T>,
+    compute: std::sync::mpsc::Sender<ComputeJob>,
+}
+
+impl<T: KvTransport> Worker<T> {
+    async fn handle(&self, delivery: Delivery) {
+        let event = match delivery.message.event() {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(%error, sequence = delivery.message.sequence, "malformed prefill job");
+                let _ = delivery.term().await;
+                return;
+            }
+        };
+        let Body::PrefillQueued(job) = event.body().clone() else {
+            tracing::error!(kind = %event.kind(), "not a prefill job on the prefill queue");
+            let _ = delivery.term().await;
+            return;
+        };
+        let request_id = event.id().to_string();
+        let started = Event::new(
+            &request_id,
+            self.config.worker_id.clone(),
+            Body::PrefillStarted(PrefillStarted {
+                prefill_worker_id: self.config.worker_id.clone(),
+                delivery_attempt: delivery.delivery_attempt,
+            }),
+        )
+        .with_trace_from(&event);
+        if let Err(error) = self
+            .log
+            .append_event(&started, delivery.delivery_attempt)
+            .await
+        {
+            tracing::warn!(%error, %request_id, "could not append PrefillStarted; the job goes back");
+            let _ = delivery.nak(Some(Duration::from_millis(500))).await;
+            return;
+        }
+        let delivery = Arc::new(delivery);
+        let keep_alive = tokio::spawn(mark_in_progress(Arc::clone(&delivery)));
+        let outcome = self.compute_and_send(&request_id, job, &event).await;
+        keep_alive.abort();
+        match outcome {
+            Ok(messages) => {
+                if let Err(error) = self.log.append_batch(messages).await {
+                    tracing::error!(%error, %request_id, "could not record the prefill");
+                }
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(%error, %request_id, "could not ack the prefill job");
+                }
+            }
+            Err(JobFailure::Retry(reason)) => {
+                tracing::warn!(%request_id, %reason, "prefill job failed; it goes back to the queue");
+                let _ = delivery.nak(Some(Duration::from_millis(500))).await;
+            }
+            Err(JobFailure::GiveUp(reason)) => {
+                // The decode worker waits for this KV with a deadline and fails the request when it passes.
+                tracing::error!(%request_id, %reason, "prefill job cannot be done");
+                let _ = delivery.term().await;
+            }
+        }
+    }
+
+    async fn compute_and_send(
+        &self,
+        request_id: &str,
+        job: PrefillQueued,
+        event: &Event,
+    ) -> Result<Vec<OutgoingMessage>, JobFailure> {
+        let Some(destination) = job.kv_destination.clone() else {
+            return Err(JobFailure::GiveUp("the job has no KV destination".into()));
+        };
+        let trace_context = event
+            .envelope()
+            .trace
+            .as_ref()
+            .map(|trace| trace.traceparent.clone())
+            .unwrap_or_default();
+        let (reply, answer) = oneshot::channel();
+        self.compute
+            .send(ComputeJob {
+                request_id: request_id.to_string(),
+                job,
+                trace_context,
+                reply,
+            })
+            .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
+        let computed = answer
+            .await
+            .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
+            .map_err(JobFailure::GiveUp)?;
+
+        let mut outgoing = self
+            .transport
+            .connect(&destination.endpoint, computed.header.clone())
+            .await
+            .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+        for layer in computed.layers {
+            outgoing
+                .send_layer(layer)
+                .await
+                .map_err(|error| JobFailure::Retry(error.to_string()))?;
+        }
+        let report = outgoing
+            .finish(Some(computed.first_token_id))
+            .await
+            .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+
+        let done = Event::new(
+            request_id,
+            self.config.worker_id.clone(),
+            Body::PrefillDone(PrefillDone {
+                prefill_worker_id: self.config.worker_id.clone(),
+                first_token_id: computed.first_token_id,
+                compute_ns: computed.compute_ns,
+                cached_tokens: computed.cached_tokens,
+                first_token_logprob: computed.first_token_logprob,
+            }),
+        )
+        .with_trace_from(event);
+        let transferred = Event::new(
+            request_id,
+            self.config.worker_id.clone(),
+            Body::KvTransferred(
+                report.to_event(&self.config.worker_id, &destination.decode_worker_id),
+            ),
+        )
+        .with_trace_from(event);
+        let to_message = |event: &Event| {
+            OutgoingMessage::from_event(event, 1)
+                .map_err(|error| JobFailure::GiveUp(error.to_string()))
+        };
+        Ok(vec![to_message(&done)?, to_message(&transferred)?])
+    }
+}
+
+enum JobFailure {
+    /// Another try (here or on another worker) may succeed.
+    Retry(String),
+    /// No try can succeed (the destination refused this model or layout, or the job is malformed).
+    GiveUp(String),
+}
+
+fn classify(reason: String, refusal: crate::transfer::RefusalCode) -> JobFailure {
+    use crate::transfer::RefusalCode;
+    match refusal {
+        RefusalCode::ModelMismatch | RefusalCode::LayoutMismatch | RefusalCode::UnknownRequest => {
+            JobFailure::GiveUp(reason)
+        }
+        _ => JobFailure::Retry(reason),
+    }
+}
+
+async fn mark_in_progress(delivery: Arc<Delivery>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Err(error) = delivery.in_progress().await {
+            tracing::warn!(%error, "could not mark the prefill job in progress");
+        }
+    }
+}
+
+/// The engine thread: one prompt at a time, computed, first token sampled, layers exported, blocks released.
+fn run_compute(
+    mut engine: Engine,
+    model_fingerprint: u64,
+    jobs: std::sync::mpsc::Receiver<ComputeJob>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let result = compute(&mut engine, model_fingerprint, &job);
+        let _ = job.reply.send(result);
+    }
+}
+
+fn compute(
+    engine: &mut Engine,
+    model_fingerprint: u64,
+    job: &ComputeJob,
+) -> Result<Computed, String> {
+    let destination = job
+        .job
+        .kv_destination
+        .as_ref()
+        .ok_or("the job has no KV destination")?;
+    let started = Instant::now();
+    let sequence_id = engine
+        .add_sequence(&job.job.prompt_token_ids)
+        .map_err(|error| error.to_string())?;
+    let result = (|| {
+        let cached_tokens = engine
+            .cached_prompt_tokens(sequence_id)
+            .map_err(|e| e.to_string())? as u32;
+        let vocab_size = engine.model_config().vocab_size;
+        let logits = engine
+            .prefill(sequence_id)
+            .map_err(|error| error.to_string())?;
+        let last_row = logits[logits.len() - vocab_size..].to_vec();
+        let compute_ns = started.elapsed().as_nanos() as u64;
+        let sampling = job.job.sampling.clone().unwrap_or_default();
+        let mut sampler = Sampler::new(engine_sampling(&sampling, 1));
+        let first = sampler.sample(&last_row);
+        let header = TransferHeader::for_sequence(
+            engine,
+            sequence_id,
+            &job.request_id,
+            model_fingerprint,
+            destination.cached_tokens,
+            destination.block_ids.clone(),
+            &job.trace_context,
+        )
+        .map_err(|error| error.to_string())?;
+        let layers = (0..header.layout.num_layers)
+            .map(|layer| {
+                export_layer(engine, sequence_id, &header, layer).map_err(|error| error.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Computed {
+            header,
+            layers,
+            first_token_id: first.token_id,
+            first_token_logprob: first.logprobs.map(|logprobs| logprobs.logprob),
+            cached_tokens,
+            compute_ns,
+        })
+    })();
+    if let Err(error) = engine.remove_sequence(sequence_id) {
+        tracing::warn!(%error, "releasing a prefilled sequence failed");
+    }
+    result
+}
