@@ -468,6 +468,32 @@ async fn large_transfer_of_64_mib<T: Harness>() {
     assert_eq!(received.first_token_id, None);
 }
 
+async fn recycled_buffers_carry_later_transfers_exactly<T: Harness>() {
+    let transport = T::make(timeouts());
+    let receiver = transport.listen(&T::address("recycle")).await.unwrap();
+    // Larger, then smaller, then larger again: reused buffers must hold exactly the new bytes.
+    for (round, num_tokens) in [40u32, 12, 40, 33].into_iter().enumerate() {
+        let expected = expected(&format!("req-r{round}"), small_layout(), num_tokens, 0);
+        let header = header_for(&expected);
+        let layers = layers_for(&header, round as u32 + 20);
+        let pending = receiver.expect(expected, Duration::from_secs(10)).unwrap();
+        let (sent, received) = tokio::join!(
+            send_all(
+                &transport,
+                receiver.endpoint(),
+                header,
+                layers.clone(),
+                None
+            ),
+            pending.wait()
+        );
+        sent.unwrap();
+        let received = received.unwrap();
+        assert_eq!(received.layers, layers, "round {round}");
+        receiver.recycle(received);
+    }
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod tcp {
@@ -502,6 +528,7 @@ conformance!(
     receiver_fails_when_the_sender_disappears,
     concurrent_transfers_to_one_receiver,
     large_transfer_of_64_mib,
+    recycled_buffers_carry_later_transfers_exactly,
 );
 
 /// Reads one reply off a raw connection.

@@ -97,7 +97,7 @@ impl KvTransport for InProcessTransport {
             registry: Arc::clone(&self.registry),
             name: name.to_owned(),
         };
-        let core = ReceiverCore::new(endpoint);
+        let core = ReceiverCore::new(endpoint, 0);
         let task_core = Arc::clone(&core);
         let io_timeout = self.timeouts.io;
         let task = tokio::spawn(async move {

@@ -15,6 +15,7 @@
 //! mismatch is refused on both sides with the same message; every wait has a timeout.
 
 pub mod bench;
+mod buffer_pool;
 pub mod engine_io;
 mod in_process;
 mod receiver;

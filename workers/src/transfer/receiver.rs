@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::buffer_pool::BufferPool;
 use super::wire::{KvDtype, TransferHeader};
 use super::{TransferError, TransferReport, TransportKind};
 use crate::kv_cache::BlockId;
@@ -55,15 +56,28 @@ pub(crate) struct ReceiverCore {
     endpoint: String,
     expectations: Mutex<HashMap<String, Expectation>>,
     next_ticket: AtomicU64,
+    /// Receive buffers, for transports that read into memory of their own (TCP); `None` where the
+    /// sender's buffers are handed over (in process).
+    buffers: Option<BufferPool>,
 }
 
 impl ReceiverCore {
-    pub(crate) fn new(endpoint: String) -> Arc<Self> {
+    /// `pool_bytes`: how much receive memory to keep for reuse (0: none).
+    pub(crate) fn new(endpoint: String, pool_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             endpoint,
             expectations: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(0),
+            buffers: (pool_bytes > 0).then(|| BufferPool::new(pool_bytes)),
         })
+    }
+
+    /// An empty buffer with room for `len` bytes, reused when one is retained.
+    pub(crate) fn take_buffer(&self, len: usize) -> BytesMut {
+        match &self.buffers {
+            Some(pool) => pool.take(len),
+            None => BytesMut::with_capacity(len),
+        }
     }
 
     pub(crate) fn endpoint(&self) -> &str {
@@ -235,8 +249,20 @@ impl Session {
         bytes: Bytes,
         crc32: u32,
     ) -> Result<(), TransferError> {
-        self.check_frame(layer, bytes.len())?;
         let found = crc32fast::hash(&bytes);
+        self.accept_hashed_layer(layer, bytes, found, crc32)
+    }
+
+    /// [`Session::accept_layer`] for a transport that hashed the bytes as they arrived (`found`), while
+    /// they were still in cache.
+    pub(crate) fn accept_hashed_layer(
+        &mut self,
+        layer: u32,
+        bytes: Bytes,
+        found: u32,
+        crc32: u32,
+    ) -> Result<(), TransferError> {
+        self.check_frame(layer, bytes.len())?;
         if found != crc32 {
             return Err(TransferError::Checksum {
                 request_id: self.header.request_id.clone(),
@@ -354,6 +380,22 @@ impl KvReceiver {
             result,
             core: Arc::clone(&self.core),
         })
+    }
+}
+
+impl KvReceiver {
+    /// Gives a transfer's buffers back once its KV is copied into the engine, so the next transfer reads
+    /// into memory already faulted in (TCP; a no-op in process, where the sender's buffers arrive).
+    pub fn recycle(&self, received: ReceivedKv) {
+        let Some(pool) = &self.core.buffers else {
+            return;
+        };
+        for layer in received.layers {
+            // Only a buffer nobody else holds a view of can be written again.
+            if let Ok(buffer) = layer.try_into_mut() {
+                pool.give(buffer);
+            }
+        }
     }
 }
 

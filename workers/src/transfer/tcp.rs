@@ -26,7 +26,11 @@ use super::{
 
 /// Large enough that a layer chunk goes out in few syscalls, small enough to be nothing per connection.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Payload written (and hashed) this much at a time: fits in L2, so the hash leaves it cache-hot.
+const HASHED_PIECE_BYTES: usize = 256 << 10;
 const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Receive memory a listener keeps for reuse ([`KvReceiver::recycle`]): a few long prompts' worth.
+const RECEIVE_POOL_BYTES: usize = 256 << 20;
 /// How long a receiver that refused keeps reading (and discarding) so its refusal is read, not reset.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -64,7 +68,7 @@ impl KvTransport for TcpTransport {
                     endpoint: address.to_owned(),
                     detail: format!("no local address: {source}"),
                 })?;
-        let core = ReceiverCore::new(format!("tcp://{local}"));
+        let core = ReceiverCore::new(format!("tcp://{local}"), RECEIVE_POOL_BYTES);
         let timeouts = self.timeouts;
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&core), timeouts));
         tracing::info!(endpoint = %core.endpoint(), "KV transfer receiver listening");
@@ -124,7 +128,7 @@ async fn serve_connection(core: Arc<ReceiverCore>, stream: TcpStream, timeouts: 
         session.fail(error);
         return;
     }
-    match receive_layers(&mut reader, &mut session, timeouts.io).await {
+    match receive_layers(&core, &mut reader, &mut session, timeouts.io).await {
         Ok(first_token_id) => {
             let reply = match session.finish(first_token_id) {
                 Ok(()) => Reply::Ok,
@@ -154,6 +158,7 @@ async fn read_header(
 
 /// Reads frames until the end frame; returns its first token.
 async fn receive_layers(
+    core: &ReceiverCore,
     reader: &mut BufReader<OwnedReadHalf>,
     session: &mut Session,
     io_timeout: Duration,
@@ -187,26 +192,44 @@ async fn receive_layers(
         }
         // Length checked against the expected chunk before anything is allocated from it.
         session.check_frame(layer, len as usize)?;
-        let mut payload = Vec::with_capacity(len as usize);
-        let read = tokio::time::timeout(
-            limit,
-            (&mut *reader).take(len as u64).read_to_end(&mut payload),
-        )
+        let len = len as usize;
+        let mut payload = core.take_buffer(len);
+        // Hashed piece by piece as it arrives, while the bytes are still in cache.
+        let mut hasher = crc32fast::Hasher::new();
+        let read = tokio::time::timeout(limit, async {
+            while payload.len() < len {
+                let start = payload.len();
+                let left = (len - start) as u64;
+                if (&mut *reader).take(left).read_buf(&mut payload).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                hasher.update(&payload[start..]);
+            }
+            Ok(())
+        })
         .await;
         match read {
             Err(_) => return Err(TransferError::timeout(&request_id, waiting_for, limit)),
-            Ok(Err(source)) => return Err(io_error(&request_id, "reading a layer", source)),
-            Ok(Ok(n)) if n != len as usize => {
+            Ok(Err(source)) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(TransferError::Malformed {
                     context: format!("transfer {request_id}"),
-                    detail: format!("connection closed inside layer {layer} ({n} of {len} bytes)"),
+                    detail: format!(
+                        "connection closed inside layer {layer} ({} of {len} bytes)",
+                        payload.len()
+                    ),
                 });
             }
-            Ok(Ok(_)) => {}
+            Ok(Err(source)) => return Err(io_error(&request_id, "reading a layer", source)),
+            Ok(Ok(())) => {}
         }
         let mut crc = [0u8; 4];
         read_exact(reader, &mut crc, limit, &request_id, &waiting_for).await?;
-        session.accept_layer(layer, Bytes::from(payload), u32::from_le_bytes(crc))?;
+        session.accept_hashed_layer(
+            layer,
+            payload.freeze(),
+            hasher.finalize(),
+            u32::from_le_bytes(crc),
+        )?;
     }
 }
 
@@ -418,23 +441,12 @@ impl TcpOutgoing {
         }
     }
 
-    fn local_error(&self, detail: String) -> TransferError {
-        TransferError::Malformed {
-            context: format!("sending transfer {}", self.header.request_id),
-            detail,
-        }
-    }
-}
-
-impl OutgoingTransfer for TcpOutgoing {
-    fn header(&self) -> &TransferHeader {
-        &self.header
-    }
-
-    async fn send_layer_with_crc32(
+    /// Writes one layer frame; hashes the payload piece by piece just before each piece goes to the socket
+    /// (cache-hot for the kernel's copy) unless the producer gave its crc32.
+    async fn write_layer(
         &mut self,
         bytes: Bytes,
-        crc32: u32,
+        given_crc32: Option<u32>,
     ) -> Result<(), TransferError> {
         let num_layers = self.header.layout.num_layers as u32;
         let expected = self.header.layer_chunk_bytes();
@@ -458,7 +470,23 @@ impl OutgoingTransfer for TcpOutgoing {
                 "sending a layer",
             )
             .await?;
-            write_all(&mut self.writer, &bytes, io, &request_id, "sending a layer").await?;
+            // The payload goes straight to the socket: through the buffer it would be copied once more.
+            flush(&mut self.writer, io, &request_id).await?;
+            let mut hasher = crc32fast::Hasher::new();
+            for piece in bytes.chunks(HASHED_PIECE_BYTES) {
+                if given_crc32.is_none() {
+                    hasher.update(piece);
+                }
+                write_all(
+                    self.writer.get_mut(),
+                    piece,
+                    io,
+                    &request_id,
+                    "sending a layer",
+                )
+                .await?;
+            }
+            let crc32 = given_crc32.unwrap_or_else(|| hasher.finalize());
             write_all(
                 &mut self.writer,
                 &crc32.to_le_bytes(),
@@ -476,6 +504,31 @@ impl OutgoingTransfer for TcpOutgoing {
         }
         self.next_layer += 1;
         Ok(())
+    }
+
+    fn local_error(&self, detail: String) -> TransferError {
+        TransferError::Malformed {
+            context: format!("sending transfer {}", self.header.request_id),
+            detail,
+        }
+    }
+}
+
+impl OutgoingTransfer for TcpOutgoing {
+    fn header(&self) -> &TransferHeader {
+        &self.header
+    }
+
+    async fn send_layer_with_crc32(
+        &mut self,
+        bytes: Bytes,
+        crc32: u32,
+    ) -> Result<(), TransferError> {
+        self.write_layer(bytes, Some(crc32)).await
+    }
+
+    async fn send_layer(&mut self, bytes: Bytes) -> Result<(), TransferError> {
+        self.write_layer(bytes, None).await
     }
 
     async fn finish(
