@@ -143,6 +143,9 @@ pub struct DecodeArgs {
     /// this address, so give one that prefill workers can reach.
     #[arg(long, env = "TANDEM_KV_LISTEN", default_value = "127.0.0.1:0")]
     kv_listen: String,
+    /// This worker's id (letters, digits, '-', '_'); a fresh one when absent. In Kubernetes, the pod name.
+    #[arg(long, env = "TANDEM_WORKER_ID")]
+    worker_id: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -151,6 +154,9 @@ pub struct PrefillArgs {
     log: LogArgs,
     #[command(flatten)]
     model: ModelArgs,
+    /// This worker's id (letters, digits, '-', '_'); a fresh one when absent. In Kubernetes, the pod name.
+    #[arg(long, env = "TANDEM_WORKER_ID")]
+    worker_id: Option<String>,
 }
 
 /// The log and the token bus the roles of this process share.
@@ -298,6 +304,7 @@ async fn start_decode_workers(
     backbone: &Backbone,
     receivers: KvReceivers<'_>,
     rule: &PrefillRuleArgs,
+    worker_id: Option<&str>,
 ) -> Result<Vec<DecodeWorker>> {
     let tokenizer_path = tokenizer_dir(args)?.join("tokenizer.json");
     let model_fingerprint = fingerprint(args)?;
@@ -306,7 +313,10 @@ async fn start_decode_workers(
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|error| anyhow::anyhow!("loading {}: {error}", tokenizer_path.display()))?;
         let engine = engine(args)?;
-        let worker_id = format!("decode-{}", ulid::Ulid::new());
+        let worker_id = match (worker_id, count) {
+            (Some(id), 1) => id.to_string(),
+            _ => format!("decode-{}", ulid::Ulid::new()),
+        };
         let receiver = match &receivers {
             KvReceivers::None => None,
             KvReceivers::InProcess(transport) => Some(transport.listen(&worker_id).await?),
@@ -350,12 +360,16 @@ async fn start_prefill_workers<T: KvTransport + 'static>(
     count: usize,
     backbone: &Backbone,
     transport: Arc<T>,
+    worker_id: Option<&str>,
 ) -> Result<Vec<PrefillWorker>> {
     let model_fingerprint = fingerprint(args)?;
     let mut workers = Vec::with_capacity(count);
     for _ in 0..count {
         let config = PrefillWorkerConfig {
-            worker_id: format!("prefill-{}", ulid::Ulid::new()),
+            worker_id: match (worker_id, count) {
+                (Some(id), 1) => id.to_string(),
+                _ => format!("prefill-{}", ulid::Ulid::new()),
+            },
             model_name: args.served_model_name.clone(),
             device: args.device.clone(),
             model_fingerprint,
@@ -499,6 +513,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             args.prefill_workers,
             &backbone,
             Arc::clone(&transport),
+            None,
         )
         .await?;
         let workers = start_decode_workers(
@@ -507,6 +522,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             &backbone,
             receivers,
             &args.prefill_rule,
+            None,
         )
         .await?;
         let router = start_router(&backbone, stop.clone());
@@ -573,8 +589,15 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
         let receivers = KvReceivers::Tcp {
             listen: &args.kv_listen,
         };
-        let workers =
-            start_decode_workers(&args.model, 1, &backbone, receivers, &args.prefill_rule).await?;
+        let workers = start_decode_workers(
+            &args.model,
+            1,
+            &backbone,
+            receivers,
+            &args.prefill_rule,
+            args.worker_id.as_deref(),
+        )
+        .await?;
         shutdown_signal().await;
         for worker in workers {
             worker.shutdown().await;
@@ -588,7 +611,14 @@ pub fn prefill(args: PrefillArgs) -> Result<()> {
     runtime()?.block_on(async {
         let backbone = open_backbone(&args.log, true).await?;
         let transport = Arc::new(TcpTransport::new(TransferTimeouts::default()));
-        let workers = start_prefill_workers(&args.model, 1, &backbone, transport).await?;
+        let workers = start_prefill_workers(
+            &args.model,
+            1,
+            &backbone,
+            transport,
+            args.worker_id.as_deref(),
+        )
+        .await?;
         shutdown_signal().await;
         for worker in workers {
             worker.shutdown().await;

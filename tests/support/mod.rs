@@ -255,3 +255,89 @@ pub fn kinds_of(
         .map(|event| event.kind())
         .collect()
 }
+
+/// A `tandem` process running one role (`gateway`, `scheduler`, `prefill`, `decode`); killed on drop.
+pub struct TandemRole {
+    child: Option<Child>,
+    pub name: String,
+    log_path: PathBuf,
+}
+
+impl TandemRole {
+    pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> TandemRole {
+        let log_path = log_dir.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log_path).expect("role log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("tandem binary starts");
+        TandemRole {
+            child: Some(child),
+            name: name.to_string(),
+            log_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process dies with whatever it holds.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("wait");
+        }
+    }
+
+    /// SIGINT and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.success(),
+                        "{} exited with {status}; log:\n{}",
+                        self.name,
+                        self.log()
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            panic!(
+                "{} did not stop after SIGINT; log:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for TandemRole {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `GET path` on `port` answers 200.
+pub fn wait_ready(port: u16, path: &str, what: &str) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        if let Ok((200, _)) = request(port, "GET", path, None) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} never became ready");
+}

@@ -25,7 +25,7 @@ use crate::engine::Engine;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
 use crate::roles::prefill_rule::PrefillRule;
 use crate::roles::{RoleError, prefill_queue_consumer};
-use crate::transfer::{ExpectedTransfer, KvReceiver};
+use crate::transfer::{ExpectedTransfer, KvReceiver, RefusalCode, TransferError};
 
 /// How a decode worker runs.
 #[derive(Debug, Clone)]
@@ -483,33 +483,50 @@ struct KvWaits {
 }
 
 impl KvWaits {
+    /// Awaits the transfer for `expected`. A transfer that breaks off (its prefill worker died or sent garbage) is
+    /// awaited again until the deadline, since the prefill queue redelivers the job to another worker.
     fn start(&self, expected: ExpectedTransfer) {
-        let request_id = expected.request_id.clone();
+        let receiver = Arc::clone(&self.receiver);
         let commands = self.commands.clone();
-        match self.receiver.expect(expected, self.timeout) {
-            Ok(pending) => {
-                tokio::spawn(async move {
-                    let command = match pending.wait().await {
-                        Ok(received) => BatchCommand::KvArrived {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        tokio::spawn(async move {
+            let request_id = expected.request_id.clone();
+            let command = loop {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let outcome = match receiver.expect(expected.clone(), remaining) {
+                    Ok(pending) => pending.wait().await,
+                    Err(error) => Err(error),
+                };
+                match outcome {
+                    Ok(received) => {
+                        break BatchCommand::KvArrived {
                             request_id,
                             received,
-                        },
-                        Err(error) => BatchCommand::KvFailed {
+                        };
+                    }
+                    Err(error) if broke_off(&error) && tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(%error, %request_id, "KV transfer broke off; waiting for a retry");
+                    }
+                    Err(error) => {
+                        break BatchCommand::KvFailed {
                             request_id,
                             reason: error.to_string(),
-                        },
-                    };
-                    let _ = commands.send(command);
-                });
-            }
-            Err(error) => {
-                let _ = commands.send(BatchCommand::KvFailed {
-                    request_id,
-                    reason: error.to_string(),
-                });
-            }
-        }
+                        };
+                    }
+                }
+            };
+            let _ = commands.send(command);
+        });
     }
+}
+
+/// A transfer that failed on the way (broken off, corrupt, stalled) rather than refused for a mismatch: another
+/// try may succeed while the deadline lasts.
+fn broke_off(error: &TransferError) -> bool {
+    matches!(
+        error.refusal_code(),
+        RefusalCode::Malformed | RefusalCode::Checksum | RefusalCode::Timeout
+    )
 }
 
 /// Keeps the prefill queue's depth fresh for the prefill rule. With no prefill worker alive the queue counts as
