@@ -137,7 +137,8 @@ pub async fn run(options: KvTransferBenchOptions) -> Result<KvTransferBenchRepor
         io: Duration::from_secs(30),
         ack: Duration::from_secs(30),
     };
-    let tcp = TcpTransport::new(timeouts);
+    // Room for one whole transfer, as a decode worker would size it for the KV it receives at once.
+    let tcp = TcpTransport::new(timeouts).with_receive_pool_bytes(transfer_bytes);
     let tcp_receiver = tcp.listen("127.0.0.1:0").await?;
     let in_process = InProcessTransport::new(timeouts);
     let in_process_receiver = in_process.listen("kv-transfer-bench").await?;

@@ -29,20 +29,37 @@ const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Payload written (and hashed) this much at a time: fits in L2, so the hash leaves it cache-hot.
 const HASHED_PIECE_BYTES: usize = 256 << 10;
 const READ_BUFFER_BYTES: usize = 256 << 10;
-/// Receive memory a listener keeps for reuse ([`KvReceiver::recycle`]): a few long prompts' worth.
-const RECEIVE_POOL_BYTES: usize = 256 << 20;
+/// Receive memory a listener keeps for reuse unless told otherwise: a few long prompts' worth.
+const DEFAULT_RECEIVE_POOL_BYTES: usize = 256 << 20;
 /// How long a receiver that refused keeps reading (and discarding) so its refusal is read, not reset.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// KV transfers over TCP; endpoints are `tcp://host:port`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TcpTransport {
     timeouts: TransferTimeouts,
+    receive_pool_bytes: usize,
+}
+
+impl Default for TcpTransport {
+    fn default() -> Self {
+        Self::new(TransferTimeouts::default())
+    }
 }
 
 impl TcpTransport {
     pub fn new(timeouts: TransferTimeouts) -> Self {
-        Self { timeouts }
+        Self {
+            timeouts,
+            receive_pool_bytes: DEFAULT_RECEIVE_POOL_BYTES,
+        }
+    }
+
+    /// How much receive memory each listener keeps for reuse ([`KvReceiver::recycle`]); size it to the
+    /// KV a decode worker receives at once. Transfers beyond it read into fresh memory, about half as fast.
+    pub fn with_receive_pool_bytes(mut self, receive_pool_bytes: usize) -> Self {
+        self.receive_pool_bytes = receive_pool_bytes;
+        self
     }
 }
 
@@ -68,7 +85,7 @@ impl KvTransport for TcpTransport {
                     endpoint: address.to_owned(),
                     detail: format!("no local address: {source}"),
                 })?;
-        let core = ReceiverCore::new(format!("tcp://{local}"), RECEIVE_POOL_BYTES);
+        let core = ReceiverCore::new(format!("tcp://{local}"), self.receive_pool_bytes);
         let timeouts = self.timeouts;
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&core), timeouts));
         tracing::info!(endpoint = %core.endpoint(), "KV transfer receiver listening");
