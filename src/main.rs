@@ -1,6 +1,7 @@
 //! The `tandem` binary: one CLI dispatching to every role (DESIGN.md §7).
 
 mod bench_log;
+mod bench_pd;
 mod generate;
 mod roles;
 
@@ -49,6 +50,10 @@ enum BenchCommand {
     Log(bench_log::BenchLogArgs),
     /// Engine prefill and decode throughput.
     Engine(generate::BenchEngineArgs),
+    /// KV transfer throughput (TCP loopback and in-process) against memcpy and raw-socket ceilings.
+    KvTransfer(bench_pd::KvTransferArgs),
+    /// Time to first token, aggregated vs disaggregated prefill, at a few prompt lengths.
+    Ttft(bench_pd::TtftArgs),
 }
 
 fn not_built(role: &str, issue: &str) -> ExitCode {
@@ -75,6 +80,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Log(args)) => bench_log::run(args),
         Command::Bench(BenchCommand::Engine(args)) => generate::bench_engine(args),
+        Command::Bench(BenchCommand::KvTransfer(args)) => bench_pd::kv_transfer(args),
+        Command::Bench(BenchCommand::Ttft(args)) => bench_pd::ttft_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

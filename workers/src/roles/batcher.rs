@@ -152,8 +152,13 @@ pub fn run_batcher(
         if idle && batcher.draining {
             return;
         }
-        // Idle: block for work. Busy: take whatever arrived, without waiting.
-        let first = if idle {
+        // Nothing to compute (idle, or every request waits for its KV): block for a command rather than spin, so
+        // the cores go to whoever computes (a prefill worker in this process). Busy: take what arrived, no wait.
+        let nothing_to_compute = batcher
+            .running
+            .iter()
+            .all(|run| matches!(run.phase, Phase::AwaitingKv));
+        let first = if nothing_to_compute {
             match commands.recv_timeout(Duration::from_millis(200)) {
                 Ok(command) => Some(command),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
