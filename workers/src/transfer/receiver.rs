@@ -33,6 +33,8 @@ pub struct ExpectedTransfer {
 }
 
 /// A transfer that arrived whole and verified: per layer, that layer's part of every destination block.
+/// Dropping it (once the KV is copied into the engine) gives its buffers back to the receiver that read
+/// them, so the next transfer reads into memory already faulted in.
 #[derive(Debug)]
 pub struct ReceivedKv {
     pub header: TransferHeader,
@@ -40,6 +42,34 @@ pub struct ReceivedKv {
     pub layers: Vec<Bytes>,
     pub first_token_id: Option<u32>,
     pub report: TransferReport,
+    buffers: PoolHandle,
+}
+
+/// Where a [`ReceivedKv`]'s buffers go back to (none in process, where the sender's buffers arrive).
+struct PoolHandle(Option<Arc<BufferPool>>);
+
+impl std::fmt::Debug for PoolHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "pooled"
+        } else {
+            "unpooled"
+        })
+    }
+}
+
+impl Drop for ReceivedKv {
+    fn drop(&mut self) {
+        let Some(pool) = self.buffers.0.take() else {
+            return;
+        };
+        for layer in self.layers.drain(..) {
+            // Only a buffer nobody else holds a view of can be written again.
+            if let Ok(buffer) = layer.try_into_mut() {
+                pool.give(buffer);
+            }
+        }
+    }
 }
 
 type Completion = oneshot::Sender<Result<ReceivedKv, TransferError>>;
@@ -58,7 +88,7 @@ pub(crate) struct ReceiverCore {
     next_ticket: AtomicU64,
     /// Receive buffers, for transports that read into memory of their own (TCP); `None` where the
     /// sender's buffers are handed over (in process).
-    buffers: Option<BufferPool>,
+    buffers: Option<Arc<BufferPool>>,
 }
 
 impl ReceiverCore {
@@ -68,7 +98,7 @@ impl ReceiverCore {
             endpoint,
             expectations: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(0),
-            buffers: (pool_bytes > 0).then(|| BufferPool::new(pool_bytes)),
+            buffers: (pool_bytes > 0).then(|| Arc::new(BufferPool::new(pool_bytes))),
         })
     }
 
@@ -162,6 +192,7 @@ impl ReceiverCore {
             return Err(refusal);
         }
         Ok(Session {
+            buffers: self.buffers.clone(),
             layers: Vec::with_capacity(header.layout.num_layers),
             header,
             completion: expectation.completion,
@@ -203,6 +234,7 @@ fn abbreviate(ids: &[BlockId]) -> String {
 
 /// One accepted transfer on the receiving side: takes layers in order, verifies each.
 pub(crate) struct Session {
+    buffers: Option<Arc<BufferPool>>,
     header: TransferHeader,
     layers: Vec<Bytes>,
     completion: Completion,
@@ -300,6 +332,7 @@ impl Session {
             layers: self.layers,
             first_token_id,
             report,
+            buffers: PoolHandle(self.buffers),
         };
         self.completion
             .send(Ok(received))
@@ -384,18 +417,10 @@ impl KvReceiver {
 }
 
 impl KvReceiver {
-    /// Gives a transfer's buffers back once its KV is copied into the engine, so the next transfer reads
-    /// into memory already faulted in (TCP; a no-op in process, where the sender's buffers arrive).
+    /// Gives a transfer's buffers back once its KV is copied into the engine: the same as dropping it,
+    /// spelled out where the reuse matters.
     pub fn recycle(&self, received: ReceivedKv) {
-        let Some(pool) = &self.core.buffers else {
-            return;
-        };
-        for layer in received.layers {
-            // Only a buffer nobody else holds a view of can be written again.
-            if let Ok(buffer) = layer.try_into_mut() {
-                pool.give(buffer);
-            }
-        }
+        drop(received);
     }
 }
 
