@@ -10,6 +10,8 @@ pub const EVENT_PREFIX: &str = "tandem.ev";
 pub const ALL_EVENTS: &str = "tandem.ev.>";
 /// The key-value bucket where workers keep their heartbeats (key: worker id, value: role, `decode` or `prefill`).
 pub const WORKERS_BUCKET: &str = "tandem-workers";
+/// The key-value bucket of settings changeable at run time (no expiry), e.g. `max_local_prefill_tokens`.
+pub const SETTINGS_BUCKET: &str = "tandem-settings";
 /// A worker whose last heartbeat is older than this is gone from the bucket.
 pub const WORKER_HEARTBEAT_TTL: std::time::Duration = std::time::Duration::from_secs(4);
 

@@ -417,6 +417,21 @@ async fn kv_with_expiry(harness: Box<dyn Harness>) {
     }
     assert!(expired, "entry outlived the bucket's ttl");
     assert!(bucket.keys().await.unwrap().is_empty());
+    // A zero ttl keeps entries until deleted (settings).
+    let settings = log.kv_bucket("settings", Duration::ZERO).await.unwrap();
+    settings
+        .put("max_local_prefill_tokens", Bytes::from_static(b"2000"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        settings
+            .get("max_local_prefill_tokens")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"2000"[..])
+    );
 }
 
 async fn restart_survival(mut harness: Box<dyn Harness>) {

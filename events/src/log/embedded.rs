@@ -1017,7 +1017,12 @@ struct EmbeddedKv {
 #[async_trait]
 impl KvBucket for EmbeddedKv {
     async fn put(&self, key: &str, value: Bytes) -> Result<(), LogError> {
-        let expires_at_ns = now_ns().saturating_add(self.ttl_ns);
+        // A zero time-to-live means entries never expire, as JetStream's `max_age` of zero does.
+        let expires_at_ns = if self.ttl_ns == 0 {
+            u64::MAX
+        } else {
+            now_ns().saturating_add(self.ttl_ns)
+        };
         let (bucket, key) = (self.bucket.clone(), key.to_string());
         self.inner
             .write(|reply| WriteOp::KvPut {

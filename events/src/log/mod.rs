@@ -244,7 +244,7 @@ pub trait EventLog: Send + Sync {
     /// Creates the durable consumer, or binds to it when it exists (set-up is idempotent).
     async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, LogError>;
 
-    /// Creates the bucket, or binds to it when it exists.
+    /// Creates the bucket, or binds to it when it exists. A zero `ttl` keeps entries until they are deleted.
     async fn kv_bucket(&self, name: &str, ttl: Duration) -> Result<Box<dyn KvBucket>, LogError>;
 
     /// Appends an event to its subject with the dedup id of its `occurrence`-th instance.

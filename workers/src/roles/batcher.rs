@@ -23,7 +23,7 @@ use crate::engine::{Engine, SequenceId};
 use crate::error::EngineError;
 use crate::roles::detokenizer::IncrementalDetokenizer;
 use crate::roles::engine_sampling;
-use crate::roles::prefill_rule::PrefillRule;
+use crate::roles::prefill_rule::{PrefillRule, SharedPrefillRule};
 use crate::roles::stop::StopMatcher;
 use crate::sampling::{SampledToken, Sampler, TokenLogprobs};
 use crate::transfer::engine_io::import_received;
@@ -94,7 +94,7 @@ pub struct BatcherConfig {
     /// Context length of the model: prompt + generated tokens never exceed it.
     pub max_model_len_tokens: usize,
     /// Where prompts are prefilled; remote only when prefill workers can reach this worker (`kv_endpoint`).
-    pub prefill_rule: PrefillRule,
+    pub prefill_rule: Arc<SharedPrefillRule>,
     /// The transfer endpoint prefill workers write into, when this worker takes remote prefills.
     pub kv_endpoint: Option<String>,
     pub model_fingerprint: u64,
@@ -283,7 +283,7 @@ impl Batcher<'_> {
         let prompt_tokens = job.prompt_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
         let rule = match self.config.kv_endpoint {
-            Some(_) => self.config.prefill_rule,
+            Some(_) => self.config.prefill_rule.get(),
             None => PrefillRule::local_only(),
         };
         let queue_depth = self.config.prefill_queue_depth.load(Ordering::Relaxed);

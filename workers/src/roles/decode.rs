@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
 use tandem_events::schema::{Body, Failed, WorkerJoined, WorkerLeft};
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tandem_events::subjects::{SETTINGS_BUCKET, WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::TokenBus;
 use tandem_events::{Event, EventKind, subjects};
 use tokenizers::Tokenizer;
@@ -23,7 +23,9 @@ use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
-use crate::roles::prefill_rule::PrefillRule;
+use crate::roles::prefill_rule::{
+    MAX_LOCAL_PREFILL_TOKENS_KEY, MAX_PREFILL_QUEUE_DEPTH_KEY, PrefillRule, SharedPrefillRule,
+};
 use crate::roles::{RoleError, prefill_queue_consumer};
 use crate::transfer::{ExpectedTransfer, KvReceiver, RefusalCode, TransferError};
 
@@ -142,21 +144,27 @@ impl DecodeWorker {
 
         let (stop_intake, stop_receiver) = watch::channel(false);
         let prefill_queue_depth = Arc::new(AtomicU32::new(0));
+        let prefill_rule = Arc::new(SharedPrefillRule::new(
+            remote_prefill
+                .as_ref()
+                .map_or(PrefillRule::local_only(), |remote| remote.rule),
+        ));
         let mut depth_task = None;
         if remote_prefill.is_some() {
             let prefill_queue = log.consumer(prefill_queue_consumer()).await?;
             let workers = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
+            let settings = log.kv_bucket(SETTINGS_BUCKET, Duration::ZERO).await?;
             depth_task = Some(tokio::spawn(track_prefill_queue_depth(
                 prefill_queue,
                 workers,
+                settings,
                 Arc::clone(&prefill_queue_depth),
+                Arc::clone(&prefill_rule),
                 stop_receiver.clone(),
             )));
         }
         let batcher_config = BatcherConfig {
-            prefill_rule: remote_prefill
-                .as_ref()
-                .map_or(PrefillRule::local_only(), |remote| remote.rule),
+            prefill_rule: Arc::clone(&prefill_rule),
             kv_endpoint: remote_prefill
                 .as_ref()
                 .map(|remote| remote.receiver.endpoint().to_string()),
@@ -529,15 +537,25 @@ fn broke_off(error: &TransferError) -> bool {
     )
 }
 
-/// Keeps the prefill queue's depth fresh for the prefill rule. With no prefill worker alive the queue counts as
+/// Keeps the prefill queue's depth and the rule's settings fresh for the prefill rule. With no prefill worker alive the queue counts as
 /// full, so prompts are prefilled here rather than wait for a worker that is not there.
 async fn track_prefill_queue_depth(
     prefill_queue: Box<dyn tandem_events::log::Consumer>,
     workers: Box<dyn tandem_events::log::KvBucket>,
+    settings: Box<dyn tandem_events::log::KvBucket>,
     depth: Arc<AtomicU32>,
+    rule: Arc<SharedPrefillRule>,
     mut stop: watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
+        // The rule's knobs can be changed while running, in the settings bucket (e.g. with the nats CLI).
+        for key in [MAX_LOCAL_PREFILL_TOKENS_KEY, MAX_PREFILL_QUEUE_DEPTH_KEY] {
+            if let Ok(Some(value)) = settings.get(key).await
+                && !rule.apply_setting(key, &value)
+            {
+                tracing::warn!(key, "ignoring a setting that is not a number");
+            }
+        }
         let mut prefill_alive = false;
         for worker_id in workers.keys().await.unwrap_or_default() {
             if workers.get(&worker_id).await.ok().flatten().as_deref() == Some(b"prefill") {

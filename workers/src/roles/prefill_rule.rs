@@ -2,7 +2,14 @@
 //! longer than a threshold and the prefill queue is not too deep; otherwise prefill locally. A plain function of
 //! plain data; its inputs and outcome go into the `PrefillLocal` / `PrefillQueued` event.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use tandem_events::schema::PrefillDecision;
+
+/// Settings-bucket key of [`PrefillRule::max_local_prefill_tokens`].
+pub const MAX_LOCAL_PREFILL_TOKENS_KEY: &str = "max_local_prefill_tokens";
+/// Settings-bucket key of [`PrefillRule::max_prefill_queue_depth`].
+pub const MAX_PREFILL_QUEUE_DEPTH_KEY: &str = "max_prefill_queue_depth";
 
 /// The rule's two knobs (both changeable at run time by whoever owns the value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +60,46 @@ impl PrefillRule {
     }
 }
 
+/// A rule that can change while the worker runs (from the settings bucket); read at every decision.
+#[derive(Debug)]
+pub struct SharedPrefillRule {
+    max_local_prefill_tokens: AtomicU32,
+    max_prefill_queue_depth: AtomicU32,
+}
+
+impl SharedPrefillRule {
+    pub fn new(rule: PrefillRule) -> SharedPrefillRule {
+        SharedPrefillRule {
+            max_local_prefill_tokens: AtomicU32::new(rule.max_local_prefill_tokens),
+            max_prefill_queue_depth: AtomicU32::new(rule.max_prefill_queue_depth),
+        }
+    }
+
+    pub fn get(&self) -> PrefillRule {
+        PrefillRule {
+            max_local_prefill_tokens: self.max_local_prefill_tokens.load(Ordering::Relaxed),
+            max_prefill_queue_depth: self.max_prefill_queue_depth.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Applies one setting (`key` = decimal value); returns whether it was a rule setting with a valid value.
+    pub fn apply_setting(&self, key: &str, value: &[u8]) -> bool {
+        let Some(value) = std::str::from_utf8(value)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        else {
+            return false;
+        };
+        let target = match key {
+            MAX_LOCAL_PREFILL_TOKENS_KEY => &self.max_local_prefill_tokens,
+            MAX_PREFILL_QUEUE_DEPTH_KEY => &self.max_prefill_queue_depth,
+            _ => return false,
+        };
+        target.store(value, Ordering::Relaxed);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +127,23 @@ mod tests {
                 max_prefill_queue_depth: 2,
             }
         );
+    }
+
+    #[test]
+    fn settings_change_the_shared_rule() {
+        let shared = SharedPrefillRule::new(PrefillRule::default());
+        assert!(shared.apply_setting(MAX_LOCAL_PREFILL_TOKENS_KEY, b"2000"));
+        assert!(shared.apply_setting(MAX_PREFILL_QUEUE_DEPTH_KEY, b" 5\n"));
+        assert!(!shared.apply_setting(MAX_PREFILL_QUEUE_DEPTH_KEY, b"many"));
+        assert!(!shared.apply_setting("unknown", b"1"));
+        assert_eq!(
+            shared.get(),
+            PrefillRule {
+                max_local_prefill_tokens: 2000,
+                max_prefill_queue_depth: 5
+            }
+        );
+        assert!(!shared.get().decide(1500, 0, 0).0);
     }
 
     #[test]
