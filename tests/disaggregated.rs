@@ -15,29 +15,34 @@ fn long_prompt() -> Vec<u32> {
     (0..150).map(|t| 1000 + 7 * t).collect()
 }
 
+/// A second long prompt, sharing no prefix with the first (a shared one would be prefix-cached, hence local).
+fn other_long_prompt() -> Vec<u32> {
+    (0..150).map(|t| 3000 + 11 * t).collect()
+}
+
 fn short_prompt() -> Vec<u32> {
     (0..10).map(|t| 400 + t).collect()
 }
 
-/// Greedy completions of both prompts; returns (text, request id) for each.
+/// Completions of both prompts (greedy), and of the long one sampled with a seed; (text, request id) for each.
 fn complete_both(server: &TandemServe) -> Vec<(String, String)> {
-    [long_prompt(), short_prompt()]
-        .into_iter()
-        .map(|prompt| {
-            let (status, body) = server.post_json(
-                "/v1/completions",
-                &json!({"model": "qwen3", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
-            );
-            assert_eq!(status, 200, "{body}");
-            assert_eq!(body["usage"]["completion_tokens"], 12);
-            let id = body["id"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("cmpl-")
-                .to_string();
-            (body["choices"][0]["text"].as_str().unwrap().to_string(), id)
-        })
-        .collect()
+    [
+        (long_prompt(), json!(0), json!(null)),
+        (short_prompt(), json!(0), json!(null)),
+        (other_long_prompt(), json!(2.0), json!(7)),
+    ]
+    .into_iter()
+    .map(|(prompt, temperature, seed)| {
+        let (status, body) = server.post_json(
+            "/v1/completions",
+            &json!({"model": "qwen3", "prompt": prompt, "max_tokens": 12, "temperature": temperature, "seed": seed}),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 12);
+        let id = body["id"].as_str().unwrap().trim_start_matches("cmpl-").to_string();
+        (body["choices"][0]["text"].as_str().unwrap().to_string(), id)
+    })
+    .collect()
 }
 
 fn read_log(data_dir: &std::path::Path) -> Vec<LogMessage> {
@@ -74,6 +79,10 @@ fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
         answers[1].0, expected[1].0,
         "local prefill gives the aggregated tokens"
     );
+    assert_eq!(
+        answers[2].0, expected[2].0,
+        "a seeded sampled request gives the same tokens whichever worker sampled the first one"
+    );
 
     let messages = read_log(&disaggregated_dir);
     let long_kinds = kinds_of(&messages, &answers[0].1);
@@ -93,6 +102,11 @@ fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
     assert!(
         !long_kinds.contains(&EventKind::PrefillLocal),
         "{long_kinds:?}"
+    );
+    let sampled_kinds = kinds_of(&messages, &answers[2].1);
+    assert!(
+        sampled_kinds.contains(&EventKind::PrefillQueued),
+        "{sampled_kinds:?}"
     );
     let short_kinds = kinds_of(&messages, &answers[1].1);
     assert!(

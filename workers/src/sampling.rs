@@ -82,6 +82,15 @@ impl Sampler {
         &self.params
     }
 
+    /// Accounts for a token sampled elsewhere with the same parameters and seed (the first token a prefill worker
+    /// sampled): advances the random stream as [`Sampler::sample`] would have, so the tokens after it match a run
+    /// where this sampler drew all of them.
+    pub fn skip_sample(&mut self) {
+        if self.params.temperature > 0.0 && self.params.top_k != 1 {
+            self.rng.next_f64();
+        }
+    }
+
     pub fn is_stop_token(&self, token_id: u32) -> bool {
         self.params.stop_token_ids.contains(&token_id)
     }

@@ -544,6 +544,7 @@ impl Batcher<'_> {
                     }),
                     run.job.routed_attempt,
                 );
+                self.running[index].sampler.skip_sample();
                 let sampled = SampledToken {
                     token_id: first_token,
                     logprobs: None,
