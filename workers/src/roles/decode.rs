@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
-use tandem_events::schema::{Body, Failed, WorkerJoined, WorkerLeft};
+use tandem_events::schema::{Body, Failed};
 use tandem_events::subjects::{SETTINGS_BUCKET, WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::TokenBus;
 use tandem_events::{Event, EventKind, subjects};
@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
+use crate::roles::membership::{self, Joining};
 use crate::roles::prefill_rule::{
     MAX_LOCAL_PREFILL_TOKENS_KEY, MAX_PREFILL_QUEUE_DEPTH_KEY, PrefillRule, SharedPrefillRule,
 };
@@ -121,26 +122,18 @@ impl DecodeWorker {
                 )
             })
             .await?;
-        let heartbeats = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
-
-        let kv_layout = engine.kv_layout();
-        let joined = Event::new(
-            config.worker_id.clone(),
-            config.worker_id.clone(),
-            Body::WorkerJoined(WorkerJoined {
-                role: "decode".into(),
-                transfer_endpoint: String::new(),
-                device: config.device.clone(),
-                model: config.model_name.clone(),
-                total_blocks: engine.config().num_blocks as u32,
-                block_size_tokens: kv_layout.block_size_tokens as u32,
-                max_batch_sequences: config.max_batch_sequences as u32,
-            }),
-        );
-        log.append_event(&joined, 1).await?;
-        heartbeats
-            .put(&config.worker_id, Bytes::from_static(b"decode"))
-            .await?;
+        let heartbeats = membership::join(
+            log.as_ref(),
+            Joining {
+                worker_id: &config.worker_id,
+                role: "decode",
+                device: &config.device,
+                model_name: &config.model_name,
+                max_batch_sequences: config.max_batch_sequences,
+            },
+            &engine,
+        )
+        .await?;
 
         let (stop_intake, stop_receiver) = watch::channel(false);
         let prefill_queue_depth = Arc::new(AtomicU32::new(0));
@@ -262,17 +255,8 @@ impl DecodeWorker {
         if let Some(output_task) = self.output_task.take() {
             let _ = output_task.await;
         }
-        let left = Event::new(
-            self.worker_id.clone(),
-            self.worker_id.clone(),
-            Body::WorkerLeft(WorkerLeft {
-                reason: "shutdown".into(),
-            }),
-        );
-        if let Err(error) = self.log.append_event(&left, 1).await {
-            tracing::warn!(%error, "could not append WorkerLeft");
-        }
-        tracing::info!(worker_id = %self.worker_id, "decode worker stopped");
+        // The heartbeat went with the keep-alive task.
+        membership::leave(self.log.as_ref(), None, &self.worker_id).await;
     }
 }
 

@@ -5,6 +5,7 @@
 mod batcher;
 pub mod decode;
 mod detokenizer;
+mod membership;
 pub mod prefill;
 pub mod prefill_rule;
 mod stop;

@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_events::Event;
 use tandem_events::log::{Delivery, EventLog, OutgoingMessage};
-use tandem_events::schema::{
-    Body, PrefillDone, PrefillQueued, PrefillStarted, WorkerJoined, WorkerLeft,
-};
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+use tandem_events::schema::{Body, PrefillDone, PrefillQueued, PrefillStarted};
+use tandem_events::subjects::WORKER_HEARTBEAT_TTL;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
+use crate::roles::membership::{self, Joining};
 use crate::roles::{RoleError, engine_sampling, prefill_queue_consumer};
 use crate::sampling::Sampler;
 use crate::transfer::engine_io::export_layer;
@@ -41,7 +40,6 @@ pub struct PrefillWorker {
     worker_id: String,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
-    log: Arc<dyn EventLog>,
 }
 
 /// The computed prompt, ready to send.
@@ -71,25 +69,18 @@ impl PrefillWorker {
         tandem_events::subjects::check_token(&config.worker_id)
             .map_err(|error| RoleError::Config(error.to_string()))?;
         let queue = log.consumer(prefill_queue_consumer()).await?;
-        let heartbeats = log.kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL).await?;
-        let kv_layout = engine.kv_layout();
-        let joined = Event::new(
-            config.worker_id.clone(),
-            config.worker_id.clone(),
-            Body::WorkerJoined(WorkerJoined {
-                role: "prefill".into(),
-                transfer_endpoint: String::new(),
-                device: config.device.clone(),
-                model: config.model_name.clone(),
-                total_blocks: engine.config().num_blocks as u32,
-                block_size_tokens: kv_layout.block_size_tokens as u32,
+        let heartbeats = membership::join(
+            log.as_ref(),
+            Joining {
+                worker_id: &config.worker_id,
+                role: "prefill",
+                device: &config.device,
+                model_name: &config.model_name,
                 max_batch_sequences: 1,
-            }),
-        );
-        log.append_event(&joined, 1).await?;
-        heartbeats
-            .put(&config.worker_id, Bytes::from_static(b"prefill"))
-            .await?;
+            },
+            &engine,
+        )
+        .await?;
 
         let (compute_sender, compute_receiver) = std::sync::mpsc::channel::<ComputeJob>();
         let fingerprint = config.model_fingerprint;
@@ -129,22 +120,22 @@ impl PrefillWorker {
                 since_beat += Duration::from_millis(500);
                 if since_beat >= WORKER_HEARTBEAT_TTL / 4 {
                     since_beat = Duration::ZERO;
-                    if let Err(error) = heartbeats
-                        .put(&worker.config.worker_id, Bytes::from_static(b"prefill"))
-                        .await
-                    {
-                        tracing::warn!(%error, "heartbeat failed");
-                    }
+                    membership::beat(heartbeats.as_ref(), &worker.config.worker_id, "prefill")
+                        .await;
                 }
             }
-            let _ = heartbeats.delete(&worker.config.worker_id).await;
+            membership::leave(
+                worker.log.as_ref(),
+                Some(heartbeats.as_ref()),
+                &worker.config.worker_id,
+            )
+            .await;
         });
         tracing::info!(worker_id = %config.worker_id, "prefill worker started");
         Ok(PrefillWorker {
             worker_id: config.worker_id,
             stop,
             task: Some(task),
-            log,
         })
     }
 
@@ -157,16 +148,6 @@ impl PrefillWorker {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
-        }
-        let left = Event::new(
-            self.worker_id.clone(),
-            self.worker_id.clone(),
-            Body::WorkerLeft(WorkerLeft {
-                reason: "shutdown".into(),
-            }),
-        );
-        if let Err(error) = self.log.append_event(&left, 1).await {
-            tracing::warn!(%error, "could not append WorkerLeft");
         }
     }
 }
