@@ -1,0 +1,106 @@
+//! The projector: a durable consumer of every event (`scheduler-projection`, `tandem.ev.>`) that applies each
+//! fetched batch to the projection in one transaction and acknowledges it only after the commit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_events::log::{ConsumerConfig, Delivery, EventLog};
+use tandem_events::subjects;
+use tokio::sync::watch;
+
+use super::{Projection, ProjectionError};
+
+/// The durable consumer of the projection: one projector per projection file.
+pub const PROJECTION_CONSUMER: &str = "scheduler-projection";
+/// Most messages fetched, applied and committed together.
+const MAX_BATCH_MESSAGES: usize = 256;
+/// How long a fetch waits for the first message before looking at `stop` again.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// Pause before retrying a batch whose transaction failed, or a fetch that failed.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Projects the log into the redb file at `db_path` until `stop` turns true.
+///
+/// A batch whose transaction fails is retried as it is, never skipped: a later message applied before it would
+/// raise the stored sequence past it and it would be dropped as a redelivery.
+pub async fn run_projector(
+    log: Arc<dyn EventLog>,
+    db_path: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ProjectionError> {
+    let mut projection = open_blocking(db_path.clone()).await?;
+    let consumer = log
+        .consumer(ConsumerConfig::new(
+            PROJECTION_CONSUMER,
+            vec![subjects::ALL_EVENTS.to_string()],
+        ))
+        .await?;
+    tracing::info!(path = %db_path.display(), last_applied = projection.last_applied()?, "projector started");
+    while !*stop.borrow() {
+        let fetched = tokio::select! {
+            fetched = consumer.fetch(MAX_BATCH_MESSAGES, FETCH_WAIT) => fetched,
+            _ = stop.changed() => break,
+        };
+        let mut deliveries = match fetched {
+            Ok(deliveries) => deliveries,
+            Err(error) => {
+                tracing::warn!(%error, "fetching events for the projection failed; retrying");
+                tokio::time::sleep(RETRY_DELAY).await;
+                continue;
+            }
+        };
+        if deliveries.is_empty() {
+            continue;
+        }
+        // Redeliveries may come out of order; sequences must be applied in order.
+        deliveries.sort_by_key(|delivery| delivery.message.sequence);
+        let mut messages: Vec<_> = deliveries.iter().map(|d| d.message.clone()).collect();
+        loop {
+            let (back, returned, result) = tokio::task::spawn_blocking(move || {
+                let result = projection.apply_batch(&messages);
+                (projection, messages, result)
+            })
+            .await
+            .map_err(|error| ProjectionError::Storage {
+                path: db_path.display().to_string(),
+                operation: "apply task",
+                reason: error.to_string(),
+            })?;
+            projection = back;
+            messages = returned;
+            let Err(error) = result else { break };
+            tracing::error!(%error, "applying a batch to the projection failed; retrying it");
+            if *stop.borrow() {
+                return Err(error);
+            }
+            // Keep the batch ours while it is retried, so it is not handed out again meanwhile.
+            keep_in_progress(&deliveries).await;
+            tokio::time::sleep(RETRY_DELAY).await;
+        }
+        // Acked only after the commit: a crash before here redelivers messages the stored sequence skips.
+        for delivery in &deliveries {
+            if let Err(error) = delivery.ack().await {
+                tracing::warn!(%error, sequence = delivery.message.sequence, "ack failed; the redelivery will be skipped");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn keep_in_progress(deliveries: &[Delivery]) {
+    for delivery in deliveries {
+        let _ = delivery.in_progress().await;
+    }
+}
+
+async fn open_blocking(path: PathBuf) -> Result<Projection, ProjectionError> {
+    let display = path.display().to_string();
+    tokio::task::spawn_blocking(move || Projection::open(&path))
+        .await
+        .map_err(|error| ProjectionError::Storage {
+            path: display,
+            operation: "open task",
+            reason: error.to_string(),
+        })?
+}
