@@ -126,6 +126,25 @@ impl Generation {
         self.tracker.next_index
     }
 
+    /// Everything until the end, for a non-streamed answer.
+    pub async fn collect(&mut self) -> Result<Progress, ApiError> {
+        let mut whole = Progress {
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish_reason: None,
+        };
+        while let Some(progress) = self.next().await? {
+            whole.token_ids.extend(progress.token_ids);
+            whole.text.push_str(&progress.text);
+            whole.logprobs.extend(progress.logprobs);
+            if progress.finish_reason.is_some() {
+                whole.finish_reason = progress.finish_reason;
+            }
+        }
+        Ok(whole)
+    }
+
     /// The next new tokens; `None` after the last. An error ends the request (the worker failed, the deadline
     /// passed, or the token stream closed).
     pub async fn next(&mut self) -> Result<Option<Progress>, ApiError> {

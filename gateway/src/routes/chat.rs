@@ -86,16 +86,12 @@ async fn handle(
 }
 
 async fn whole(request: GenerateRequest, mut generation: Generation) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    let mut finish_reason = None;
-    while let Some(progress) = generation.next().await? {
-        text.push_str(&progress.text);
-        logprobs.extend(progress.logprobs);
-        if progress.finish_reason.is_some() {
-            finish_reason = progress.finish_reason;
-        }
-    }
+    let Progress {
+        text,
+        logprobs,
+        finish_reason,
+        ..
+    } = generation.collect().await?;
     let (reasoning_content, content) = match request.reasoning {
         Some(start) => split_whole(start, &text),
         None => (None, text),
