@@ -17,8 +17,20 @@ pub const PROJECTION_CONSUMER: &str = "scheduler-projection";
 const MAX_BATCH_MESSAGES: usize = 256;
 /// How long a fetch waits for the first message before looking at `stop` again.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// A delivered message not acked within this comes again. Short, because a redelivery costs only a skipped
+/// message (its sequence is at or below the stored one), while a long wait would hold back messages whose acks a
+/// killed nats-server lost; a batch that is slow to commit is marked in progress when it is retried.
+const ACK_WAIT: Duration = Duration::from_secs(5);
 /// Pause before retrying a batch whose transaction failed, or a fetch that failed.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// The projector's durable consumer: every event, from the beginning of the log.
+pub fn consumer_config() -> ConsumerConfig {
+    let mut config =
+        ConsumerConfig::new(PROJECTION_CONSUMER, vec![subjects::ALL_EVENTS.to_string()]);
+    config.ack_wait = ACK_WAIT;
+    config
+}
 
 /// Projects the log into the redb file at `db_path` until `stop` turns true.
 ///
@@ -30,12 +42,7 @@ pub async fn run_projector(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ProjectionError> {
     let mut projection = open_blocking(db_path.clone()).await?;
-    let consumer = log
-        .consumer(ConsumerConfig::new(
-            PROJECTION_CONSUMER,
-            vec![subjects::ALL_EVENTS.to_string()],
-        ))
-        .await?;
+    let consumer = log.consumer(consumer_config()).await?;
     tracing::info!(path = %db_path.display(), last_applied = projection.last_applied()?, "projector started");
     while !*stop.borrow() {
         let fetched = tokio::select! {
