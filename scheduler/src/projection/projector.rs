@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_events::log::{ConsumerConfig, Delivery, EventLog};
+use tandem_events::log::{ConsumerConfig, Delivery, EventLog, LogError, LogMessage, StartAt};
 use tandem_events::subjects;
 use tokio::sync::watch;
 
@@ -34,8 +34,9 @@ pub fn consumer_config() -> ConsumerConfig {
 
 /// Projects the log into the redb file at `db_path` until `stop` turns true.
 ///
-/// A batch whose transaction fails is retried as it is, never skipped: a later message applied before it would
-/// raise the stored sequence past it and it would be dropped as a redelivery.
+/// Messages are applied in sequence order with none skipped (see [`messages_to_apply`]); a batch whose
+/// transaction fails is retried as it is, since a later message applied before it would raise the stored
+/// sequence past it and it would be dropped as a redelivery.
 pub async fn run_projector(
     log: Arc<dyn EventLog>,
     db_path: PathBuf,
@@ -49,7 +50,7 @@ pub async fn run_projector(
             fetched = consumer.fetch(MAX_BATCH_MESSAGES, FETCH_WAIT) => fetched,
             _ = stop.changed() => break,
         };
-        let mut deliveries = match fetched {
+        let deliveries = match fetched {
             Ok(deliveries) => deliveries,
             Err(error) => {
                 tracing::warn!(%error, "fetching events for the projection failed; retrying");
@@ -60,9 +61,17 @@ pub async fn run_projector(
         if deliveries.is_empty() {
             continue;
         }
-        // Redeliveries may come out of order; sequences must be applied in order.
-        deliveries.sort_by_key(|delivery| delivery.message.sequence);
-        let mut messages: Vec<_> = deliveries.iter().map(|d| d.message.clone()).collect();
+        let last_applied = projection.last_applied()?;
+        let mut messages = match messages_to_apply(log.as_ref(), last_applied, &deliveries).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "reading a gap of the log failed; retrying the batch");
+                for delivery in &deliveries {
+                    let _ = delivery.nak(Some(RETRY_DELAY)).await;
+                }
+                continue;
+            }
+        };
         loop {
             let (back, returned, result) = tokio::task::spawn_blocking(move || {
                 let result = projection.apply_batch(&messages);
@@ -95,6 +104,53 @@ pub async fn run_projector(
     Ok(())
 }
 
+/// The messages after `last_applied` up to the newest delivered one, in sequence order, with none missing.
+///
+/// Every message on the stream is an event and this consumer takes them all, so the sequences to apply are the
+/// dense run after the stored one. A fetch need not deliver that run: messages handed to a fetch that was
+/// cancelled, or lost on the way, come again only after the ack wait, while later ones are delivered at once.
+/// Applying those first would raise the stored sequence past the missing ones, which would then be skipped as
+/// redeliveries; so a gap is read from the log itself. (A run the log no longer holds, removed by retention,
+/// stays a gap.)
+async fn messages_to_apply(
+    log: &dyn EventLog,
+    last_applied: u64,
+    deliveries: &[Delivery],
+) -> Result<Vec<LogMessage>, LogError> {
+    let mut delivered: Vec<LogMessage> = deliveries
+        .iter()
+        .map(|delivery| delivery.message.clone())
+        .filter(|message| message.sequence > last_applied)
+        .collect();
+    delivered.sort_by_key(|message| message.sequence);
+    delivered.dedup_by_key(|message| message.sequence);
+    if is_dense_after(last_applied, &delivered) {
+        return Ok(delivered);
+    }
+    let Some(newest) = delivered.last().map(|message| message.sequence) else {
+        return Ok(delivered);
+    };
+    tracing::debug!(
+        last_applied,
+        newest,
+        "delivered events leave a gap; reading it from the log"
+    );
+    let wanted = usize::try_from(newest - last_applied).unwrap_or(usize::MAX);
+    let mut read = log
+        .read(StartAt::Sequence(last_applied + 1), &[], wanted)
+        .await?;
+    read.retain(|message| message.sequence <= newest);
+    Ok(read)
+}
+
+/// `messages` are exactly the sequences `last_applied + 1, last_applied + 2, ...`.
+fn is_dense_after(last_applied: u64, messages: &[LogMessage]) -> bool {
+    messages
+        .iter()
+        .zip(last_applied + 1..)
+        .all(|(message, expected)| message.sequence == expected)
+}
+
 async fn keep_in_progress(deliveries: &[Delivery]) {
     for delivery in deliveries {
         let _ = delivery.in_progress().await;
@@ -110,4 +166,29 @@ async fn open_blocking(path: PathBuf) -> Result<Projection, ProjectionError> {
             operation: "open task",
             reason: error.to_string(),
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn at(sequence: u64) -> LogMessage {
+        LogMessage {
+            sequence,
+            subject: "tandem.ev.received.r".into(),
+            stored_at_ns: 0,
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn only_a_run_right_after_the_stored_sequence_is_dense() {
+        assert!(is_dense_after(4, &[]));
+        assert!(is_dense_after(4, &[at(5), at(6), at(7)]));
+        assert!(!is_dense_after(4, &[at(6), at(7)]), "5 is missing");
+        assert!(!is_dense_after(4, &[at(5), at(7)]), "6 is missing");
+        assert!(!is_dense_after(0, &[at(2)]));
+    }
 }
