@@ -181,6 +181,9 @@ impl Projection {
 
     /// Applies messages in order in ONE transaction, with the last applied sequence stored in it; a message at or
     /// below the stored sequence (or below one earlier in the batch) is skipped. Nothing is kept if it fails.
+    ///
+    /// Callers pass messages in sequence order and skip none, since a skipped one would later count as a
+    /// redelivery; [`projector::run_projector`] reads any gap from the log before applying.
     pub fn apply_batch(
         &mut self,
         messages: &[LogMessage],
@@ -419,7 +422,7 @@ impl Projection {
     }
 
     /// Requests in `state` (any state when `None`) received at or after `since_ns`, in id order (ULIDs sort by
-    /// time).
+    /// time). A scan of the table: an index by state waits for a caller that needs it.
     pub fn requests(
         &self,
         state: Option<RequestState>,
