@@ -14,6 +14,9 @@ use tandem_events::log::jetstream::JetStreamLog;
 use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
 use tandem_gateway::{Gateway, GatewayConfig};
+use tandem_scheduler::projection::projector::{
+    consumer_config as projection_consumer, run_projector,
+};
 use tandem_scheduler::router::{RouterConfig, run_router};
 use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig, RemotePrefill};
 use tandem_workers::roles::prefill::{PrefillWorker, PrefillWorkerConfig};
@@ -33,7 +36,7 @@ pub struct LogArgs {
     /// NATS URL of the JetStream log; without it, the embedded log under --data-dir.
     #[arg(long, env = "TANDEM_NATS")]
     nats: Option<String>,
-    /// Where the embedded log keeps its data.
+    /// Where the embedded log and the scheduler's projection of the log keep their data.
     #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
     data_dir: PathBuf,
 }
@@ -452,16 +455,65 @@ async fn start_gateway(
     })))
 }
 
-fn start_router(
+/// The scheduler's tasks: the routing loop, and the projector keeping its redb projection of the log under
+/// `state_dir`.
+struct SchedulerTasks {
+    router: tokio::task::JoinHandle<Result<(), tandem_scheduler::router::RouterError>>,
+    projector: tokio::task::JoinHandle<Result<(), tandem_scheduler::projection::ProjectionError>>,
+    /// The projector stops last, once it has caught up with what the other roles appended while stopping.
+    projector_stop: watch::Sender<bool>,
+    log: Arc<dyn EventLog>,
+}
+
+impl SchedulerTasks {
+    /// Waits for the router (stopped with the other roles), lets the projector catch up with the log, then stops it;
+    /// a projector failure is reported, it does not make the shutdown fail.
+    async fn finish(self) -> Result<()> {
+        self.router.await??;
+        if let Ok(consumer) = self.log.consumer(projection_consumer()).await {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < deadline
+                && consumer.pending().await.is_ok_and(|pending| pending > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = self.projector_stop.send(true);
+        match self.projector.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "the scheduler projection stopped with an error")
+            }
+            Err(error) => tracing::error!(%error, "the scheduler projection task failed"),
+        }
+        Ok(())
+    }
+}
+
+fn start_scheduler(
     backbone: &Backbone,
+    state_dir: &Path,
     stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<Result<(), tandem_scheduler::router::RouterError>> {
+) -> Result<SchedulerTasks> {
     let config = RouterConfig {
         scheduler_id: format!("scheduler-{}", ulid::Ulid::new()),
         workers_bucket: WORKERS_BUCKET.into(),
         workers_ttl: WORKER_HEARTBEAT_TTL,
     };
-    tokio::spawn(run_router(Arc::clone(&backbone.log), config, stop))
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let projection_path = state_dir.join("scheduler.redb");
+    let (projector_stop, projector_stop_receiver) = watch::channel(false);
+    Ok(SchedulerTasks {
+        router: tokio::spawn(run_router(Arc::clone(&backbone.log), config, stop)),
+        projector: tokio::spawn(run_projector(
+            Arc::clone(&backbone.log),
+            projection_path,
+            projector_stop_receiver,
+        )),
+        projector_stop,
+        log: Arc::clone(&backbone.log),
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends).
@@ -525,7 +577,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             None,
         )
         .await?;
-        let router = start_router(&backbone, stop.clone());
+        let scheduler = start_scheduler(&backbone, &args.log.data_dir, stop.clone())?;
         let gateway = start_gateway(&args.model, &args.http, &backbone, stop.clone()).await?;
         eprintln!(
             "tandem serving {} on http://{}:{} ({} log)",
@@ -549,7 +601,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         for worker in prefill_workers {
             worker.shutdown().await;
         }
-        router.await??;
+        scheduler.finish().await?;
         drop(backbone);
         tracing::info!("stopped");
         Ok(())
@@ -574,10 +626,10 @@ pub fn scheduler(args: SchedulerArgs) -> Result<()> {
     runtime()?.block_on(async {
         let backbone = open_backbone(&args.log, true).await?;
         let (stop_sender, stop) = watch::channel(false);
-        let router = start_router(&backbone, stop);
+        let scheduler = start_scheduler(&backbone, &args.log.data_dir, stop)?;
         shutdown_signal().await;
         let _ = stop_sender.send(true);
-        router.await??;
+        scheduler.finish().await?;
         Ok(())
     })
 }

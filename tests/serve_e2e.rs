@@ -15,6 +15,7 @@ use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::log::jetstream::JetStreamLog;
 use tandem_events::log::{EventLog, LogMessage, StartAt};
 use tandem_events::nats_server::NatsServer;
+use tandem_scheduler::projection::Projection;
 
 fn seed_request() -> serde_json::Value {
     json!({
@@ -74,6 +75,16 @@ fn seed_request_on_the_embedded_log() {
         log.read(StartAt::Beginning, &[], 100_000).await.unwrap()
     });
     check_request_events(&messages, &request_id);
+
+    // The scheduler kept its projection of the log beside it: the request is there, complete, with no findings.
+    let projection = Projection::open(&data_dir.join("scheduler.redb")).unwrap();
+    let record = projection.request(&request_id).unwrap().expect("projected");
+    assert_eq!(record.state, "Completed");
+    assert!(projection.findings().unwrap().is_empty());
+    assert_eq!(
+        projection.last_applied().unwrap(),
+        messages.last().unwrap().sequence
+    );
 }
 
 #[test]
