@@ -24,6 +24,20 @@ pub fn push_event(frames: &mut Vec<u8>, chunk: &impl Serialize) {
 }
 
 /// A 200 response streaming `frames` as `text/event-stream`.
+/// The end of a stream: the chunk with the finish reason, the usage chunk when the client asked for one, then
+/// `[DONE]` (the order OpenAI clients expect).
+pub fn push_end(
+    frames: &mut Vec<u8>,
+    finish_chunk: &impl Serialize,
+    usage_chunk: Option<&impl Serialize>,
+) {
+    push_event(frames, finish_chunk);
+    if let Some(usage_chunk) = usage_chunk {
+        push_event(frames, usage_chunk);
+    }
+    frames.extend_from_slice(DONE_EVENT);
+}
+
 pub fn response(
     frames: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 ) -> Response {

@@ -207,22 +207,19 @@ impl ChatStream {
         if let Some(rest) = self.splitter.as_mut().map(ReasoningSplitter::finish) {
             self.push_split(rest, &mut None, frames);
         }
-        sse::push_event(
+        let usage_chunk = self.request.include_usage.then(|| ChatCompletionChunk {
+            choices: Vec::new(),
+            usage: Some(Usage::new(
+                self.request.prompt_tokens(),
+                self.generation.completion_tokens(),
+            )),
+            ..self.chunk(ChatDelta::default(), None, None)
+        });
+        sse::push_end(
             frames,
             &self.chunk(ChatDelta::default(), None, Some(finish_reason)),
+            usage_chunk.as_ref(),
         );
-        if self.request.include_usage {
-            let usage_chunk = ChatCompletionChunk {
-                choices: Vec::new(),
-                usage: Some(Usage::new(
-                    self.request.prompt_tokens(),
-                    self.generation.completion_tokens(),
-                )),
-                ..self.chunk(ChatDelta::default(), None, None)
-            };
-            sse::push_event(frames, &usage_chunk);
-        }
-        frames.extend_from_slice(sse::DONE_EVENT);
         self.done = true;
     }
 

@@ -164,22 +164,19 @@ impl CompletionStream {
         let Some(finish_reason) = progress.finish_reason else {
             return;
         };
-        sse::push_event(
+        let usage_chunk = self.request.include_usage.then(|| Completion {
+            choices: Vec::new(),
+            usage: Some(Usage::new(
+                self.request.prompt_tokens(),
+                self.generation.completion_tokens(),
+            )),
+            ..self.chunk(String::new(), None, None)
+        });
+        sse::push_end(
             frames,
             &self.chunk(String::new(), None, Some(finish_reason)),
+            usage_chunk.as_ref(),
         );
-        if self.request.include_usage {
-            let usage_chunk = Completion {
-                choices: Vec::new(),
-                usage: Some(Usage::new(
-                    self.request.prompt_tokens(),
-                    self.generation.completion_tokens(),
-                )),
-                ..self.chunk(String::new(), None, None)
-            };
-            sse::push_event(frames, &usage_chunk);
-        }
-        frames.extend_from_slice(sse::DONE_EVENT);
         self.done = true;
     }
 
