@@ -563,6 +563,60 @@ async fn malformed_payloads(harness: Box<dyn Harness>) {
     }
 }
 
+/// A lease in a bucket with expiry: one holder at a time, renewable by its holder, free again after the
+/// time-to-live or a release; racing claimants get it exactly once.
+async fn kv_lease(harness: Box<dyn Harness>) {
+    let log = harness.log();
+    let leases = log
+        .kv_bucket("leases", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(leases.claim("leader", "a").await.unwrap());
+    assert!(!leases.claim("leader", "b").await.unwrap(), "held by a");
+    assert!(leases.claim("leader", "a").await.unwrap(), "a renews");
+    // Renewed before expiry: still a's after more than one original time-to-live.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(leases.claim("leader", "a").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !leases.claim("leader", "b").await.unwrap(),
+        "a's renewal still runs"
+    );
+    // a stops renewing: b takes over once it expires.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        leases.claim("leader", "b").await.unwrap(),
+        "expired: b takes it"
+    );
+    assert!(!leases.claim("leader", "a").await.unwrap());
+    // A release by a non-holder changes nothing; by the holder it frees the key at once.
+    leases.release("leader", "a").await.unwrap();
+    assert!(!leases.claim("leader", "c").await.unwrap());
+    leases.release("leader", "b").await.unwrap();
+    assert!(leases.claim("leader", "c").await.unwrap());
+    leases.release("leader", "c").await.unwrap();
+
+    // Eight claimants at once for a free key: exactly one wins.
+    let claims = (0..8).map(|index| {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move {
+            let leases = log
+                .kv_bucket("leases", Duration::from_secs(1))
+                .await
+                .unwrap();
+            leases
+                .claim("race", &format!("claimant-{index}"))
+                .await
+                .unwrap()
+        })
+    });
+    let mut winners = 0;
+    for claim in claims {
+        winners += usize::from(claim.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -589,6 +643,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kv_with_expiry() {
                 super::kv_with_expiry(super::$backend().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kv_lease() {
+                super::kv_lease(super::$backend().await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn restart_survival() {

@@ -76,6 +76,9 @@ struct Inner {
     /// Bumped on every append and every nak, so waiting fetches look again.
     changes: Arc<watch::Sender<u64>>,
     consumers: Mutex<HashMap<String, Arc<Mutex<ConsumerState>>>>,
+    /// Makes a key-value claim's read and write one step: the embedded log has one process, so a process-wide
+    /// lock is as atomic as JetStream's compare-and-set.
+    kv_claims: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -182,6 +185,7 @@ impl EmbeddedLog {
                 last_sequence,
                 changes,
                 consumers: Mutex::new(HashMap::new()),
+                kv_claims: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -1063,6 +1067,18 @@ impl KvBucket for EmbeddedKv {
                 reply,
             })
             .await
+    }
+
+    async fn claim(&self, key: &str, holder: &str) -> Result<bool, LogError> {
+        let _claiming = self.inner.kv_claims.lock().await;
+        match self.get(key).await? {
+            Some(current) if current.as_ref() != holder.as_bytes() => Ok(false),
+            _ => {
+                self.put(key, Bytes::copy_from_slice(holder.as_bytes()))
+                    .await?;
+                Ok(true)
+            }
+        }
     }
 
     async fn keys(&self) -> Result<Vec<String>, LogError> {

@@ -455,6 +455,26 @@ impl KvBucket for JetStreamKv {
             .map_err(|error| js_error("key-value delete", error))
     }
 
+    async fn claim(&self, key: &str, holder: &str) -> Result<bool, LogError> {
+        let value = Bytes::copy_from_slice(holder.as_bytes());
+        let entry = self
+            .store
+            .entry(key)
+            .await
+            .map_err(|error| js_error("key-value entry", error))?;
+        // Compare-and-set on the revision: of two claimants racing for a free or expiring key, one write lands.
+        let written = match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                if entry.value.as_ref() != holder.as_bytes() {
+                    return Ok(false);
+                }
+                self.store.update(key, value, entry.revision).await.is_ok()
+            }
+            _ => self.store.create(key, value).await.is_ok(),
+        };
+        Ok(written)
+    }
+
     async fn keys(&self) -> Result<Vec<String>, LogError> {
         let keys = self
             .store

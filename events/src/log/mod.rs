@@ -215,6 +215,17 @@ pub trait KvBucket: Send + Sync {
     async fn delete(&self, key: &str) -> Result<(), LogError>;
     /// Keys with a live value, sorted.
     async fn keys(&self) -> Result<Vec<String>, LogError>;
+    /// Takes or renews `key` for `holder`, atomically: true (and the time-to-live starts again) when the key is
+    /// absent, expired or already held by `holder`; false when someone else holds it. A lease: the holder renews
+    /// it well within the time-to-live, and when it stops, another claimant gets the key once it expires.
+    async fn claim(&self, key: &str, holder: &str) -> Result<bool, LogError>;
+    /// Gives `key` up if `holder` holds it (a clean shutdown, so a standby need not wait for the expiry).
+    async fn release(&self, key: &str, holder: &str) -> Result<(), LogError> {
+        if self.get(key).await?.as_deref() == Some(holder.as_bytes()) {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The persistent event log.
