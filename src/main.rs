@@ -3,6 +3,7 @@
 mod bench_log;
 mod bench_pd;
 mod generate;
+mod role_http;
 mod roles;
 
 use std::process::ExitCode;

@@ -30,6 +30,8 @@ use tandem_workers::{
 };
 use tokio::sync::watch;
 
+use crate::role_http::{DecodeHttpArgs, PrefillHttpArgs, RoleHttpServer, SchedulerHttpArgs};
+
 /// Where the log is.
 #[derive(clap::Args, Clone)]
 pub struct LogArgs {
@@ -132,6 +134,8 @@ pub struct GatewayArgs {
 pub struct SchedulerArgs {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    http: SchedulerHttpArgs,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +153,8 @@ pub struct DecodeArgs {
     /// This worker's id (letters, digits, '-', '_'); a fresh one when absent. In Kubernetes, the pod name.
     #[arg(long, env = "TANDEM_WORKER_ID")]
     worker_id: Option<String>,
+    #[command(flatten)]
+    http: DecodeHttpArgs,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +166,8 @@ pub struct PrefillArgs {
     /// This worker's id (letters, digits, '-', '_'); a fresh one when absent. In Kubernetes, the pod name.
     #[arg(long, env = "TANDEM_WORKER_ID")]
     worker_id: Option<String>,
+    #[command(flatten)]
+    http: PrefillHttpArgs,
 }
 
 /// The log and the token bus the roles of this process share.
@@ -624,19 +632,26 @@ pub fn gateway(args: GatewayArgs) -> Result<()> {
 /// `tandem scheduler`: the routing loop alone, against JetStream.
 pub fn scheduler(args: SchedulerArgs) -> Result<()> {
     runtime()?.block_on(async {
+        let http =
+            RoleHttpServer::start("scheduler", &args.http.http_host, args.http.http_port).await?;
         let backbone = open_backbone(&args.log, true).await?;
         let (stop_sender, stop) = watch::channel(false);
         let scheduler = start_scheduler(&backbone, &args.log.data_dir, stop)?;
+        http.mark_ready();
         shutdown_signal().await;
+        http.mark_stopping();
         let _ = stop_sender.send(true);
         scheduler.finish().await?;
-        Ok(())
+        http.stop().await
     })
 }
 
 /// `tandem decode`: one decode worker, against JetStream.
 pub fn decode(args: DecodeArgs) -> Result<()> {
     runtime()?.block_on(async {
+        // Up before the engine loads, so liveness passes while a large model is read; ready once joined.
+        let http =
+            RoleHttpServer::start("decode", &args.http.http_host, args.http.http_port).await?;
         let backbone = open_backbone(&args.log, true).await?;
         let receivers = KvReceivers::Tcp {
             listen: &args.kv_listen,
@@ -650,17 +665,22 @@ pub fn decode(args: DecodeArgs) -> Result<()> {
             args.worker_id.as_deref(),
         )
         .await?;
+        http.mark_ready();
         shutdown_signal().await;
+        http.mark_stopping();
         for worker in workers {
             worker.shutdown().await;
         }
-        Ok(())
+        http.stop().await
     })
 }
 
 /// `tandem prefill`: one prefill worker, against JetStream, sending KV over TCP.
 pub fn prefill(args: PrefillArgs) -> Result<()> {
     runtime()?.block_on(async {
+        // Up before the engine loads, so liveness passes while a large model is read; ready once joined.
+        let http =
+            RoleHttpServer::start("prefill", &args.http.http_host, args.http.http_port).await?;
         let backbone = open_backbone(&args.log, true).await?;
         let transport = Arc::new(TcpTransport::new(TransferTimeouts::default()));
         let workers = start_prefill_workers(
@@ -671,10 +691,12 @@ pub fn prefill(args: PrefillArgs) -> Result<()> {
             args.worker_id.as_deref(),
         )
         .await?;
+        http.mark_ready();
         shutdown_signal().await;
+        http.mark_stopping();
         for worker in workers {
             worker.shutdown().await;
         }
-        Ok(())
+        http.stop().await
     })
 }

@@ -269,6 +269,10 @@ impl TandemRole {
         let log_file = std::fs::File::create(&log_path).expect("role log file");
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(args)
+            // Roles with a health endpoint take their own free loopback port, so several workers (and parallel
+            // tests) never collide on the default one; a test that needs the port passes --http-port itself.
+            .env("TANDEM_HTTP_HOST", "127.0.0.1")
+            .env("TANDEM_HTTP_PORT", "0")
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
