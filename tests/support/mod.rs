@@ -265,6 +265,16 @@ pub struct TandemRole {
 
 impl TandemRole {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> TandemRole {
+        TandemRole::spawn_with_env(name, args, &[], log_dir)
+    }
+
+    /// Like `spawn`, with environment variables set for the process (as a manifest sets them for a container).
+    pub fn spawn_with_env(
+        name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> TandemRole {
         let log_path = log_dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log_path).expect("role log file");
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -273,6 +283,7 @@ impl TandemRole {
             // tests) never collide on the default one; a test that needs the port passes --http-port itself.
             .env("TANDEM_HTTP_HOST", "127.0.0.1")
             .env("TANDEM_HTTP_PORT", "0")
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -286,6 +297,13 @@ impl TandemRole {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The exit status, once the process has ended (`None` while it runs).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
     }
 
     /// SIGKILL: the process dies with whatever it holds.
