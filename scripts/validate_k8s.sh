@@ -11,20 +11,21 @@ cd "$(dirname "$0")/.."
 KUBERNETES_VALIDATE='kubernetes-validate==1.37.0'
 KUBERNETES_VERSIONS=${KUBERNETES_VERSIONS:-"1.30.0 1.37.0"}
 
-# Python with kubernetes-validate: ./.venv as a venv, or (no venv module) a plain --target folder on PYTHONPATH.
+# Python with kubernetes-validate: ./.venv as a venv, or (no venv module, or a venv without pip) a plain --target
+# folder on PYTHONPATH.
 if [ -x .venv/bin/python ] && .venv/bin/python -c 'import kubernetes_validate' 2>/dev/null; then
   PYTHON=.venv/bin/python
-elif [ ! -x .venv/bin/python ] && [ -d .venv/kubernetes_validate ] \
-    && PYTHONPATH="$PWD/.venv" python3 -c 'import kubernetes_validate' 2>/dev/null; then
+elif [ -d .venv/kubernetes_validate ] && PYTHONPATH="$PWD/.venv" python3 -c 'import kubernetes_validate' 2>/dev/null; then
   PYTHON=python3
   export PYTHONPATH="$PWD/.venv${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "validate_k8s.sh: installing $KUBERNETES_VALIDATE from PyPI into .venv" >&2
-  if [ -x .venv/bin/python ] || python3 -m venv .venv 2>/dev/null; then
+  if { [ -x .venv/bin/python ] || python3 -m venv .venv 2>/dev/null; } \
+      && .venv/bin/python -m pip --version >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
     PYTHON=.venv/bin/python
   else
-    # No venv module (Debian without python3-venv): a plain target folder works too.
+    # No venv module (Debian without python3-venv leaves a venv without pip): a plain target folder works too.
     python3 -m pip install --quiet --disable-pip-version-check --target .venv "$KUBERNETES_VALIDATE"
     PYTHON=python3
     export PYTHONPATH="$PWD/.venv${PYTHONPATH:+:$PYTHONPATH}"
