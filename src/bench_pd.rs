@@ -11,9 +11,8 @@ use tandem_events::Event;
 use tandem_events::log::EventLog;
 use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::schema::{Body, Received, SamplingParams};
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, TokenBus};
-use tandem_scheduler::router::{RouterConfig, run_router};
+use tandem_scheduler::service::{Scheduler, SchedulerConfig};
 use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig, RemotePrefill};
 use tandem_workers::roles::prefill::{PrefillWorker, PrefillWorkerConfig};
 use tandem_workers::roles::prefill_rule::PrefillRule;
@@ -78,15 +77,15 @@ async fn setup(disaggregated: bool) -> Result<Setup> {
     let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(data_dir.path())?);
     let bus = Arc::new(InProcessTokenBus::new());
     let (stop, stop_receiver) = tokio::sync::watch::channel(false);
-    tokio::spawn(run_router(
-        Arc::clone(&log),
-        RouterConfig {
-            scheduler_id: "scheduler-bench".into(),
-            workers_bucket: WORKERS_BUCKET.into(),
-            workers_ttl: WORKER_HEARTBEAT_TTL,
-        },
-        stop_receiver,
-    ));
+    tokio::spawn(
+        Scheduler::open(
+            Arc::clone(&log),
+            bus.clone(),
+            SchedulerConfig::new("scheduler-bench", data_dir.path().join("scheduler.redb")),
+        )
+        .await?
+        .run(stop_receiver),
+    );
     let fingerprint = model_fingerprint(
         &builtin_config(),
         format!("builtin:{BUILTIN_SEED}").as_bytes(),

@@ -14,10 +14,10 @@ use tandem_events::log::jetstream::JetStreamLog;
 use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
 use tandem_gateway::{Gateway, GatewayConfig};
-use tandem_scheduler::projection::projector::{
-    consumer_config as projection_consumer, run_projector,
-};
-use tandem_scheduler::router::{RouterConfig, run_router};
+use tandem_scheduler::control::{ControlConfig, PhaseTimeouts};
+use tandem_scheduler::projection::projector::named_consumer_config;
+use tandem_scheduler::routing::RoutingPolicy;
+use tandem_scheduler::service::{Scheduler, SchedulerConfig, SchedulerError};
 use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig, RemotePrefill};
 use tandem_workers::roles::prefill::{PrefillWorker, PrefillWorkerConfig};
 use tandem_workers::roles::prefill_rule::PrefillRule;
@@ -118,6 +118,8 @@ pub struct ServeArgs {
     prefill_workers: usize,
     #[command(flatten)]
     prefill_rule: PrefillRuleArgs,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
 }
 
 #[derive(clap::Args)]
@@ -130,10 +132,92 @@ pub struct GatewayArgs {
     http: HttpArgs,
 }
 
+/// How the scheduler routes and when it gives up on a request.
+#[derive(clap::Args, Clone)]
+pub struct SchedulingArgs {
+    /// This scheduler replica's id, stable across its restarts (its projection consumer is named after it); in
+    /// Kubernetes, the pod name. Default: the host name.
+    #[arg(long, env = "TANDEM_SCHEDULER_ID")]
+    scheduler_id: Option<String>,
+    /// Routing policy: `kv` (cached prefix weighed against load), `round-robin` or `random`.
+    #[arg(long, env = "TANDEM_ROUTING", default_value = "kv")]
+    routing: String,
+    /// KV-aware cost = this weight × blocks still to prefill + active decode blocks.
+    #[arg(long, env = "TANDEM_KV_OVERLAP_WEIGHT", default_value_t = 1.0)]
+    kv_overlap_weight: f64,
+    /// 0: the lowest KV-aware cost wins; above 0: sample by softmax(-cost / temperature).
+    #[arg(long, env = "TANDEM_ROUTING_TEMPERATURE", default_value_t = 0.0)]
+    routing_temperature: f64,
+    /// A request no decode worker has started on after this many seconds fails.
+    #[arg(long, env = "TANDEM_QUEUE_TIMEOUT_S", default_value_t = 300)]
+    queue_timeout_s: u64,
+    /// A request waiting this many seconds for its remote prefill fails.
+    #[arg(long, env = "TANDEM_PREFILL_TIMEOUT_S", default_value_t = 300)]
+    prefill_timeout_s: u64,
+    /// A prefilling or decoding request with no progress on the log for this many seconds fails.
+    #[arg(long, env = "TANDEM_PROGRESS_TIMEOUT_S", default_value_t = 120)]
+    progress_timeout_s: u64,
+    /// A standby scheduler takes over at most this many seconds after the active one stops.
+    #[arg(long, env = "TANDEM_LEASE_TTL_S", default_value_t = 5)]
+    lease_ttl_s: u64,
+}
+
+impl SchedulingArgs {
+    fn config(&self, projection_path: PathBuf) -> Result<SchedulerConfig> {
+        let policy = RoutingPolicy::parse(
+            &self.routing,
+            self.kv_overlap_weight,
+            self.routing_temperature,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if !(self.kv_overlap_weight >= 0.0 && self.routing_temperature >= 0.0) {
+            bail!("--kv-overlap-weight and --routing-temperature must be 0 or more");
+        }
+        if self.lease_ttl_s == 0 {
+            bail!("--lease-ttl-s must be at least 1");
+        }
+        let scheduler_id = match &self.scheduler_id {
+            Some(id) => id.clone(),
+            None => std::env::var("HOSTNAME").unwrap_or_else(|_| "scheduler".into()),
+        };
+        // It names a durable consumer: keep to the characters every log backend accepts.
+        let scheduler_id: String = scheduler_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if scheduler_id.is_empty() {
+            bail!("--scheduler-id must not be empty");
+        }
+        Ok(SchedulerConfig {
+            control: ControlConfig {
+                scheduler_id: scheduler_id.clone(),
+                policy,
+                timeouts: PhaseTimeouts {
+                    queue: Duration::from_secs(self.queue_timeout_s),
+                    prefill: Duration::from_secs(self.prefill_timeout_s),
+                    progress: Duration::from_secs(self.progress_timeout_s),
+                },
+                join_grace: WORKER_HEARTBEAT_TTL + Duration::from_secs(1),
+            },
+            scheduler_id,
+            projection_path,
+            lease_ttl: Duration::from_secs(self.lease_ttl_s),
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct SchedulerArgs {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
     #[command(flatten)]
     http: SchedulerHttpArgs,
 }
@@ -432,12 +516,15 @@ fn readiness(
     Arc::new(move || ready.load(Ordering::Relaxed))
 }
 
+/// Starts the gateway's HTTP API, with `extra_routes` (the scheduler's query API in `tandem serve`) on the same
+/// port.
 async fn start_gateway(
     model: &ModelArgs,
     http: &HttpArgs,
     backbone: &Backbone,
+    extra_routes: Option<axum::Router>,
     stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<Result<(), tandem_gateway::GatewayError>>> {
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let shape = model_shape(model)?;
     let config = GatewayConfig::new(
         model.served_model_name.clone(),
@@ -457,28 +544,39 @@ async fn start_gateway(
         .await
         .with_context(|| format!("listening on {address}"))?;
     tracing::info!(%address, "gateway listening");
+    let mut routes = gateway.router();
+    if let Some(extra_routes) = extra_routes {
+        routes = routes.merge(extra_routes);
+    }
     let mut stop = stop;
-    Ok(tokio::spawn(gateway.serve(listener, async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    })))
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })
+            .await
+    }))
 }
 
-/// The scheduler's tasks: the routing loop, and the projector keeping its redb projection of the log under
-/// `state_dir`.
+/// The running scheduler: its task, the means to stop it last, and what its query API reads.
 struct SchedulerTasks {
-    router: tokio::task::JoinHandle<Result<(), tandem_scheduler::router::RouterError>>,
-    projector: tokio::task::JoinHandle<Result<(), tandem_scheduler::projection::ProjectionError>>,
-    /// The projector stops last, once it has caught up with what the other roles appended while stopping.
-    projector_stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), SchedulerError>>,
+    /// The scheduler stops last, once it has caught up with what the other roles appended while stopping.
+    stop: watch::Sender<bool>,
     log: Arc<dyn EventLog>,
+    consumer_name: String,
+    api: axum::Router,
 }
 
 impl SchedulerTasks {
-    /// Waits for the router (stopped with the other roles), lets the projector catch up with the log, then stops it;
-    /// a projector failure is reported, it does not make the shutdown fail.
+    /// Lets the scheduler catch up with the log (the other roles have stopped), then stops it; a scheduler failure
+    /// is reported, it does not make the shutdown fail.
     async fn finish(self) -> Result<()> {
-        self.router.await??;
-        if let Ok(consumer) = self.log.consumer(projection_consumer()).await {
+        if let Ok(consumer) = self
+            .log
+            .consumer(named_consumer_config(&self.consumer_name))
+            .await
+        {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while tokio::time::Instant::now() < deadline
                 && consumer.pending().await.is_ok_and(|pending| pending > 0)
@@ -486,41 +584,48 @@ impl SchedulerTasks {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let _ = self.projector_stop.send(true);
-        match self.projector.await {
+        let _ = self.stop.send(true);
+        match self.task.await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::error!(%error, "the scheduler projection stopped with an error")
-            }
-            Err(error) => tracing::error!(%error, "the scheduler projection task failed"),
+            Ok(Err(error)) => tracing::error!(%error, "the scheduler stopped with an error"),
+            Err(error) => tracing::error!(%error, "the scheduler task failed"),
         }
         Ok(())
     }
 }
 
-fn start_scheduler(
+/// Opens the scheduler (its projection in `<state_dir>/scheduler.redb`) and starts it; `api` holds its query
+/// routes (with `/health` and `/ready` when `with_probes`).
+async fn start_scheduler(
     backbone: &Backbone,
     state_dir: &Path,
-    stop: watch::Receiver<bool>,
+    scheduling: &SchedulingArgs,
+    with_probes: bool,
 ) -> Result<SchedulerTasks> {
-    let config = RouterConfig {
-        scheduler_id: format!("scheduler-{}", ulid::Ulid::new()),
-        workers_bucket: WORKERS_BUCKET.into(),
-        workers_ttl: WORKER_HEARTBEAT_TTL,
-    };
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let projection_path = state_dir.join("scheduler.redb");
-    let (projector_stop, projector_stop_receiver) = watch::channel(false);
+    let config = scheduling.config(state_dir.join("scheduler.redb"))?;
+    let consumer_name = format!("scheduler-projection-{}", config.scheduler_id);
+    tracing::info!(scheduler_id = %config.scheduler_id, policy = config.control.policy.name(), "starting the scheduler");
+    let scheduler = Scheduler::open(
+        Arc::clone(&backbone.log),
+        Arc::clone(&backbone.tokens),
+        config,
+    )
+    .await
+    .context("opening the scheduler")?;
+    let api = if with_probes {
+        tandem_scheduler::api::router(scheduler.reader(), scheduler.status())
+    } else {
+        tandem_scheduler::api::query_router(scheduler.reader(), scheduler.status())
+    };
+    let (stop, stop_receiver) = watch::channel(false);
     Ok(SchedulerTasks {
-        router: tokio::spawn(run_router(Arc::clone(&backbone.log), config, stop)),
-        projector: tokio::spawn(run_projector(
-            Arc::clone(&backbone.log),
-            projection_path,
-            projector_stop_receiver,
-        )),
-        projector_stop,
+        task: tokio::spawn(scheduler.run(stop_receiver)),
+        stop,
         log: Arc::clone(&backbone.log),
+        consumer_name,
+        api,
     })
 }
 
@@ -585,8 +690,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             None,
         )
         .await?;
-        let scheduler = start_scheduler(&backbone, &args.log.data_dir, stop.clone())?;
-        let gateway = start_gateway(&args.model, &args.http, &backbone, stop.clone()).await?;
+        let scheduler =
+            start_scheduler(&backbone, &args.log.data_dir, &args.scheduling, false).await?;
+        let gateway = start_gateway(
+            &args.model,
+            &args.http,
+            &backbone,
+            Some(scheduler.api.clone()),
+            stop.clone(),
+        )
+        .await?;
         eprintln!(
             "tandem serving {} on http://{}:{} ({} log)",
             args.model.served_model_name,
@@ -621,7 +734,7 @@ pub fn gateway(args: GatewayArgs) -> Result<()> {
     runtime()?.block_on(async {
         let backbone = open_backbone(&args.log, true).await?;
         let (stop_sender, stop) = watch::channel(false);
-        let gateway = start_gateway(&args.model, &args.http, &backbone, stop).await?;
+        let gateway = start_gateway(&args.model, &args.http, &backbone, None, stop).await?;
         shutdown_signal().await;
         let _ = stop_sender.send(true);
         gateway.await??;
@@ -629,20 +742,34 @@ pub fn gateway(args: GatewayArgs) -> Result<()> {
     })
 }
 
-/// `tandem scheduler`: the routing loop alone, against JetStream.
+/// `tandem scheduler`: the scheduler alone (one replica), against JetStream, with its query API and probes on
+/// `--http-port`.
 pub fn scheduler(args: SchedulerArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let http =
-            RoleHttpServer::start("scheduler", &args.http.http_host, args.http.http_port).await?;
         let backbone = open_backbone(&args.log, true).await?;
-        let (stop_sender, stop) = watch::channel(false);
-        let scheduler = start_scheduler(&backbone, &args.log.data_dir, stop)?;
-        http.mark_ready();
+        let scheduler =
+            start_scheduler(&backbone, &args.log.data_dir, &args.scheduling, true).await?;
+        let address = format!("{}:{}", args.http.http_host, args.http.http_port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| {
+                format!("the scheduler API cannot listen on {address} (is the port taken? pass --http-port)")
+            })?;
+        tracing::info!(%address, "scheduler API listening (GET /requests, /workers, /audit, /health, /ready)");
+        let (api_stop, mut api_stopped) = watch::channel(false);
+        let routes = scheduler.api.clone();
+        let api = tokio::spawn(async move {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(async move {
+                    let _ = api_stopped.wait_for(|stopped| *stopped).await;
+                })
+                .await
+        });
         shutdown_signal().await;
-        http.mark_stopping();
-        let _ = stop_sender.send(true);
         scheduler.finish().await?;
-        http.stop().await
+        let _ = api_stop.send(true);
+        api.await??;
+        Ok(())
     })
 }
 

@@ -9,10 +9,9 @@ use tandem_events::lifecycle::{RequestState, check_sequence};
 use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::log::{EventLog, StartAt};
 use tandem_events::schema::{Body, Received, SamplingParams};
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, TokenBus, TokenUpdate};
 use tandem_events::{Event, EventKind};
-use tandem_scheduler::router::{RouterConfig, run_router};
+use tandem_scheduler::service::{Scheduler, SchedulerConfig};
 use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig};
 use tandem_workers::{Engine, EngineConfig, builtin_model};
 
@@ -55,15 +54,16 @@ async fn routed_requests_decode_in_one_batch_and_match_the_engine() {
     let mut reference = Engine::cpu(builtin_model(), engine_config()).unwrap();
 
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
-    let router = tokio::spawn(run_router(
-        Arc::clone(&log),
-        RouterConfig {
-            scheduler_id: "scheduler-test".into(),
-            workers_bucket: WORKERS_BUCKET.into(),
-            workers_ttl: WORKER_HEARTBEAT_TTL,
-        },
-        stop,
-    ));
+    let router = tokio::spawn(
+        Scheduler::open(
+            Arc::clone(&log),
+            bus.clone(),
+            SchedulerConfig::new("scheduler-test", data_dir.path().join("scheduler.redb")),
+        )
+        .await
+        .unwrap()
+        .run(stop),
+    );
     let worker = DecodeWorker::start(
         DecodeWorkerConfig::new("decode-test", "qwen3"),
         Engine::cpu(builtin_model(), engine_config()).unwrap(),

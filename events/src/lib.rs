@@ -1,5 +1,6 @@
 //! tandem-events: the contract every part of tandem speaks.
 //!
+//! - [`blocks`]: the chained hashes that name full KV blocks (workers' KV events, the scheduler's prefix index);
 //! - [`schema`]: the protobuf event schema (envelope and bodies) and [`event`]: kinds and checked encoding;
 //! - [`subjects`]: subject names and wildcard matching;
 //! - [`lifecycle`]: which event may follow which in a request's life;
@@ -10,6 +11,7 @@
 //! Invariant: every event on the log decodes with this crate forever (schema versions only grow), and a
 //! malformed one is an error, never a panic.
 
+pub mod blocks;
 pub mod event;
 pub mod lifecycle;
 pub mod log;

@@ -1,9 +1,10 @@
-//! The scheduler: consumes the log and routes requests to decode workers.
-//!
-//! Built so far: the minimal routing loop ([`router`]), round-robin over live decode workers, and the redb
-//! projections of the log ([`projection`]: requests, their events, workers, audit findings), not yet wired in.
-//! The rest of the full scheduler (KV-aware routing, liveness and recovery) is filed as its own issue.
+//! The scheduler: the only component with durable state of its own. It projects the whole log into redb
+//! ([`projection`]), and the active replica ([`service`]) decides from that projection ([`control`]): it routes
+//! requests to decode workers ([`routing`]: KV-aware, round-robin or random), marks workers whose heartbeats stop as
+//! lost, migrates their requests, and fails requests stuck in a phase. [`api`] serves the projection as JSON.
 
+pub mod api;
+pub mod control;
 pub mod projection;
-pub mod router;
-pub mod selection;
+pub mod routing;
+pub mod service;

@@ -480,7 +480,7 @@ async fn lifecycles_project_to_states_timestamps_and_workers() {
         2,
         "the violating event is a finding instead"
     );
-    assert_eq!(snapshot.schema_version, 1);
+    assert_eq!(snapshot.schema_version, 2);
 }
 
 #[tokio::test]

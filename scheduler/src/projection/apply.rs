@@ -88,6 +88,17 @@ pub fn fold_request_event(
     record.state = format!("{:?}", lifecycle.state());
     record.tokens_checkpointed = lifecycle.tokens_checkpointed();
     record.last_event_sequence = sequence;
+    record.last_event_at_ns = Some(at_ns);
+}
+
+/// KV blocks a request holds on its decode worker: its prompt and checkpointed tokens in whole blocks (the
+/// block being filled counts). 0 when the block size is unknown.
+pub fn request_kv_blocks(record: &RequestRecord) -> u32 {
+    let tokens = record.prompt_tokens + record.tokens_checkpointed;
+    match record.block_size_tokens {
+        0 => 0,
+        block_size => tokens.div_ceil(block_size),
+    }
 }
 
 /// Folds a worker event into the worker's record. Returns false for worker events the record does not track

@@ -12,21 +12,25 @@
 //! for that request arrives, and kept in a bounded in-memory cache that is only updated after a commit.
 
 pub mod apply;
+mod indexes;
 pub mod projector;
 pub mod tables;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use tandem_events::Event;
 use tandem_events::lifecycle::{self, RequestLifecycle, RequestState};
 use tandem_events::log::LogMessage;
+use tandem_events::schema::Body;
 
 use tables::{
-    AUDIT_FINDINGS, EVENTS_BY_REQUEST, META, META_LAST_APPLIED_SEQUENCE, META_SCHEMA_VERSION,
-    PROJECTION_SCHEMA_VERSION, REQUESTS, WORKERS,
+    ACTIVE_REQUESTS, AUDIT_FINDINGS, EVENTS_BY_REQUEST, META, META_LAST_APPLIED_SEQUENCE,
+    META_SCHEMA_VERSION, PREFIX_INDEX, PROJECTION_SCHEMA_VERSION, REQUESTS, UNROUTED,
+    WORKER_BLOCKS, WORKERS,
 };
 pub use tables::{AuditFinding, RequestRecord, WorkerRecord};
 
@@ -79,17 +83,44 @@ pub struct ProjectionSnapshot {
     pub requests: Vec<(String, RequestRecord)>,
     pub events_by_request: Vec<((String, u64), Vec<u8>)>,
     pub workers: Vec<(String, WorkerRecord)>,
+    pub prefix_index: Vec<(u64, String)>,
+    pub active_requests: Vec<ActiveRequest>,
+    pub unrouted: Vec<(String, u32)>,
     pub findings: Vec<AuditFinding>,
     pub last_applied_sequence: u64,
     pub schema_version: u64,
 }
 
-/// The projection in a redb file.
+/// A live request on its decode worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveRequest {
+    pub decode_worker_id: String,
+    pub request_id: String,
+    /// KV blocks it holds there (prompt plus checkpointed tokens).
+    pub kv_blocks: u32,
+}
+
+/// The projection in a redb file: the one writer. Its reads are [`ProjectionReader`]'s (through `Deref`).
 pub struct Projection {
-    path: PathBuf,
-    db: Database,
+    reader: ProjectionReader,
     /// Lifecycles of requests as of the last commit; absent entries are rebuilt from `events_by_request`.
     lifecycles: HashMap<String, RequestLifecycle>,
+}
+
+/// Read access to a projection, cheap to clone and usable while the projector writes (redb readers see the last
+/// committed transaction): what the scheduler's decisions and its query API read.
+#[derive(Clone)]
+pub struct ProjectionReader {
+    path: PathBuf,
+    db: Arc<Database>,
+}
+
+impl std::ops::Deref for Projection {
+    type Target = ProjectionReader;
+
+    fn deref(&self) -> &ProjectionReader {
+        &self.reader
+    }
 }
 
 impl std::fmt::Debug for Projection {
@@ -142,35 +173,28 @@ impl Projection {
                 .map_err(|e| storage("create workers")(&e))?;
             txn.open_table(AUDIT_FINDINGS)
                 .map_err(|e| storage("create audit_findings")(&e))?;
+            txn.open_table(PREFIX_INDEX)
+                .map_err(|e| storage("create prefix_index")(&e))?;
+            txn.open_table(WORKER_BLOCKS)
+                .map_err(|e| storage("create worker_blocks")(&e))?;
+            txn.open_table(ACTIVE_REQUESTS)
+                .map_err(|e| storage("create active_requests")(&e))?;
+            txn.open_table(UNROUTED)
+                .map_err(|e| storage("create unrouted")(&e))?;
         }
         txn.commit().map_err(|e| storage("commit")(&e))?;
         Ok(Projection {
-            path: path.to_path_buf(),
-            db,
+            reader: ProjectionReader {
+                path: path.to_path_buf(),
+                db: Arc::new(db),
+            },
             lifecycles: HashMap::new(),
         })
     }
 
-    fn storage(&self, operation: &'static str, error: impl std::fmt::Display) -> ProjectionError {
-        ProjectionError::Storage {
-            path: self.path.display().to_string(),
-            operation,
-            reason: error.to_string(),
-        }
-    }
-
-    fn corrupt(
-        &self,
-        table: &'static str,
-        key: impl std::fmt::Display,
-        error: impl std::fmt::Display,
-    ) -> ProjectionError {
-        ProjectionError::CorruptRecord {
-            path: self.path.display().to_string(),
-            table,
-            key: key.to_string(),
-            reason: error.to_string(),
-        }
+    /// A reader of this projection for another task.
+    pub fn reader(&self) -> ProjectionReader {
+        self.reader.clone()
     }
 
     /// Applies one message in its own transaction.
@@ -284,10 +308,18 @@ impl Projection {
                             .map_err(|e| self.corrupt("requests", &id, e))?,
                         None => RequestRecord::default(),
                     };
+                    let previous_worker = record.decode_worker_id.clone();
                     apply::fold_request_event(&mut record, &event, message.sequence, &lifecycle);
+                    if let Body::Routed(routed) = event.body() {
+                        record.block_size_tokens =
+                            self.worker_block_size(txn, &routed.decode_worker_id)?;
+                    }
                     requests
                         .insert(id.as_str(), record.encode_to_vec().as_slice())
                         .map_err(|e| self.storage("write requests", e))?;
+                    drop(requests);
+                    indexes::track_request(txn, &id, &previous_worker, &record, lifecycle.state())
+                        .map_err(|e| self.storage("update request indexes", e))?;
                 }
                 Ok(Applied::Request {
                     request_id: id.clone(),
@@ -337,7 +369,41 @@ impl Projection {
         } else {
             tracing::trace!(sequence = message.sequence, kind = %event.kind(), "worker event not projected");
         }
+        drop(workers);
+        let indexed = match event.body() {
+            Body::KvBlocksStored(stored) => {
+                indexes::store_blocks(txn, &worker_id, &stored.block_hashes)
+            }
+            Body::KvBlocksRemoved(removed) => {
+                indexes::remove_blocks(txn, &worker_id, &removed.block_hashes)
+            }
+            Body::WorkerJoined(_) | Body::WorkerLeft(_) | Body::WorkerLost(_) => {
+                indexes::forget_worker_blocks(txn, &worker_id)
+            }
+            _ => Ok(()),
+        };
+        indexed.map_err(|e| self.storage("update the prefix index", e))?;
         Ok(Applied::Worker { worker_id })
+    }
+
+    /// The block size a decode worker announced when it joined (0 when it has not).
+    fn worker_block_size(
+        &self,
+        txn: &WriteTransaction,
+        worker_id: &str,
+    ) -> Result<u32, ProjectionError> {
+        let workers = txn
+            .open_table(WORKERS)
+            .map_err(|e| self.storage("open workers", e))?;
+        let found = workers
+            .get(worker_id)
+            .map_err(|e| self.storage("read workers", e))?;
+        match found {
+            Some(bytes) => Ok(WorkerRecord::decode(bytes.value())
+                .map_err(|e| self.corrupt("workers", worker_id, e))?
+                .block_size_tokens),
+            None => Ok(0),
+        }
     }
 
     fn record_finding(
@@ -381,6 +447,30 @@ impl Projection {
                 .map_err(|e| self.corrupt("events_by_request", sequence, e))?;
         }
         Ok(lifecycle)
+    }
+}
+
+impl ProjectionReader {
+    fn storage(&self, operation: &'static str, error: impl std::fmt::Display) -> ProjectionError {
+        ProjectionError::Storage {
+            path: self.path.display().to_string(),
+            operation,
+            reason: error.to_string(),
+        }
+    }
+
+    fn corrupt(
+        &self,
+        table: &'static str,
+        key: impl std::fmt::Display,
+        error: impl std::fmt::Display,
+    ) -> ProjectionError {
+        ProjectionError::CorruptRecord {
+            path: self.path.display().to_string(),
+            table,
+            key: key.to_string(),
+            reason: error.to_string(),
+        }
     }
 
     /// The stream sequence of the last applied message (0 when none).
@@ -454,6 +544,135 @@ impl Projection {
         })
     }
 
+    /// Requests waiting for a routing, with the attempt each waits for, in id order.
+    pub fn unrouted(&self) -> Result<Vec<(String, u32)>, ProjectionError> {
+        self.read_all(UNROUTED, "unrouted", |key: &str, attempt: u32| {
+            Ok::<_, std::convert::Infallible>((key.to_string(), attempt))
+        })
+    }
+
+    /// Live routed requests: (decode worker id, request id, KV blocks), by worker then request.
+    pub fn active_requests(&self) -> Result<Vec<ActiveRequest>, ProjectionError> {
+        self.read_all(
+            ACTIVE_REQUESTS,
+            "active_requests",
+            |key: (&str, &str), kv_blocks: u32| {
+                Ok::<_, std::convert::Infallible>(ActiveRequest {
+                    decode_worker_id: key.0.to_string(),
+                    request_id: key.1.to_string(),
+                    kv_blocks,
+                })
+            },
+        )
+    }
+
+    /// For each decode worker caching a prefix of `block_hashes` (chained hashes of a prompt's full blocks, in
+    /// order), how many leading blocks it holds. Workers holding none are absent.
+    pub fn cached_prefix_blocks(
+        &self,
+        block_hashes: &[u64],
+    ) -> Result<HashMap<String, u32>, ProjectionError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| self.storage("begin read", e))?;
+        let prefix_index = txn
+            .open_table(PREFIX_INDEX)
+            .map_err(|e| self.storage("open prefix_index", e))?;
+        let mut overlaps: HashMap<String, u32> = HashMap::new();
+        // Workers that held every block so far; a chained hash covers its whole prefix, so a worker missing block
+        // i cannot use blocks after it.
+        let mut still_matching: Option<Vec<String>> = None;
+        for (position, &hash) in block_hashes.iter().enumerate() {
+            let mut holders = Vec::new();
+            for row in prefix_index
+                .range((hash, "")..)
+                .map_err(|e| self.storage("read prefix_index", e))?
+            {
+                let (key, _) = row.map_err(|e| self.storage("read prefix_index", e))?;
+                let (row_hash, worker_id) = key.value();
+                if row_hash != hash {
+                    break;
+                }
+                if still_matching
+                    .as_ref()
+                    .is_none_or(|matching| matching.iter().any(|w| w == worker_id))
+                {
+                    holders.push(worker_id.to_string());
+                }
+            }
+            if holders.is_empty() {
+                break;
+            }
+            for worker_id in &holders {
+                overlaps.insert(worker_id.clone(), position as u32 + 1);
+            }
+            still_matching = Some(holders);
+        }
+        Ok(overlaps)
+    }
+
+    /// Blocks each decode worker has announced as cached, by worker id.
+    pub fn cached_block_counts(&self) -> Result<HashMap<String, u64>, ProjectionError> {
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let rows = self.read_all(WORKER_BLOCKS, "worker_blocks", |key: (&str, u64), _: ()| {
+            Ok::<_, std::convert::Infallible>(key.0.to_string())
+        })?;
+        for worker_id in rows {
+            *counts.entry(worker_id).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// A request's accepted events in log order, with their sequences.
+    pub fn request_events(&self, request_id: &str) -> Result<Vec<(u64, Event)>, ProjectionError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| self.storage("begin read", e))?;
+        let events = txn
+            .open_table(EVENTS_BY_REQUEST)
+            .map_err(|e| self.storage("open events_by_request", e))?;
+        let mut found = Vec::new();
+        for row in events
+            .range((request_id, 0)..=(request_id, u64::MAX))
+            .map_err(|e| self.storage("read events_by_request", e))?
+        {
+            let (key, bytes) = row.map_err(|e| self.storage("read events_by_request", e))?;
+            let sequence = key.value().1;
+            let event = Event::decode(bytes.value())
+                .map_err(|e| self.corrupt("events_by_request", sequence, e))?;
+            found.push((sequence, event));
+        }
+        Ok(found)
+    }
+
+    /// The event stored for `request_id` at `sequence` (e.g. its `Received`, at the record's `received_sequence`).
+    pub fn request_event(
+        &self,
+        request_id: &str,
+        sequence: u64,
+    ) -> Result<Option<Event>, ProjectionError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| self.storage("begin read", e))?;
+        let events = txn
+            .open_table(EVENTS_BY_REQUEST)
+            .map_err(|e| self.storage("open events_by_request", e))?;
+        let found = events
+            .get((request_id, sequence))
+            .map_err(|e| self.storage("read events_by_request", e))?;
+        match found {
+            Some(bytes) => {
+                Ok(Some(Event::decode(bytes.value()).map_err(|e| {
+                    self.corrupt("events_by_request", sequence, e)
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Every audit finding, in sequence order.
     pub fn findings(&self) -> Result<Vec<AuditFinding>, ProjectionError> {
         self.read_all(AUDIT_FINDINGS, "audit_findings", |_: u64, bytes: &[u8]| {
@@ -484,10 +703,17 @@ impl Projection {
                 .map(|v| v.value())
                 .unwrap_or(0))
         };
+        let prefix_index =
+            self.read_all(PREFIX_INDEX, "prefix_index", |key: (u64, &str), _: ()| {
+                Ok::<_, std::convert::Infallible>((key.0, key.1.to_string()))
+            })?;
         Ok(ProjectionSnapshot {
             requests: self.all_requests()?,
             events_by_request,
             workers: self.workers()?,
+            prefix_index,
+            active_requests: self.active_requests()?,
+            unrouted: self.unrouted()?,
             findings: self.findings()?,
             last_applied_sequence: read_meta(META_LAST_APPLIED_SEQUENCE)?,
             schema_version: read_meta(META_SCHEMA_VERSION)?,
@@ -495,14 +721,15 @@ impl Projection {
     }
 
     /// Reads a whole table in key order, decoding each row with `decode`.
-    fn read_all<K, T, E>(
+    fn read_all<K, V, T, E>(
         &self,
-        table: redb::TableDefinition<K, &'static [u8]>,
+        table: redb::TableDefinition<K, V>,
         table_name: &'static str,
-        decode: impl for<'a> Fn(K::SelfType<'a>, &[u8]) -> Result<T, E>,
+        decode: impl for<'a> Fn(K::SelfType<'a>, V::SelfType<'a>) -> Result<T, E>,
     ) -> Result<Vec<T>, ProjectionError>
     where
         K: redb::Key + 'static,
+        V: redb::Value + 'static,
         E: std::fmt::Display,
     {
         let txn = self

@@ -5,11 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_events::log::{ConsumerConfig, Delivery, EventLog, LogError, LogMessage, StartAt};
+use tandem_events::log::{
+    Consumer, ConsumerConfig, Delivery, EventLog, LogError, LogMessage, StartAt,
+};
 use tandem_events::subjects;
 use tokio::sync::watch;
 
-use super::{Projection, ProjectionError};
+use super::{Projection, ProjectionError, ProjectionReader};
 
 /// The durable consumer of the projection: one projector per projection file.
 pub const PROJECTION_CONSUMER: &str = "scheduler-projection";
@@ -26,64 +28,116 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// The projector's durable consumer: every event, from the beginning of the log.
 pub fn consumer_config() -> ConsumerConfig {
-    let mut config =
-        ConsumerConfig::new(PROJECTION_CONSUMER, vec![subjects::ALL_EVENTS.to_string()]);
+    named_consumer_config(PROJECTION_CONSUMER)
+}
+
+/// A projector consumer under its own name: each scheduler replica keeps its own projection, so each needs every
+/// event (a shared name would split the events between them).
+pub fn named_consumer_config(durable_name: &str) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(durable_name, vec![subjects::ALL_EVENTS.to_string()]);
     config.ack_wait = ACK_WAIT;
     config
 }
 
 /// Projects the log into the redb file at `db_path` until `stop` turns true.
-///
-/// Messages are applied in sequence order with none skipped (see [`messages_to_apply`]); a batch whose
-/// transaction fails is retried as it is, since a later message applied before it would raise the stored
-/// sequence past it and it would be dropped as a redelivery.
 pub async fn run_projector(
     log: Arc<dyn EventLog>,
     db_path: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ProjectionError> {
-    let mut projection = open_blocking(db_path.clone()).await?;
-    let consumer = log.consumer(consumer_config()).await?;
-    tracing::info!(path = %db_path.display(), last_applied = projection.last_applied()?, "projector started");
+    let mut projector = Projector::open(log, db_path, consumer_config()).await?;
     while !*stop.borrow() {
+        projector.step(&mut stop).await?;
+    }
+    Ok(())
+}
+
+/// A projection fed by a durable consumer of the whole log, one batch per [`Projector::step`].
+pub struct Projector {
+    log: Arc<dyn EventLog>,
+    consumer: Box<dyn Consumer>,
+    /// `None` only while a batch is applied on a blocking thread.
+    projection: Option<Projection>,
+    reader: ProjectionReader,
+    db_path: PathBuf,
+}
+
+impl Projector {
+    /// Opens (or creates) the projection at `db_path` and its consumer.
+    pub async fn open(
+        log: Arc<dyn EventLog>,
+        db_path: PathBuf,
+        consumer: ConsumerConfig,
+    ) -> Result<Projector, ProjectionError> {
+        let projection = open_blocking(db_path.clone()).await?;
+        let consumer = log.consumer(consumer).await?;
+        tracing::info!(path = %db_path.display(), last_applied = projection.last_applied()?, "projector started");
+        Ok(Projector {
+            log,
+            consumer,
+            reader: projection.reader(),
+            projection: Some(projection),
+            db_path,
+        })
+    }
+
+    /// Reads the projection as of its last commit.
+    pub fn reader(&self) -> &ProjectionReader {
+        &self.reader
+    }
+
+    /// Fetches one batch (waiting up to half a second for it, less when `stop` turns true) and applies it in one
+    /// transaction, acknowledging it after the commit. Returns how many messages it applied.
+    ///
+    /// Messages are applied in sequence order with none skipped (see [`messages_to_apply`]); a batch whose
+    /// transaction fails is retried as it is, since a later message applied before it would raise the stored
+    /// sequence past it and it would be dropped as a redelivery.
+    pub async fn step(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<usize, ProjectionError> {
         let fetched = tokio::select! {
-            fetched = consumer.fetch(MAX_BATCH_MESSAGES, FETCH_WAIT) => fetched,
-            _ = stop.changed() => break,
+            fetched = self.consumer.fetch(MAX_BATCH_MESSAGES, FETCH_WAIT) => fetched,
+            _ = stop.changed() => return Ok(0),
         };
         let deliveries = match fetched {
             Ok(deliveries) => deliveries,
             Err(error) => {
                 tracing::warn!(%error, "fetching events for the projection failed; retrying");
                 tokio::time::sleep(RETRY_DELAY).await;
-                continue;
+                return Ok(0);
             }
         };
         if deliveries.is_empty() {
-            continue;
+            return Ok(0);
         }
-        let last_applied = projection.last_applied()?;
-        let mut messages = match messages_to_apply(log.as_ref(), last_applied, &deliveries).await {
-            Ok(messages) => messages,
-            Err(error) => {
-                tracing::warn!(%error, "reading a gap of the log failed; retrying the batch");
-                for delivery in &deliveries {
-                    let _ = delivery.nak(Some(RETRY_DELAY)).await;
+        let last_applied = self.reader.last_applied()?;
+        let mut messages =
+            match messages_to_apply(self.log.as_ref(), last_applied, &deliveries).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(%error, "reading a gap of the log failed; retrying the batch");
+                    for delivery in &deliveries {
+                        let _ = delivery.nak(Some(RETRY_DELAY)).await;
+                    }
+                    return Ok(0);
                 }
-                continue;
-            }
-        };
+            };
+        let applied = messages.len();
         loop {
+            let Some(mut projection) = self.projection.take() else {
+                return Err(self.storage_error(
+                    "apply task",
+                    "the projection was lost by an earlier failed apply",
+                ));
+            };
             let (back, returned, result) = tokio::task::spawn_blocking(move || {
                 let result = projection.apply_batch(&messages);
                 (projection, messages, result)
             })
             .await
-            .map_err(|error| ProjectionError::Storage {
-                path: db_path.display().to_string(),
-                operation: "apply task",
-                reason: error.to_string(),
-            })?;
-            projection = back;
+            .map_err(|error| self.storage_error("apply task", error))?;
+            self.projection = Some(back);
             messages = returned;
             let Err(error) = result else { break };
             tracing::error!(%error, "applying a batch to the projection failed; retrying it");
@@ -100,8 +154,20 @@ pub async fn run_projector(
                 tracing::warn!(%error, sequence = delivery.message.sequence, "ack failed; the redelivery will be skipped");
             }
         }
+        Ok(applied)
     }
-    Ok(())
+
+    fn storage_error(
+        &self,
+        operation: &'static str,
+        error: impl std::fmt::Display,
+    ) -> ProjectionError {
+        ProjectionError::Storage {
+            path: self.db_path.display().to_string(),
+            operation,
+            reason: error.to_string(),
+        }
+    }
 }
 
 /// The messages after `last_applied` up to the newest delivered one, in sequence order, with none missing.

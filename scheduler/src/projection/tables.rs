@@ -18,6 +18,17 @@ pub const EVENTS_BY_REQUEST: TableDefinition<(&str, u64), &[u8]> =
 pub const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 /// stream sequence of the offending event → [`AuditFinding`] bytes.
 pub const AUDIT_FINDINGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_findings");
+/// (block hash, decode worker id) → (): which workers hold a full KV block with this chained hash in their prefix
+/// cache, as their `KvBlocksStored/Removed` events tell it. The routing policy's prefix index.
+pub const PREFIX_INDEX: TableDefinition<(u64, &str), ()> = TableDefinition::new("prefix_index");
+/// (decode worker id, block hash) → (): [`PREFIX_INDEX`] by worker, so a departed worker's blocks go without a scan.
+pub const WORKER_BLOCKS: TableDefinition<(&str, u64), ()> = TableDefinition::new("worker_blocks");
+/// (decode worker id, request id) → KV blocks the request holds there (prompt plus checkpointed tokens, rounded
+/// up to whole blocks): the live requests of each decode worker, for load and for migration when it is lost.
+pub const ACTIVE_REQUESTS: TableDefinition<(&str, &str), u32> =
+    TableDefinition::new("active_requests");
+/// request id → the routing attempt it waits for (1: never routed; n + 1 after the n-th attempt migrated).
+pub const UNROUTED: TableDefinition<&str, u32> = TableDefinition::new("unrouted");
 /// [`META_LAST_APPLIED_SEQUENCE`] and [`META_SCHEMA_VERSION`] → value.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -28,7 +39,7 @@ pub const META_LAST_APPLIED_SEQUENCE: &str = "last_applied_sequence";
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 /// Version of the table layout and records written by this build; a file with another version is refused (a
 /// projection is rebuilt from the log, never migrated in place).
-pub const PROJECTION_SCHEMA_VERSION: u64 = 1;
+pub const PROJECTION_SCHEMA_VERSION: u64 = 2;
 
 /// One request as the log tells it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -94,6 +105,12 @@ pub struct RequestRecord {
     /// Stream sequence of the last event applied to this request.
     #[prost(uint64, tag = "24")]
     pub last_event_sequence: u64,
+    /// When the last event applied to this request was written: the scheduler's measure of progress.
+    #[prost(uint64, optional, tag = "25")]
+    pub last_event_at_ns: Option<u64>,
+    /// Block size of the decode worker it is routed to (0 before routing), for its KV block count.
+    #[prost(uint32, tag = "26")]
+    pub block_size_tokens: u32,
 }
 
 /// One worker as its events tell it.
