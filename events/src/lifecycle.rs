@@ -6,6 +6,11 @@
 //!    ▲                └▶ PrefillQueued ─▶ PrefillStarted+ ─▶ PrefillDone ─▶ KvTransferred ┘
 //!    └── Migrated ◀── (any state from Routed to decoding)        Failed | Cancelled from any live state
 //! ```
+//! A migration starts a new attempt: `Migrated` then `Routed` (attempt n+1) to another decode worker, then the normal
+//! path again, its checkpoints continuing at `Migrated.tokens_generated`. The old worker may still be alive (it was
+//! only declared lost) and its events may land later: an event naming a decode worker that an earlier attempt ran
+//! on (and the current one does not) is accepted as late, with no effect, in any state, even after the end; a
+//! prefill worker's `PrefillStarted`/`PrefillDone`, which name no decode worker, are late when they cannot follow.
 //! On the remote path the decode worker starts as soon as the KV has arrived, so `DecodeStarted` may come right
 //! after `PrefillStarted`, and the prefill worker's `PrefillDone` then `KvTransferred` may follow it (once each).
 //! An event that may not follow the current state but is identical to one already applied (a retried append, a
@@ -102,6 +107,9 @@ pub enum Applied {
     /// Work that was in flight when the request was cancelled (a routing, a checkpoint, even a completion racing
     /// the client's disconnect) landed after the cancellation; recorded, nothing changed.
     AfterCancellation,
+    /// Work of an attempt that a migration superseded (its decode worker was declared lost but was still running)
+    /// landed after the `Migrated`; recorded, nothing changed.
+    AfterMigration,
 }
 
 /// One request's lifecycle: its state plus what the rules need to remember.
@@ -116,6 +124,12 @@ pub struct RequestLifecycle {
     remote_prefill: RemotePrefill,
     /// Fingerprints of the bodies applied so far, to recognise idempotent repeats.
     applied_fingerprints: BTreeSet<u64>,
+    /// The decode worker of the current attempt (from its `Routed`).
+    decode_worker_id: String,
+    /// Decode workers of attempts a migration took the request from, not counting the current one's: their
+    /// events are late.
+    superseded_decode_workers: BTreeSet<String>,
+    migrations: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,6 +147,9 @@ impl Default for RequestLifecycle {
             prefill_attempt: 0,
             remote_prefill: RemotePrefill::default(),
             applied_fingerprints: BTreeSet::new(),
+            decode_worker_id: String::new(),
+            superseded_decode_workers: BTreeSet::new(),
+            migrations: 0,
         }
     }
 }
@@ -147,8 +164,16 @@ impl RequestLifecycle {
         self.tokens_checkpointed
     }
 
+    /// How many times the request was migrated (its current attempt is this plus one).
+    pub fn migrations(&self) -> u32 {
+        self.migrations
+    }
+
     /// Applies one event; on a violation the lifecycle is left unchanged.
     pub fn apply(&mut self, body: &Body) -> Result<Applied, LifecycleViolation> {
+        if self.is_late_from_superseded_attempt(body) {
+            return Ok(Applied::AfterMigration);
+        }
         let fingerprint = fingerprint(body);
         // Legality first: after a migration the new decode worker may legitimately send a body identical to one
         // sent before it (same worker, same decision); only an event that could not follow is a repeat.
@@ -161,6 +186,12 @@ impl RequestLifecycle {
                 if self.state == RequestState::Cancelled && is_pipeline_work(body.kind()) =>
             {
                 return Ok(Applied::AfterCancellation);
+            }
+            Err(_)
+                if self.migrations > 0
+                    && matches!(body, Body::PrefillStarted(_) | Body::PrefillDone(_)) =>
+            {
+                return Ok(Applied::AfterMigration);
             }
             Err(reason) => {
                 return Err(LifecycleViolation {
@@ -183,6 +214,19 @@ impl RequestLifecycle {
                 self.tokens_checkpointed = migrated.tokens_generated;
                 self.prefill_attempt = 0;
                 self.remote_prefill = RemotePrefill::default();
+                self.migrations += 1;
+                let current = std::mem::take(&mut self.decode_worker_id);
+                self.superseded_decode_workers.extend(
+                    [current, migrated.from_worker_id.clone()]
+                        .into_iter()
+                        .filter(|worker_id| !worker_id.is_empty()),
+                );
+            }
+            Body::Routed(routed) => {
+                // Routed back to a worker an earlier attempt ran on: its events count again.
+                self.superseded_decode_workers
+                    .remove(&routed.decode_worker_id);
+                self.decode_worker_id = routed.decode_worker_id.clone();
             }
             _ => {}
         }
@@ -270,6 +314,25 @@ impl RequestLifecycle {
 }
 
 impl RequestLifecycle {
+    /// An event naming, as its decode worker, one that a migration took the request from.
+    fn is_late_from_superseded_attempt(&self, body: &Body) -> bool {
+        if self.superseded_decode_workers.is_empty() {
+            return false;
+        }
+        let decode_worker_id = match body {
+            Body::PrefillLocal(body) => &body.decode_worker_id,
+            Body::PrefillQueued(body) => &body.decode_worker_id,
+            Body::KvTransferred(body) => &body.to_worker_id,
+            Body::DecodeStarted(body) => &body.decode_worker_id,
+            Body::TokensDecoded(body) => &body.decode_worker_id,
+            Body::Completed(body) => &body.decode_worker_id,
+            // Not `Failed`: the scheduler's own `Failed` (a timeout) names the request's decode worker, which may
+            // be the one it was migrated from, and must still end the request.
+            _ => return false,
+        };
+        !decode_worker_id.is_empty() && self.superseded_decode_workers.contains(decode_worker_id)
+    }
+
     /// A prefill worker's `PrefillDone` / `KvTransferred` landing after the decode worker already started decoding
     /// (or even finished): accepted once each, in that order, without changing the state.
     fn late_prefill_record(&self, body: &Body) -> Option<RequestState> {

@@ -234,7 +234,7 @@ fn migration_reroutes_and_continues_after_the_checkpoint() {
         migrated(3),
         routed("decode-2", 2),
         local(),
-        decode_started(),
+        decode_started_on("decode-2"),
         tokens(3, &[8]),
         completed(),
     ];
@@ -489,4 +489,180 @@ fn a_violation_leaves_the_lifecycle_unchanged() {
     assert_eq!(error.state, RequestState::Received);
     assert!(error.to_string().contains("prefill_done"));
     assert_eq!(lifecycle, before);
+}
+
+fn migrated_from(worker: &str, tokens_generated: u32) -> Body {
+    Body::Migrated(Migrated {
+        from_worker_id: worker.into(),
+        reason: "worker_lost".into(),
+        tokens_generated,
+    })
+}
+fn decode_started_on(worker: &str) -> Body {
+    Body::DecodeStarted(DecodeStarted {
+        decode_worker_id: worker.into(),
+    })
+}
+fn tokens_on(worker: &str, start_index: u32, token_ids: &[u32]) -> Body {
+    Body::TokensDecoded(TokensDecoded {
+        decode_worker_id: worker.into(),
+        start_index,
+        token_ids: token_ids.to_vec(),
+        ..Default::default()
+    })
+}
+fn completed_on(worker: &str, completion_tokens: u32) -> Body {
+    Body::Completed(Completed {
+        finish_reason: "length".into(),
+        completion_tokens,
+        decode_worker_id: worker.into(),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn late_work_of_a_migrated_attempt_is_accepted_and_changes_nothing() {
+    let mut lifecycle = RequestLifecycle::default();
+    for body in [
+        received(),
+        routed("decode-1", 1),
+        local_on("decode-1"),
+        decode_started_on("decode-1"),
+        tokens_on("decode-1", 0, &[5, 6]),
+        migrated_from("decode-1", 2),
+    ] {
+        assert!(matches!(lifecycle.apply(&body), Ok(Applied::Advanced(_))));
+    }
+    assert_eq!(lifecycle.migrations(), 1);
+    // The old worker was still alive: its next checkpoint lands while the request waits to be routed again.
+    assert_eq!(
+        lifecycle.apply(&tokens_on("decode-1", 2, &[7])),
+        Ok(Applied::AfterMigration)
+    );
+    assert_eq!(lifecycle.state(), RequestState::Migrating);
+    assert_eq!(lifecycle.tokens_checkpointed(), 2);
+    for body in [
+        routed("decode-2", 2),
+        local_on("decode-2"),
+        decode_started_on("decode-2"),
+    ] {
+        assert!(matches!(lifecycle.apply(&body), Ok(Applied::Advanced(_))));
+    }
+    // More of the old attempt, interleaved with the new one: the new one's checkpoints continue at 2.
+    assert_eq!(
+        lifecycle.apply(&decode_started_on("decode-1")),
+        Ok(Applied::AfterMigration)
+    );
+    assert_eq!(
+        lifecycle.apply(&tokens_on("decode-2", 2, &[9, 9])),
+        Ok(Applied::Advanced(RequestState::Decoding))
+    );
+    assert_eq!(
+        lifecycle.apply(&tokens_on("decode-1", 3, &[8])),
+        Ok(Applied::AfterMigration)
+    );
+    assert_eq!(lifecycle.tokens_checkpointed(), 4);
+    assert_eq!(
+        lifecycle.apply(&completed_on("decode-2", 4)),
+        Ok(Applied::Advanced(RequestState::Completed))
+    );
+    // Even after the end, and even a completion of the old attempt.
+    assert_eq!(
+        lifecycle.apply(&completed_on("decode-1", 3)),
+        Ok(Applied::AfterMigration)
+    );
+    assert_eq!(lifecycle.state(), RequestState::Completed);
+    // A prefill worker's record of the old attempt names no decode worker: late when it cannot follow.
+    let mut remote = RequestLifecycle::default();
+    for body in [
+        received(),
+        routed("decode-1", 1),
+        queued(),
+        started(1),
+        migrated_from("decode-1", 0),
+        routed("decode-2", 2),
+        local_on("decode-2"),
+    ] {
+        assert!(matches!(remote.apply(&body), Ok(Applied::Advanced(_))));
+    }
+    assert_eq!(remote.apply(&done()), Ok(Applied::AfterMigration));
+    assert_eq!(remote.state(), RequestState::PrefillLocal);
+}
+
+#[test]
+fn a_request_can_migrate_twice_and_back_to_a_worker_it_left() {
+    let path = [
+        received(),
+        routed("decode-1", 1),
+        local_on("decode-1"),
+        decode_started_on("decode-1"),
+        tokens_on("decode-1", 0, &[1]),
+        migrated_from("decode-1", 1),
+        routed("decode-2", 2),
+        local_on("decode-2"),
+        decode_started_on("decode-2"),
+        tokens_on("decode-2", 1, &[2]),
+        migrated_from("decode-2", 2),
+        // decode-1 came back and takes it again: its events count once more.
+        routed("decode-1", 3),
+        local_on("decode-1"),
+        decode_started_on("decode-1"),
+        tokens_on("decode-2", 2, &[7]),
+        tokens_on("decode-1", 2, &[3]),
+        completed_on("decode-1", 3),
+    ];
+    assert_eq!(final_state(&path), RequestState::Completed);
+    // A current worker's gap is still a violation after migrations.
+    assert_eq!(
+        violation(&[
+            received(),
+            routed("decode-1", 1),
+            local_on("decode-1"),
+            decode_started_on("decode-1"),
+            tokens_on("decode-1", 0, &[1]),
+            migrated_from("decode-1", 1),
+            routed("decode-2", 2),
+            local_on("decode-2"),
+            decode_started_on("decode-2"),
+            tokens_on("decode-2", 3, &[2]),
+        ]),
+        (
+            9,
+            ViolationReason::TokenIndexGap {
+                expected: 1,
+                found: 3
+            }
+        )
+    );
+}
+
+#[test]
+fn the_scheduler_can_fail_a_request_in_any_live_state_even_naming_a_lost_worker() {
+    let scheduler_failed = Body::Failed(Failed {
+        reason: "prefill_timeout".into(),
+        message: "no PrefillDone within 30 s".into(),
+        worker_id: "decode-1".into(),
+    });
+    for prefix in [
+        vec![received()],
+        vec![received(), routed("decode-1", 1)],
+        vec![received(), routed("decode-1", 1), queued(), started(1)],
+        vec![
+            received(),
+            routed("decode-1", 1),
+            local_on("decode-1"),
+            migrated_from("decode-1", 0),
+        ],
+        vec![
+            received(),
+            routed("decode-1", 1),
+            local_on("decode-1"),
+            migrated_from("decode-1", 0),
+            routed("decode-2", 2),
+        ],
+    ] {
+        let mut path = prefix;
+        path.push(scheduler_failed.clone());
+        assert_eq!(final_state(&path), RequestState::Failed);
+    }
 }

@@ -9,7 +9,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, SequenceStep};
 use crate::error::EngineError;
 use crate::kv_cache::layout::KvLayout;
-use crate::kv_cache::{BlockTable, KvCacheManager};
+use crate::kv_cache::{BlockTable, KvCacheEvent, KvCacheManager};
 use crate::model::config::ModelConfig;
 use crate::model::weights::ModelWeights;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
@@ -147,6 +147,22 @@ impl Engine {
     /// Full blocks currently registered in the prefix cache.
     pub fn num_cached_blocks(&self) -> usize {
         self.kv_cache.num_cached_blocks()
+    }
+
+    /// From now on, record every change to the prefix cache's set of blocks for
+    /// [`Engine::take_kv_cache_events`] (off by default: nobody would drain them).
+    pub fn record_kv_cache_events(&mut self) {
+        self.kv_cache.record_events();
+    }
+
+    /// The changes to the prefix cache since the last call, in order (blocks stored, blocks evicted).
+    pub fn take_kv_cache_events(&mut self) -> Vec<KvCacheEvent> {
+        self.kv_cache.take_events()
+    }
+
+    /// The chained hashes ([`tandem_events::blocks`]) of every block in the prefix cache, sorted.
+    pub fn cached_block_hashes(&self) -> Vec<u64> {
+        self.kv_cache.cached_block_hashes()
     }
 
     fn sequence(&self, id: SequenceId) -> Result<&Sequence, EngineError> {

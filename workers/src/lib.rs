@@ -22,7 +22,7 @@ pub use backend::cpu::CpuBackend;
 pub use backend::{Backend, SequenceStep};
 pub use engine::{Engine, EngineConfig, FinishReason, Generation, SequenceId};
 pub use error::{EngineError, LoadError};
-pub use kv_cache::BlockId;
+pub use kv_cache::{BlockId, KvCacheEvent};
 pub use kv_cache::layout::KvLayout;
 pub use model::builtin::{BUILTIN_SEED, builtin_config, builtin_model};
 pub use model::config::ModelConfig;

@@ -8,7 +8,8 @@ pub(crate) mod layout;
 pub(crate) mod prefix_index;
 
 use allocator::BlockAllocator;
-use prefix_index::{PrefixIndex, chained_block_hash};
+use prefix_index::PrefixIndex;
+use tandem_events::blocks::chained_block_hash;
 
 use crate::error::EngineError;
 
@@ -24,11 +25,27 @@ pub(crate) struct BlockTable {
     full_block_hashes: Vec<u64>,
 }
 
+/// A change to the set of full blocks in the prefix cache. Applied in order, these rebuild the exact set (what
+/// a decode worker publishes as `KvBlocksStored`/`KvBlocksRemoved` for the scheduler's prefix index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvCacheEvent {
+    /// Blocks entered the cache. Each listed block's parent is the one listed before it; the first one's is
+    /// `parent_hash` (`None`: it starts a sequence).
+    Stored {
+        parent_hash: Option<u64>,
+        block_hashes: Vec<u64>,
+    },
+    /// Blocks left the cache (their storage was taken for other tokens).
+    Removed { block_hashes: Vec<u64> },
+}
+
 pub(crate) struct KvCacheManager {
     block_size_tokens: usize,
     allocator: BlockAllocator,
     prefix_index: PrefixIndex,
     prefix_caching: bool,
+    /// Changes to the cached set not yet taken; `None` while nobody listens (the buffer would only grow).
+    pending_events: Option<Vec<KvCacheEvent>>,
 }
 
 impl KvCacheManager {
@@ -38,7 +55,59 @@ impl KvCacheManager {
             allocator: BlockAllocator::new(num_blocks),
             prefix_index: PrefixIndex::default(),
             prefix_caching,
+            pending_events: None,
         }
+    }
+
+    /// From now on, record every change to the cached set for [`KvCacheManager::take_events`].
+    pub(crate) fn record_events(&mut self) {
+        self.pending_events.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes recorded since the last call, in order, with consecutive changes merged: blocks stored as one
+    /// chain form one `Stored`, consecutive evictions one `Removed`.
+    pub(crate) fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        self.pending_events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The hashes of every block in the prefix cache, sorted.
+    pub(crate) fn cached_block_hashes(&self) -> Vec<u64> {
+        let mut hashes: Vec<u64> = self.prefix_index.hashes().collect();
+        hashes.sort_unstable();
+        hashes
+    }
+
+    fn note_stored(&mut self, parent_hash: Option<u64>, hash: u64) {
+        let Some(events) = self.pending_events.as_mut() else {
+            return;
+        };
+        if let Some(KvCacheEvent::Stored { block_hashes, .. }) = events.last_mut()
+            && parent_hash.is_some()
+            && block_hashes.last().copied() == parent_hash
+        {
+            block_hashes.push(hash);
+            return;
+        }
+        events.push(KvCacheEvent::Stored {
+            parent_hash,
+            block_hashes: vec![hash],
+        });
+    }
+
+    fn note_removed(&mut self, hash: u64) {
+        let Some(events) = self.pending_events.as_mut() else {
+            return;
+        };
+        if let Some(KvCacheEvent::Removed { block_hashes }) = events.last_mut() {
+            block_hashes.push(hash);
+            return;
+        }
+        events.push(KvCacheEvent::Removed {
+            block_hashes: vec![hash],
+        });
     }
 
     pub(crate) fn num_free_blocks(&self) -> usize {
@@ -100,7 +169,9 @@ impl KvCacheManager {
                 unreachable!("free count checked above");
             };
             // The block's old contents are about to be overwritten: it can no longer serve its old prefix.
-            self.prefix_index.evict(block);
+            if let Some(hash) = self.prefix_index.evict(block) {
+                self.note_removed(hash);
+            }
             table.blocks.push(block);
         }
         Ok(())
@@ -123,8 +194,13 @@ impl KvCacheManager {
                 &token_ids[index * self.block_size_tokens..(index + 1) * self.block_size_tokens];
             let parent = table.full_block_hashes.last().copied();
             let hash = chained_block_hash(parent, block_tokens);
-            self.prefix_index
-                .insert(hash, parent, block_tokens, table.blocks[index]);
+            // An equal block cached already (computed twice by concurrent prompts) leaves the set unchanged.
+            if self
+                .prefix_index
+                .insert(hash, parent, block_tokens, table.blocks[index])
+            {
+                self.note_stored(parent, hash);
+            }
             table.full_block_hashes.push(hash);
         }
     }
@@ -202,5 +278,85 @@ mod tests {
         );
         let (_, cached) = manager.start_sequence(&prompt);
         assert_eq!(cached, 0);
+    }
+
+    /// Applies recorded events to a set, as the scheduler does with the logged ones.
+    fn rebuild(events: &[KvCacheEvent], set: &mut std::collections::BTreeSet<u64>) {
+        for event in events {
+            match event {
+                KvCacheEvent::Stored {
+                    parent_hash,
+                    block_hashes,
+                } => {
+                    if let Some(parent) = parent_hash {
+                        assert!(set.contains(parent), "a stored chain's parent is cached");
+                    }
+                    set.extend(block_hashes.iter().copied());
+                }
+                KvCacheEvent::Removed { block_hashes } => {
+                    for hash in block_hashes {
+                        assert!(set.remove(hash), "a removed block was stored before");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn recorded_events_rebuild_the_cached_set_through_eviction() {
+        let mut manager = KvCacheManager::new(4, 2, true);
+        manager.record_events();
+        let mut rebuilt = std::collections::BTreeSet::new();
+        let prompts: [&[u32]; 4] = [
+            &[1, 2, 3, 4, 5],
+            &[1, 2, 3, 4, 9, 9],
+            &[7, 7, 7],
+            &[8, 8, 8, 8, 8],
+        ];
+        for prompt in prompts {
+            let (mut table, _) = manager.start_sequence(prompt);
+            manager.reserve(&mut table, prompt.len()).unwrap();
+            manager.register_full_blocks(&mut table, prompt, prompt.len());
+            manager.release(table);
+            rebuild(&manager.take_events(), &mut rebuilt);
+            assert_eq!(
+                rebuilt.iter().copied().collect::<Vec<_>>(),
+                manager.cached_block_hashes()
+            );
+        }
+        assert!(manager.take_events().is_empty(), "taken events are gone");
+        // The second prompt extends the first one's chain: one `Stored`, merged. Another prompt starts its own.
+        let mut again = KvCacheManager::new(8, 2, true);
+        again.record_events();
+        for prompt in [prompts[0], prompts[1], prompts[3]] {
+            let (mut table, _) = again.start_sequence(prompt);
+            again.reserve(&mut table, prompt.len()).unwrap();
+            again.register_full_blocks(&mut table, prompt, prompt.len());
+            again.release(table);
+        }
+        let hashes = tandem_events::blocks::block_hashes(prompts[1], 2);
+        assert_eq!(
+            again.take_events(),
+            vec![
+                KvCacheEvent::Stored {
+                    parent_hash: None,
+                    block_hashes: hashes
+                },
+                KvCacheEvent::Stored {
+                    parent_hash: None,
+                    block_hashes: tandem_events::blocks::block_hashes(prompts[3], 2)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_is_recorded_unless_asked() {
+        let mut manager = KvCacheManager::new(4, 2, true);
+        let (mut table, _) = manager.start_sequence(&[1, 2, 3]);
+        manager.reserve(&mut table, 3).unwrap();
+        manager.register_full_blocks(&mut table, &[1, 2, 3], 3);
+        assert!(manager.take_events().is_empty());
+        assert_eq!(manager.cached_block_hashes().len(), 1);
     }
 }

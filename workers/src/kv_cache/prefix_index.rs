@@ -1,32 +1,11 @@
 //! [`PrefixIndex`]: prefix caching by chained hashes of full blocks. A full block's hash covers its tokens
 //! and the hash of the block before it, so equal hashes mean equal whole prefixes; the tokens are kept and
-//! compared as well, so a 64-bit collision can never hand a sequence someone else's KV.
+//! compared as well, so a 64-bit collision can never hand a sequence someone else's KV. The hash itself is the
+//! contract of [`tandem_events::blocks`], so the scheduler names blocks as the workers do.
 
 use std::collections::HashMap;
 
 use super::BlockId;
-
-/// The chained hash of a full block (FNV-1a over the parent hash and the token ids; stable across runs
-/// and machines, so hashes can later be compared between workers).
-pub(crate) fn chained_block_hash(parent_hash: Option<u64>, token_ids: &[u32]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut feed = |bytes: &[u8]| {
-        for &byte in bytes {
-            hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    match parent_hash {
-        Some(parent) => {
-            feed(&[1]);
-            feed(&parent.to_le_bytes());
-        }
-        None => feed(&[0]),
-    }
-    for token in token_ids {
-        feed(&token.to_le_bytes());
-    }
-    hash
-}
 
 struct CachedBlock {
     block: BlockId,
@@ -78,21 +57,27 @@ impl PrefixIndex {
         true
     }
 
-    /// Forgets a block whose storage is about to hold something else.
-    pub(crate) fn evict(&mut self, block: BlockId) {
-        if let Some(hash) = self.hash_of_block.remove(&block) {
-            self.by_hash.remove(&hash);
-        }
+    /// Forgets a block whose storage is about to hold something else; returns the hash it was cached under.
+    pub(crate) fn evict(&mut self, block: BlockId) -> Option<u64> {
+        let hash = self.hash_of_block.remove(&block)?;
+        self.by_hash.remove(&hash);
+        Some(hash)
     }
 
     pub(crate) fn len(&self) -> usize {
         self.by_hash.len()
+    }
+
+    /// The hashes of every cached block, in no particular order.
+    pub(crate) fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_hash.keys().copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_events::blocks::chained_block_hash;
 
     #[test]
     fn hashes_chain_and_lookup_checks_tokens_and_parent() {
