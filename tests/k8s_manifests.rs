@@ -488,6 +488,70 @@ fn manifests_wire_together() {
     assert_eq!(common["TANDEM_NATS"], "nats://nats:4222");
     assert_eq!(common["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://jaeger:4317");
 
+    // Every role exports its traces to Jaeger under its own service name.
+    for (workload, _, container) in tandem_containers(&objects) {
+        let env = environment(&objects, &container);
+        assert_eq!(
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .cloned()
+                .flatten()
+                .as_deref(),
+            Some("http://jaeger:4317"),
+            "{workload}"
+        );
+        assert_eq!(
+            env.get("OTEL_SERVICE_NAME").cloned().flatten().as_deref(),
+            Some(workload.as_str()),
+            "{workload}: its traces are named after it"
+        );
+    }
+
+    // The servers' own configuration listens where their containers and probes say.
+    let jaeger = &containers(find(&objects, "Deployment", "jaeger"))[0];
+    let jaeger_config_text = find(&objects, "ConfigMap", "jaeger-config")["data"]["config.yaml"]
+        .as_str()
+        .expect("Jaeger's config");
+    let jaeger_config = to_json(&YamlLoader::load_from_str(jaeger_config_text).unwrap()[0]);
+    let endpoint_port = |pointer: &str| -> u16 {
+        let endpoint = jaeger_config
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("Jaeger's config has no {pointer}"));
+        assert!(
+            endpoint.starts_with("0.0.0.0:"),
+            "{pointer} listens on every interface"
+        );
+        endpoint.rsplit_once(':').unwrap().1.parse().unwrap()
+    };
+    for (pointer, port_name) in [
+        ("/receivers/otlp/protocols/grpc/endpoint", "otlp-grpc"),
+        ("/receivers/otlp/protocols/http/endpoint", "otlp-http"),
+        ("/extensions/jaeger_query/http/endpoint", "ui"),
+        ("/extensions/healthcheckv2/http/endpoint", "health"),
+    ] {
+        assert_eq!(
+            Some(endpoint_port(pointer)),
+            container_port(jaeger, port_name),
+            "Jaeger: {pointer}"
+        );
+    }
+    assert_eq!(
+        jaeger_config.pointer("/extensions/healthcheckv2/http/status/path"),
+        jaeger["readinessProbe"]["httpGet"].get("path"),
+        "Jaeger's readiness probe asks its health check's path"
+    );
+    let nats = &containers(find(&objects, "StatefulSet", "nats"))[0];
+    let nats_config = find(&objects, "ConfigMap", "nats-config")["data"]["nats.conf"]
+        .as_str()
+        .expect("the NATS config");
+    for (setting, port_name) in [("listen", "client"), ("http", "monitor")] {
+        let port = container_port(nats, port_name).expect("a NATS port");
+        assert!(
+            nats_config.contains(&format!("\n{setting}: 0.0.0.0:{port}\n")),
+            "nats.conf: {setting} on the container port {port_name} ({port})"
+        );
+    }
+
     // Persistent state where the issue wants it: JetStream's store and the scheduler's redb.
     for (statefulset, mount) in [("nats", "/data"), ("tandem-scheduler", "/var/lib/tandem")] {
         let set = find(&objects, "StatefulSet", statefulset);
