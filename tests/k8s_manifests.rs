@@ -697,7 +697,7 @@ fn probe_paths_answer_on_the_roles_started_with_the_manifests_settings() {
                 "TANDEM_MODEL" | "OTEL_EXPORTER_OTLP_ENDPOINT" => None,
                 "TANDEM_DATA_DIR" => Some(dir.path().join(workload).display().to_string()),
                 "TANDEM_KV_LISTEN" => Some("127.0.0.1:0".to_string()),
-                "TANDEM_WORKER_ID" => Some(format!("{workload}-0")),
+                "TANDEM_WORKER_ID" | "TANDEM_SCHEDULER_ID" => Some(format!("{workload}-0")),
                 _ => value,
             };
             if let Some(value) = value {
