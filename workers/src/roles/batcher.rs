@@ -4,9 +4,14 @@
 //! blocks: a request that cannot get blocks waits in line, it is not dropped.
 //!
 //! The thread owns the [`Engine`] (CPU work, never on the async runtime). It reports what happens as
-//! [`BatchOutput`]s: token updates to stream and events to append, in order per request.
+//! [`BatchOutput`]s: token updates to stream and events to append, in order per request, and after every step the
+//! changes to the engine's prefix cache (for `KvBlocksStored`/`KvBlocksRemoved`).
+//!
+//! A migrated request (`Routed.attempt` > 1) resumes: its input is the prompt plus the tokens an earlier attempt
+//! checkpointed, and before its first new token the sampler, the detokenizer and the stop matcher are brought to
+//! the state an unmigrated run had after those tokens, so every later index carries the same token and text.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -21,6 +26,7 @@ use tokenizers::Tokenizer;
 
 use crate::engine::{Engine, SequenceId};
 use crate::error::EngineError;
+use crate::kv_cache::KvCacheEvent;
 use crate::roles::detokenizer::IncrementalDetokenizer;
 use crate::roles::engine_sampling;
 use crate::roles::prefill_rule::{PrefillRule, SharedPrefillRule};
@@ -37,15 +43,57 @@ pub struct Job {
     pub sampling: WireSampling,
     /// The `Routed.attempt` this job came from; numbers the dedup ids of the events it causes.
     pub routed_attempt: u32,
+    /// Where its `Routed` is on the log: a `Migrated` away from this worker stops the attempts routed before it.
+    pub routed_sequence: u64,
+    /// Generated tokens `[0, n)` that an earlier attempt checkpointed (empty for a first attempt): the request
+    /// continues at index n.
+    pub resumed_token_ids: Vec<u32>,
+    /// Their sampled logprobs, when the checkpoints carried them (one per token), else empty.
+    pub resumed_logprobs: Vec<f32>,
+}
+
+impl Job {
+    /// What the engine computes before the next token: the prompt, then the tokens already generated.
+    fn input_token_ids(&self) -> Vec<u32> {
+        let mut input = self.prompt_token_ids.clone();
+        input.extend_from_slice(&self.resumed_token_ids);
+        input
+    }
+
+    /// Sampling draws randomness, so a remote prefill (whose first token is drawn with a fresh sampler on the
+    /// prefill worker) would not continue the seeded stream at index n.
+    fn samples_randomly(&self) -> bool {
+        self.sampling.temperature > 0.0 && self.sampling.top_k != 1
+    }
+}
+
+/// The occurrence (dedup id `<request_id>:tokens_decoded:<n>`) of the checkpoint starting at `start_index` in
+/// routing attempt `attempt`: the start index itself on the first attempt; later attempts set the attempt in the
+/// high bits, so a checkpoint at the same index from a superseded attempt (still running when it was declared lost)
+/// never collides with this one's. Token indices stay below 2^22 (4M tokens of context).
+pub(crate) fn checkpoint_occurrence(attempt: u32, start_index: u32) -> u32 {
+    if attempt <= 1 {
+        start_index
+    } else {
+        ((attempt - 1).min(1023) << 22) | (start_index & 0x003F_FFFF)
+    }
 }
 
 /// What the async side sends to the engine thread.
 #[derive(Debug)]
 pub enum BatchCommand {
     Start(Job),
-    /// The client went away: drop the request and free its blocks (the gateway already logged `Cancelled`).
+    /// The client went away, or someone else ended the request (`Cancelled`, a `Failed` this worker did not append):
+    /// drop it, free its blocks, send and append nothing more for it.
     Cancel {
         request_id: String,
+    },
+    /// The request was migrated away from this worker (declared lost while alive): drop its attempts routed before
+    /// `before_sequence` (the `Migrated`), free their blocks, send and append nothing more for them. A later
+    /// routing of the same request back to this worker runs.
+    Supersede {
+        request_id: String,
+        before_sequence: u64,
     },
     /// The KV of a remotely prefilled request arrived, verified; decoding can start.
     KvArrived {
@@ -59,6 +107,8 @@ pub enum BatchCommand {
     },
     /// Finish running requests, then stop.
     Drain,
+    /// Stop now, dropping everything (a crash drill: nothing more is sent or appended).
+    Halt,
 }
 
 /// What the engine thread reports.
@@ -79,6 +129,10 @@ pub enum BatchOutput {
     /// Register the KV transfer this worker awaits, before the `PrefillQueued` that announces it is appended.
     AwaitKv {
         expected: ExpectedTransfer,
+    },
+    /// Blocks that entered or left the engine's prefix cache during one step, in order.
+    KvCache {
+        changes: Vec<KvCacheEvent>,
     },
 }
 
@@ -137,6 +191,7 @@ pub fn run_batcher(
     commands: mpsc::Receiver<BatchCommand>,
     outputs: tokio::sync::mpsc::UnboundedSender<BatchOutput>,
 ) {
+    engine.record_kv_cache_events();
     let mut batcher = Batcher {
         engine: &mut engine,
         tokenizer: &tokenizer,
@@ -145,7 +200,9 @@ pub fn run_batcher(
         waiting: VecDeque::new(),
         running: Vec::new(),
         cancelled: HashSet::new(),
+        superseded: HashMap::new(),
         draining: false,
+        halted: false,
     };
     loop {
         let idle = batcher.waiting.is_empty() && batcher.running.is_empty();
@@ -173,8 +230,12 @@ pub fn run_batcher(
         {
             batcher.handle(command);
         }
+        if batcher.halted {
+            return;
+        }
         batcher.admit();
         batcher.step();
+        batcher.report_kv_cache_changes();
     }
 }
 
@@ -187,7 +248,10 @@ struct Batcher<'a> {
     running: Vec<Running>,
     /// Requests cancelled before or while they ran here (a cancellation can overtake its routing).
     cancelled: HashSet<String>,
+    /// Requests migrated away from here: routings before this log sequence are not run.
+    superseded: HashMap<String, u64>,
     draining: bool,
+    halted: bool,
 }
 
 impl Batcher<'_> {
@@ -201,10 +265,49 @@ impl Batcher<'_> {
         self.emit(BatchOutput::Event { event, occurrence });
     }
 
+    fn report_kv_cache_changes(&mut self) {
+        let changes = self.engine.take_kv_cache_events();
+        if !changes.is_empty() {
+            self.emit(BatchOutput::KvCache { changes });
+        }
+    }
+
+    fn is_superseded(&self, job: &Job) -> bool {
+        self.superseded
+            .get(&job.request_id)
+            .is_some_and(|&before| job.routed_sequence < before)
+    }
+
+    /// Drops the request's jobs (waiting or running) that `stops` picks, freeing their blocks; nothing more is sent or
+    /// appended for them. Their routings are acknowledged: whoever stopped them owns the request now.
+    fn drop_jobs(&mut self, request_id: &str, stops: impl Fn(&Job) -> bool) {
+        while let Some(position) = self
+            .waiting
+            .iter()
+            .position(|job| job.request_id == request_id && stops(job))
+        {
+            self.waiting.remove(position);
+            self.emit(BatchOutput::Finished {
+                request_id: request_id.to_string(),
+            });
+        }
+        while let Some(position) = self
+            .running
+            .iter()
+            .position(|run| run.job.request_id == request_id && stops(&run.job))
+        {
+            let run = self.running.swap_remove(position);
+            self.release(run.sequence_id);
+            self.emit(BatchOutput::Finished {
+                request_id: request_id.to_string(),
+            });
+        }
+    }
+
     fn handle(&mut self, command: BatchCommand) {
         match command {
             BatchCommand::Start(job) => {
-                if self.cancelled.contains(&job.request_id) {
+                if self.cancelled.contains(&job.request_id) || self.is_superseded(&job) {
                     self.emit(BatchOutput::Finished {
                         request_id: job.request_id,
                     });
@@ -213,32 +316,23 @@ impl Batcher<'_> {
                 }
             }
             BatchCommand::Cancel { request_id } => {
-                if let Some(position) = self
-                    .waiting
-                    .iter()
-                    .position(|job| job.request_id == request_id)
-                {
-                    self.waiting.remove(position);
-                    self.emit(BatchOutput::Finished {
-                        request_id: request_id.clone(),
-                    });
-                }
-                if let Some(position) = self
-                    .running
-                    .iter()
-                    .position(|run| run.job.request_id == request_id)
-                {
-                    let run = self.running.swap_remove(position);
-                    self.release(run.sequence_id);
-                    self.emit(BatchOutput::Finished {
-                        request_id: request_id.clone(),
-                    });
-                }
+                self.drop_jobs(&request_id, |_| true);
                 // Bounded memory: forget old cancellations once there are many.
                 if self.cancelled.len() > 100_000 {
                     self.cancelled.clear();
                 }
                 self.cancelled.insert(request_id);
+            }
+            BatchCommand::Supersede {
+                request_id,
+                before_sequence,
+            } => {
+                self.drop_jobs(&request_id, |job| job.routed_sequence < before_sequence);
+                if self.superseded.len() > 100_000 {
+                    self.superseded.clear();
+                }
+                let before = self.superseded.entry(request_id).or_insert(0);
+                *before = (*before).max(before_sequence);
             }
             BatchCommand::KvArrived {
                 request_id,
@@ -252,6 +346,7 @@ impl Batcher<'_> {
                 }
             }
             BatchCommand::Drain => self.draining = true,
+            BatchCommand::Halt => self.halted = true,
         }
     }
 
@@ -267,7 +362,7 @@ impl Batcher<'_> {
             let Some(job) = self.waiting.pop_front() else {
                 return;
             };
-            match self.engine.add_sequence(&job.prompt_token_ids) {
+            match self.engine.add_sequence(&job.input_token_ids()) {
                 Ok(sequence_id) => self.start(job, sequence_id),
                 Err(EngineError::OutOfBlocks { .. }) if !self.running.is_empty() => {
                     // Blocks free up as running requests finish; wait in line rather than fail.
@@ -281,14 +376,16 @@ impl Batcher<'_> {
 
     fn start(&mut self, job: Job, sequence_id: SequenceId) {
         let prompt_tokens = job.prompt_token_ids.len();
+        let input_tokens = prompt_tokens + job.resumed_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
+        let remote_allowed = job.resumed_token_ids.is_empty() || !job.samples_randomly();
         let rule = match self.config.kv_endpoint {
-            Some(_) => self.config.prefill_rule.get(),
-            None => PrefillRule::local_only(),
+            Some(_) if remote_allowed => self.config.prefill_rule.get(),
+            _ => PrefillRule::local_only(),
         };
         let queue_depth = self.config.prefill_queue_depth.load(Ordering::Relaxed);
         let (remote, decision) =
-            rule.decide(prompt_tokens as u32, cached_tokens as u32, queue_depth);
+            rule.decide(input_tokens as u32, cached_tokens as u32, queue_depth);
         let remote_destination = match (&self.config.kv_endpoint, remote) {
             (Some(endpoint), true) => {
                 match ExpectedTransfer::for_sequence(
@@ -326,7 +423,7 @@ impl Batcher<'_> {
                 Body::PrefillQueued(PrefillQueued {
                     decode_worker_id: self.config.worker_id.clone(),
                     decision: Some(decision),
-                    prompt_token_ids: job.prompt_token_ids.clone(),
+                    prompt_token_ids: job.input_token_ids(),
                     sampling: Some(job.sampling.clone()),
                     kv_destination: Some(destination),
                 }),
@@ -368,6 +465,49 @@ impl Batcher<'_> {
             max_tokens,
             finish_reason: None,
         });
+        let index = self.running.len() - 1;
+        if let Some(last_update) = self.resume(index) {
+            // The earlier attempt had generated the request's last token already (it was lost between its last
+            // checkpoint and `Completed`): say how it ended and complete it without computing anything.
+            self.emit(BatchOutput::Tokens {
+                request_id: self.running[index].job.request_id.clone(),
+                update: last_update,
+            });
+            self.finish(index);
+        }
+    }
+
+    /// Brings a migrated request to where an unmigrated run was after its checkpointed tokens: the sampler's random
+    /// stream (one draw per token), the detokenizer and the stop matcher (what text is held back). Nothing is sent
+    /// or appended. Returns the update of the last token when those tokens already ended the request.
+    fn resume(&mut self, index: usize) -> Option<TokenUpdate> {
+        let resumed = std::mem::take(&mut self.running[index].job.resumed_token_ids);
+        let resumed_logprobs = std::mem::take(&mut self.running[index].job.resumed_logprobs);
+        let mut ended = None;
+        for (position, &token_id) in resumed.iter().enumerate() {
+            self.running[index].sampler.skip_sample();
+            // A logprob missing from the checkpoints is unknown, not zero: NaN keeps later indices aligned.
+            let logprob = resumed_logprobs.get(position).copied().unwrap_or(f32::NAN);
+            // Only a request that wants logprobs keeps them (as its sampler would), so checkpoints stay aligned.
+            let sampled = SampledToken {
+                token_id,
+                logprobs: self.running[index].want_logprobs.then(|| TokenLogprobs {
+                    token_id,
+                    logprob,
+                    top: Vec::new(),
+                }),
+            };
+            let (update, finished) = self.advance(index, sampled);
+            if finished {
+                ended = Some(update);
+                break;
+            }
+        }
+        let run = &mut self.running[index];
+        run.job.resumed_token_ids = resumed;
+        run.job.resumed_logprobs = resumed_logprobs;
+        run.checkpointed_tokens = run.generated_token_ids.len();
+        ended
     }
 
     fn fail_job(&self, job: &Job, reason: &str, message: &str) {
@@ -379,7 +519,7 @@ impl Batcher<'_> {
                 message: message.to_string(),
                 worker_id: self.config.worker_id.clone(),
             }),
-            1,
+            job.routed_attempt,
         );
         self.emit(BatchOutput::Tokens {
             request_id: job.request_id.clone(),
@@ -573,6 +713,28 @@ impl Batcher<'_> {
 
     /// Takes `sampled` as the request's next token, streams it, and says whether the request finished.
     fn accept_token(&mut self, index: usize, sampled: SampledToken) -> bool {
+        let token_id = sampled.token_id;
+        let (update, finished) = self.advance(index, sampled);
+        let run = &mut self.running[index];
+        run.phase = Phase::Decoding {
+            next_input_token: token_id,
+        };
+        let checkpoint_due = run.generated_token_ids.len() - run.checkpointed_tokens
+            >= self.config.checkpoint_every_tokens;
+        let request_id = run.job.request_id.clone();
+        self.emit(BatchOutput::Tokens { request_id, update });
+        if finished {
+            return true;
+        }
+        if checkpoint_due {
+            self.checkpoint(index);
+        }
+        false
+    }
+
+    /// Adds `sampled` to the request's generated tokens, text and stop state; returns the update that carries it
+    /// and whether it ended the request. Sends nothing.
+    fn advance(&mut self, index: usize, sampled: SampledToken) -> (TokenUpdate, bool) {
         let tokenizer = self.tokenizer;
         let worker_id = self.config.worker_id.clone();
         let run = &mut self.running[index];
@@ -607,6 +769,7 @@ impl Batcher<'_> {
         if finish_reason.is_some() && !outcome.stopped {
             text.push_str(&run.stop_matcher.finish());
         }
+        run.finish_reason = finish_reason;
         let update = TokenUpdate {
             start_index,
             token_ids: vec![token_id],
@@ -617,21 +780,7 @@ impl Batcher<'_> {
             prompt_tokens: run.job.prompt_token_ids.len() as u32,
             worker_id,
         };
-        let request_id = run.job.request_id.clone();
-        run.finish_reason = finish_reason;
-        run.phase = Phase::Decoding {
-            next_input_token: token_id,
-        };
-        let checkpoint_due = run.generated_token_ids.len() - run.checkpointed_tokens
-            >= self.config.checkpoint_every_tokens;
-        self.emit(BatchOutput::Tokens { request_id, update });
-        if finish_reason.is_some() {
-            return true;
-        }
-        if checkpoint_due {
-            self.checkpoint(index);
-        }
-        false
+        (update, finish_reason.is_some())
     }
 
     /// Appends a `TokensDecoded` with the tokens generated since the last one.
@@ -652,7 +801,8 @@ impl Batcher<'_> {
                 .unwrap_or_default(),
         });
         run.checkpointed_tokens = run.generated_token_ids.len();
-        let (request_id, occurrence) = (run.job.request_id.clone(), start as u32);
+        let occurrence = checkpoint_occurrence(run.job.routed_attempt, start as u32);
+        let request_id = run.job.request_id.clone();
         self.emit_event(&request_id, body, occurrence);
     }
 
@@ -669,7 +819,7 @@ impl Batcher<'_> {
                 completion_tokens: run.generated_token_ids.len() as u32,
                 decode_worker_id: self.config.worker_id.clone(),
             }),
-            1,
+            run.job.routed_attempt,
         );
         self.emit(BatchOutput::Finished {
             request_id: run.job.request_id,

@@ -3,6 +3,12 @@
 //! `PrefillLocal`, `DecodeStarted`, `TokensDecoded` checkpoints and `Completed` (or `Failed`). It announces itself
 //! with `WorkerJoined`, keeps a heartbeat in the workers bucket, and says `WorkerLeft` on shutdown.
 //!
+//! It publishes its prefix cache as `KvBlocksStored`/`KvBlocksRemoved` (id: the worker id, occurrences counting from
+//! 1 in this process), so the scheduler can route to the worker holding a prompt's longest prefix. A `Routed` with
+//! attempt > 1 is a migrated request: it resumes after the tokens its `Migrated` counts (read with the request's
+//! checkpoints from the log). It stops a request on `Cancelled`, on a `Failed` it did not append (the scheduler's
+//! timeout), and on a `Migrated` away from itself (declared lost while alive).
+//!
 //! A routing is acknowledged only when its request is over, so a worker that dies mid-request leaves it to be
 //! delivered again; while a request runs longer than the ack wait, the worker keeps marking it in progress.
 
@@ -13,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
-use tandem_events::schema::{Body, Failed};
+use tandem_events::schema::{Body, Failed, KvBlocksRemoved, KvBlocksStored};
 use tandem_events::subjects::{SETTINGS_BUCKET, WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::TokenBus;
 use tandem_events::{Event, EventKind, subjects};
@@ -22,6 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::engine::Engine;
+use crate::kv_cache::KvCacheEvent;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
 use crate::roles::membership::{self, Joining};
 use crate::roles::prefill_rule::{
@@ -111,14 +118,17 @@ impl DecodeWorker {
                 )
             })
             .await?;
-        // Only cancellations from now on matter to a worker that is just starting.
-        let cancellations = log
+        // Only stops from now on matter to a worker that is just starting: it runs nothing older.
+        let stops = log
             .consumer(ConsumerConfig {
                 start_at: StartAt::TimeNs(tandem_events::event::now_ns()),
                 remove_after_idle: Some(WORKER_CONSUMER_IDLE_REMOVAL),
                 ..ConsumerConfig::new(
-                    format!("{}-cancellations", config.worker_id),
-                    vec![subjects::kind_filter(EventKind::Cancelled)],
+                    format!("{}-stops", config.worker_id),
+                    [EventKind::Cancelled, EventKind::Migrated, EventKind::Failed]
+                        .into_iter()
+                        .map(subjects::kind_filter)
+                        .collect(),
                 )
             })
             .await?;
@@ -199,9 +209,10 @@ impl DecodeWorker {
                 worker_id.clone(),
                 stop_receiver.clone(),
             )),
-            tokio::spawn(intake_cancellations(
-                cancellations,
+            tokio::spawn(intake_stops(
+                stops,
                 command_sender.clone(),
+                worker_id.clone(),
                 stop_receiver.clone(),
             )),
             tokio::spawn(keep_alive(
@@ -223,6 +234,7 @@ impl DecodeWorker {
             tokens,
             in_flight,
             kv_waits,
+            worker_id.clone(),
         ));
         let mut tasks = tasks;
         tasks.extend(depth_task);
@@ -257,6 +269,22 @@ impl DecodeWorker {
         }
         // The heartbeat went with the keep-alive task.
         membership::leave(self.log.as_ref(), None, &self.worker_id).await;
+    }
+
+    /// Stops at once, as a crash would: no more tokens or events, running requests dropped, their routings left
+    /// unacknowledged, no `WorkerLeft`, the heartbeat left to expire. For fault drills and tests of recovery.
+    pub async fn kill(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(output_task) = self.output_task.take() {
+            output_task.abort();
+            let _ = output_task.await;
+        }
+        let _ = self.commands.send(BatchCommand::Halt);
+        if let Some(thread) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 
@@ -336,13 +364,16 @@ enum RoutingProblem {
     ReceivedMissing { request_id: String },
     #[error("request {request_id}: reading its Received failed: {reason}")]
     ReadFailed { request_id: String, reason: String },
+    #[error("request {request_id}: reading its Migrated and checkpoints failed: {reason}")]
+    ResumeReadFailed { request_id: String, reason: String },
 }
 
 impl RoutingProblem {
     fn request_id(&self) -> Option<String> {
         match self {
             RoutingProblem::ReceivedMissing { request_id }
-            | RoutingProblem::ReadFailed { request_id, .. } => Some(request_id.clone()),
+            | RoutingProblem::ReadFailed { request_id, .. }
+            | RoutingProblem::ResumeReadFailed { request_id, .. } => Some(request_id.clone()),
             RoutingProblem::Malformed(_) | RoutingProblem::NotRouted(_) => None,
         }
     }
@@ -384,43 +415,188 @@ async fn job_for(delivery: &Delivery, log: &dyn EventLog) -> Result<Job, Routing
         .ok_or_else(|| RoutingProblem::ReceivedMissing {
             request_id: request_id.clone(),
         })?;
+    let routed_attempt = routed.attempt.max(1);
+    let resumed = if routed_attempt > 1 {
+        resume_point(log, &request_id, start, delivery.message.sequence)
+            .await
+            .map_err(|error| RoutingProblem::ResumeReadFailed {
+                request_id: request_id.clone(),
+                reason: error.to_string(),
+            })?
+    } else {
+        ResumePoint::default()
+    };
     Ok(Job {
         request_id,
         prompt_token_ids: received.prompt_token_ids,
         sampling: received.sampling.unwrap_or_default(),
-        routed_attempt: routed.attempt.max(1),
+        routed_attempt,
+        routed_sequence: delivery.message.sequence,
+        resumed_token_ids: resumed.token_ids,
+        resumed_logprobs: resumed.logprobs,
     })
 }
 
-async fn intake_cancellations(
-    cancellations: Box<dyn tandem_events::log::Consumer>,
+/// The generated tokens a migrated request continues after.
+#[derive(Debug, Default, PartialEq)]
+struct ResumePoint {
+    /// Tokens `[0, Migrated.tokens_generated)`.
+    token_ids: Vec<u32>,
+    /// Their logprobs, when every checkpoint carried them; else empty.
+    logprobs: Vec<f32>,
+}
+
+/// Reads the request's last `Migrated` before its `Routed` (at `routed_sequence`) and the `TokensDecoded`
+/// checkpoints logged before that `Migrated`, and takes the generated tokens `[0, tokens_generated)` by their start
+/// index (the first checkpoint seen for an index wins; a superseded attempt may have logged one twice). Without a
+/// `Migrated`, or with fewer checkpointed tokens than it counts, the request resumes from what is there: the gateway
+/// drops indices it already sent, and the lifecycle audit reports the gap.
+async fn resume_point(
+    log: &dyn EventLog,
+    request_id: &str,
+    start: StartAt,
+    routed_sequence: u64,
+) -> Result<ResumePoint, tandem_events::log::LogError> {
+    let subject = |kind| {
+        subjects::event_subject(kind, request_id).map_err(|error| {
+            tandem_events::log::LogError::Invalid {
+                what: "request id",
+                reason: error.to_string(),
+            }
+        })
+    };
+    let filters = vec![
+        subject(EventKind::Migrated)?,
+        subject(EventKind::TokensDecoded)?,
+    ];
+    let mut messages = Vec::new();
+    let mut from = start;
+    // Read in pages up to the routing: a long request has many checkpoints.
+    loop {
+        let page = log.read(from, &filters, 1024).await?;
+        let Some(last) = page.last().map(|message| message.sequence) else {
+            break;
+        };
+        let full_page = page.len() == 1024;
+        messages.extend(
+            page.into_iter()
+                .filter(|message| message.sequence < routed_sequence),
+        );
+        if !full_page || last >= routed_sequence {
+            break;
+        }
+        from = StartAt::Sequence(last + 1);
+    }
+    let events: Vec<(u64, Event)> = messages
+        .iter()
+        .filter_map(|message| Some((message.sequence, message.event().ok()?)))
+        .filter(|(_, event)| event.id() == request_id)
+        .collect();
+    let Some((migrated_sequence, tokens_generated)) =
+        events
+            .iter()
+            .rev()
+            .find_map(|(sequence, event)| match event.body() {
+                Body::Migrated(migrated) => Some((*sequence, migrated.tokens_generated as usize)),
+                _ => None,
+            })
+    else {
+        tracing::warn!(%request_id, "a migrated routing without its Migrated on the log; starting over");
+        return Ok(ResumePoint::default());
+    };
+    let mut resumed = ResumePoint::default();
+    let mut logprobs_complete = true;
+    for (_, event) in events
+        .iter()
+        .filter(|(sequence, _)| *sequence < migrated_sequence)
+    {
+        let Body::TokensDecoded(checkpoint) = event.body() else {
+            continue;
+        };
+        let start_index = checkpoint.start_index as usize;
+        let have = resumed.token_ids.len();
+        if start_index > have || have >= tokens_generated {
+            continue;
+        }
+        let skip = have - start_index;
+        let take = (tokens_generated - have).min(checkpoint.token_ids.len().saturating_sub(skip));
+        resumed
+            .token_ids
+            .extend_from_slice(&checkpoint.token_ids[skip..skip + take]);
+        if checkpoint.logprobs.len() == checkpoint.token_ids.len() {
+            resumed
+                .logprobs
+                .extend_from_slice(&checkpoint.logprobs[skip..skip + take]);
+        } else {
+            logprobs_complete = false;
+        }
+    }
+    if !logprobs_complete {
+        resumed.logprobs.clear();
+    }
+    if resumed.token_ids.len() < tokens_generated {
+        tracing::warn!(
+            %request_id,
+            tokens_generated,
+            found = resumed.token_ids.len(),
+            "fewer checkpointed tokens than the migration counts; resuming after those found"
+        );
+    }
+    Ok(resumed)
+}
+
+/// Stops requests that someone else ended or took away: `Cancelled` (the client went away), a `Failed` this worker
+/// did not append (the scheduler's timeout), a `Migrated` away from this worker (it was declared lost but is alive).
+async fn intake_stops(
+    stops: Box<dyn tandem_events::log::Consumer>,
     commands: std::sync::mpsc::Sender<BatchCommand>,
+    worker_id: String,
     mut stop: watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
         let deliveries = tokio::select! {
-            fetched = cancellations.fetch(64, Duration::from_millis(500)) => fetched,
+            fetched = stops.fetch(64, Duration::from_millis(500)) => fetched,
             _ = stop.changed() => break,
         };
         match deliveries {
             Ok(deliveries) => {
                 for delivery in deliveries {
-                    if let Ok(event) = delivery.message.event() {
-                        let request_id = event.id().to_string();
-                        if commands.send(BatchCommand::Cancel { request_id }).is_err() {
-                            return;
-                        }
+                    if let Ok(event) = delivery.message.event()
+                        && let Some(command) =
+                            stop_command(&event, delivery.message.sequence, &worker_id)
+                        && commands.send(command).is_err()
+                    {
+                        return;
                     }
                     if let Err(error) = delivery.ack().await {
-                        tracing::warn!(%error, "could not ack a cancellation");
+                        tracing::warn!(%error, "could not ack a stop event");
                     }
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "fetching cancellations failed; retrying");
+                tracing::warn!(%error, "fetching stop events failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+/// What a `Cancelled`, `Failed` or `Migrated` (at log sequence `sequence`) means for this worker's requests.
+fn stop_command(event: &Event, sequence: u64, worker_id: &str) -> Option<BatchCommand> {
+    let request_id = event.id().to_string();
+    match event.body() {
+        Body::Cancelled(_) => Some(BatchCommand::Cancel { request_id }),
+        // Its own `Failed` was appended after it dropped the request already.
+        Body::Failed(_) if event.envelope().emitter != worker_id => {
+            Some(BatchCommand::Cancel { request_id })
+        }
+        Body::Migrated(migrated) if migrated.from_worker_id == worker_id => {
+            Some(BatchCommand::Supersede {
+                request_id,
+                before_sequence: sequence,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -570,7 +746,10 @@ async fn deliver_outputs(
     tokens: Arc<dyn TokenBus>,
     in_flight: InFlight,
     kv_waits: Option<KvWaits>,
+    worker_id: String,
 ) {
+    // Occurrences of this process's KV events; a restarted worker has a new id, so they never repeat.
+    let mut kv_event_occurrence = 0u32;
     let mut queued = Vec::new();
     while outputs.recv_many(&mut queued, 512).await > 0 {
         let mut events = Vec::new();
@@ -594,6 +773,20 @@ async fn deliver_outputs(
                     Some(kv_waits) => kv_waits.start(expected),
                     None => tracing::error!("a remote prefill without a KV receiver"),
                 },
+                BatchOutput::KvCache { changes } => {
+                    for change in changes {
+                        kv_event_occurrence += 1;
+                        let event =
+                            Event::new(&worker_id, worker_id.clone(), kv_cache_body(change));
+                        match tandem_events::log::OutgoingMessage::from_event(
+                            &event,
+                            kv_event_occurrence,
+                        ) {
+                            Ok(message) => events.push(message),
+                            Err(error) => tracing::warn!(%error, "KV event not appendable"),
+                        }
+                    }
+                }
             }
         }
         if !events.is_empty()
@@ -611,6 +804,22 @@ async fn deliver_outputs(
             {
                 tracing::warn!(%error, %request_id, "could not ack a routing");
             }
+        }
+    }
+}
+
+/// The log's form of a prefix-cache change: `parent_hash` 0 when the stored blocks start a sequence.
+fn kv_cache_body(change: KvCacheEvent) -> Body {
+    match change {
+        KvCacheEvent::Stored {
+            parent_hash,
+            block_hashes,
+        } => Body::KvBlocksStored(KvBlocksStored {
+            block_hashes,
+            parent_hash: parent_hash.unwrap_or(0),
+        }),
+        KvCacheEvent::Removed { block_hashes } => {
+            Body::KvBlocksRemoved(KvBlocksRemoved { block_hashes })
         }
     }
 }
