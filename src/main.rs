@@ -3,6 +3,7 @@
 mod bench_log;
 mod bench_pd;
 mod generate;
+mod replay_cli;
 mod role_http;
 mod roles;
 
@@ -34,10 +35,7 @@ enum Command {
     /// A decode worker: continuous batching, local prefill, token streaming (needs --nats).
     Decode(roles::DecodeArgs),
     /// Read a log: timelines, audit, stats, export, re-execution.
-    Replay {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    Replay(replay_cli::ReplayArgs),
     /// Run the engine on token ids and print JSON (debugging without the server).
     Generate(generate::GenerateArgs),
     /// Benchmarks that print figures.
@@ -55,11 +53,8 @@ enum BenchCommand {
     KvTransfer(bench_pd::KvTransferArgs),
     /// Time to first token, aggregated vs disaggregated prefill, at a few prompt lengths.
     Ttft(bench_pd::TtftArgs),
-}
-
-fn not_built(role: &str, issue: &str) -> ExitCode {
-    eprintln!("tandem {role}: not built yet (filed as the issue \"{issue}\")");
-    ExitCode::from(2)
+    /// Rebuilding a projection from a synthetic log of --events events (goal: 1M in ≤ 10 s).
+    Replay(replay_cli::BenchReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,12 +72,16 @@ fn main() -> ExitCode {
         Command::Scheduler(args) => roles::scheduler(args),
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
-        Command::Replay { .. } => return not_built("replay", "The replay CLI"),
+        Command::Replay(args) => match replay_cli::run(args) {
+            Ok(code) => return code,
+            Err(error) => Err(error),
+        },
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Log(args)) => bench_log::run(args),
         Command::Bench(BenchCommand::Engine(args)) => generate::bench_engine(args),
         Command::Bench(BenchCommand::KvTransfer(args)) => bench_pd::kv_transfer(args),
         Command::Bench(BenchCommand::Ttft(args)) => bench_pd::ttft_bench(args),
+        Command::Bench(BenchCommand::Replay(args)) => replay_cli::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
