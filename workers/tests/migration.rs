@@ -15,8 +15,15 @@ use tandem_events::log::{EventLog, StartAt};
 use tandem_events::schema::{Body, Failed, Migrated, Received, Routed, SamplingParams};
 use tandem_events::tokens::{InProcessTokenBus, TokenBus, TokenStream, TokenUpdate};
 use tandem_events::{Event, EventKind};
-use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig};
-use tandem_workers::{Engine, EngineConfig, KvCacheEvent, builtin_model};
+use tandem_workers::roles::decode::{DecodeWorker, DecodeWorkerConfig, RemotePrefill};
+use tandem_workers::roles::prefill::{PrefillWorker, PrefillWorkerConfig};
+use tandem_workers::roles::prefill_rule::PrefillRule;
+use tandem_workers::transfer::{
+    InProcessTransport, KvTransport, TransferTimeouts, model_fingerprint,
+};
+use tandem_workers::{
+    BUILTIN_SEED, Engine, EngineConfig, KvCacheEvent, builtin_config, builtin_model,
+};
 
 const CHECKPOINT_EVERY_TOKENS: usize = 8;
 
@@ -39,9 +46,17 @@ fn engine(num_blocks: usize) -> Engine {
     .expect("built-in engine")
 }
 
+fn fingerprint() -> u64 {
+    model_fingerprint(
+        &builtin_config(),
+        format!("builtin:{BUILTIN_SEED}").as_bytes(),
+    )
+}
+
 struct Fleet {
     log: Arc<dyn EventLog>,
     bus: Arc<InProcessTokenBus>,
+    transport: Arc<InProcessTransport>,
     _data_dir: tempfile::TempDir,
 }
 
@@ -51,11 +66,51 @@ impl Fleet {
         Fleet {
             log: Arc::new(EmbeddedLog::open(data_dir.path()).unwrap()),
             bus: Arc::new(InProcessTokenBus::new()),
+            transport: Arc::new(InProcessTransport::new(TransferTimeouts::default())),
             _data_dir: data_dir,
         }
     }
 
     async fn worker(&self, worker_id: &str, num_blocks: usize) -> DecodeWorker {
+        self.start_worker(worker_id, num_blocks, None).await
+    }
+
+    /// A decode worker that sends every prompt to the prefill workers.
+    async fn disaggregated_worker(&self, worker_id: &str) -> DecodeWorker {
+        let remote = RemotePrefill {
+            receiver: self.transport.listen(worker_id).await.unwrap(),
+            rule: PrefillRule {
+                max_local_prefill_tokens: 0,
+                max_prefill_queue_depth: 1_000,
+            },
+            model_fingerprint: fingerprint(),
+            kv_wait_timeout: Duration::from_secs(60),
+        };
+        self.start_worker(worker_id, 256, Some(remote)).await
+    }
+
+    async fn prefill_worker(&self) -> PrefillWorker {
+        PrefillWorker::start(
+            PrefillWorkerConfig {
+                worker_id: "prefill-test".into(),
+                model_name: "qwen3".into(),
+                device: "cpu".into(),
+                model_fingerprint: fingerprint(),
+            },
+            engine(256),
+            Arc::clone(&self.log),
+            Arc::clone(&self.transport),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn start_worker(
+        &self,
+        worker_id: &str,
+        num_blocks: usize,
+        remote: Option<RemotePrefill>,
+    ) -> DecodeWorker {
         DecodeWorker::start(
             DecodeWorkerConfig {
                 checkpoint_every_tokens: CHECKPOINT_EVERY_TOKENS,
@@ -65,7 +120,7 @@ impl Fleet {
             tokenizer(),
             Arc::clone(&self.log),
             self.bus.clone() as Arc<dyn TokenBus>,
-            None,
+            remote,
         )
         .await
         .unwrap()
@@ -193,29 +248,48 @@ const MAX_TOKENS: u32 = 96;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greedy_request_migrated_mid_stream_continues_token_exact_on_another_worker() {
-    migrate_mid_stream(SamplingParams {
-        max_tokens: MAX_TOKENS,
-        ..Default::default()
-    })
+    migrate_mid_stream(
+        SamplingParams {
+            max_tokens: MAX_TOKENS,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_request_prefilled_remotely_continues_token_exact() {
+    // The prefill worker computes prompt + checkpointed tokens and samples the token at the migration point.
+    migrate_mid_stream(
+        SamplingParams {
+            max_tokens: MAX_TOKENS,
+            ..Default::default()
+        },
+        true,
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_sampled_request_migrated_mid_stream_draws_the_same_tokens() {
     // One random draw per token: the new worker skips the draws of the checkpointed tokens.
-    migrate_mid_stream(SamplingParams {
-        max_tokens: MAX_TOKENS,
-        temperature: 1.5,
-        top_p: 0.95,
-        seed: Some(20_261_125),
-        ..Default::default()
-    })
+    migrate_mid_stream(
+        SamplingParams {
+            max_tokens: MAX_TOKENS,
+            temperature: 1.5,
+            top_p: 0.95,
+            seed: Some(20_261_125),
+            ..Default::default()
+        },
+        false,
+    )
     .await;
 }
 
-/// Runs the request unmigrated, then on decode-a killed mid-stream and migrated to decode-b, and compares what was
-/// sent for every index and what the log holds.
-async fn migrate_mid_stream(sampling: SamplingParams) {
+/// Runs the request unmigrated, then on decode-a killed mid-stream and migrated to decode-b (both prefilling
+/// `remotely` or locally), and compares what was sent for every index and what the log holds.
+async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
     let prompt = prompt(9000, 24);
 
     // The unmigrated run.
@@ -233,8 +307,20 @@ async fn migrate_mid_stream(sampling: SamplingParams) {
 
     // The same request on decode-a, which dies mid-stream; migrated by hand exactly as the scheduler does.
     let fleet = Fleet::new();
-    let worker_a = fleet.worker("decode-a", 256).await;
-    let worker_b = fleet.worker("decode-b", 256).await;
+    let prefill = match remotely {
+        true => Some(fleet.prefill_worker().await),
+        false => None,
+    };
+    let (worker_a, worker_b) = match remotely {
+        true => (
+            fleet.disaggregated_worker("decode-a").await,
+            fleet.disaggregated_worker("decode-b").await,
+        ),
+        false => (
+            fleet.worker("decode-a", 256).await,
+            fleet.worker("decode-b", 256).await,
+        ),
+    };
     let (mut stream, received_sequence) = fleet.receive("REQMIG", &prompt, sampling).await;
     fleet
         .route("REQMIG", "decode-a", 1, received_sequence)
@@ -282,6 +368,9 @@ async fn migrate_mid_stream(sampling: SamplingParams) {
         .await;
     let from_b = collect_to_end(&mut stream).await;
     worker_b.shutdown().await;
+    if let Some(prefill) = prefill {
+        prefill.shutdown().await;
+    }
 
     assert_eq!(
         from_b.first().map(|u| u.start_index),
@@ -349,10 +438,28 @@ async fn migrate_mid_stream(sampling: SamplingParams) {
         .filter(|e| e.envelope().emitter == "decode-b")
         .map(Event::kind)
         .collect();
-    assert_eq!(
-        b_kinds[..2],
-        [EventKind::PrefillLocal, EventKind::DecodeStarted]
-    );
+    let prefill_kind = match remotely {
+        true => EventKind::PrefillQueued,
+        false => EventKind::PrefillLocal,
+    };
+    assert_eq!(b_kinds[..2], [prefill_kind, EventKind::DecodeStarted]);
+    if remotely {
+        // Both jobs' prefill records are on the log: the second job's were not dropped as duplicates.
+        let prefill_done = bodies
+            .iter()
+            .filter(|b| matches!(b, Body::PrefillDone(_)))
+            .count();
+        assert_eq!(prefill_done, 2);
+        let resumed_job = bodies.iter().rev().find_map(|b| match b {
+            Body::PrefillQueued(queued) => Some(queued.prompt_token_ids.len()),
+            _ => None,
+        });
+        assert_eq!(
+            resumed_job,
+            Some(prompt.len() + tokens_generated as usize),
+            "the prefill worker computes the prompt and the checkpointed tokens"
+        );
+    }
 }
 
 /// Applies a worker's KV events in order, checking each against the set so far.

@@ -184,9 +184,10 @@ impl<T: KvTransport> Worker<T> {
             }),
         )
         .with_trace_from(&event);
+        let occurrences = JobOccurrences::of(delivery.message.sequence);
         if let Err(error) = self
             .log
-            .append_event(&started, delivery.delivery_attempt)
+            .append_event(&started, occurrences.started(delivery.delivery_attempt))
             .await
         {
             tracing::warn!(%error, %request_id, "could not append PrefillStarted; the job goes back");
@@ -195,7 +196,9 @@ impl<T: KvTransport> Worker<T> {
         }
         let delivery = Arc::new(delivery);
         let keep_alive = tokio::spawn(mark_in_progress(Arc::clone(&delivery)));
-        let outcome = self.compute_and_send(&request_id, job, &event).await;
+        let outcome = self
+            .compute_and_send(&request_id, job, &event, occurrences)
+            .await;
         keep_alive.abort();
         match outcome {
             Ok(messages) => {
@@ -223,6 +226,7 @@ impl<T: KvTransport> Worker<T> {
         request_id: &str,
         job: PrefillQueued,
         event: &Event,
+        occurrences: JobOccurrences,
     ) -> Result<Vec<OutgoingMessage>, JobFailure> {
         let Some(destination) = job.kv_destination.clone() else {
             return Err(JobFailure::GiveUp("the job has no KV destination".into()));
@@ -284,10 +288,38 @@ impl<T: KvTransport> Worker<T> {
         )
         .with_trace_from(event);
         let to_message = |event: &Event| {
-            OutgoingMessage::from_event(event, 1)
+            OutgoingMessage::from_event(event, occurrences.done())
                 .map_err(|error| JobFailure::GiveUp(error.to_string()))
         };
         Ok(vec![to_message(&done)?, to_message(&transferred)?])
+    }
+}
+
+/// Occurrence numbers (dedup ids `<request_id>:<kind>:<n>`) of a job's events. A request prefilled again after a
+/// migration is a new job with a new `PrefillQueued`, whose delivery attempts count from 1 again: numbering by the
+/// queued event's log sequence keeps the new job's records from being dropped as duplicates of the old job's.
+#[derive(Debug, Clone, Copy)]
+struct JobOccurrences {
+    /// The low 24 bits of the `PrefillQueued`'s sequence, shifted clear of the delivery attempt: two jobs of one
+    /// request collide only if queued exactly a multiple of 2^24 messages apart within the duplicate window.
+    base: u32,
+}
+
+impl JobOccurrences {
+    fn of(queued_sequence: u64) -> JobOccurrences {
+        JobOccurrences {
+            base: ((queued_sequence & 0x00FF_FFFF) as u32) << 8,
+        }
+    }
+
+    /// `PrefillStarted`: one per delivery attempt.
+    fn started(self, delivery_attempt: u32) -> u32 {
+        self.base | delivery_attempt.clamp(1, 255)
+    }
+
+    /// `PrefillDone` and `KvTransferred`: once per job.
+    fn done(self) -> u32 {
+        self.base
     }
 }
 
