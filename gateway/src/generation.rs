@@ -172,6 +172,14 @@ impl Generation {
                     self.finish();
                     return Err(ApiError::generation_failed(&reason));
                 }
+                Accepted::Lost { expected, got } => {
+                    tracing::warn!(request_id = %self.request_id, expected, got, "token updates were lost on the token bus");
+                    self.cancel("token_updates_lost").await;
+                    return Err(ApiError::generation_failed(&format!(
+                        "the updates for tokens {expected}..{got} were lost on the way from the decode worker (the \
+                         message bus was unavailable); the request was stopped rather than send incomplete text"
+                    )));
+                }
                 Accepted::Progress(progress) => {
                     if let Some(finish_reason) = &progress.finish_reason {
                         tracing::debug!(
@@ -269,6 +277,13 @@ pub enum Accepted {
     Nothing,
     Progress(Progress),
     Failed(String),
+    /// Updates between the last index sent and this one never came (the token bus dropped them, e.g. while
+    /// nats-server restarted): passing on what came would give the client wrong text, so the request ends with
+    /// an error instead. Its tokens are still recorded on the log.
+    Lost {
+        expected: u32,
+        got: u32,
+    },
 }
 
 /// Keeps the index of the next generated token the client has not seen. After a migration the new decode worker
@@ -298,11 +313,10 @@ impl IndexTracker {
         let count = u32::try_from(token_ids.len()).unwrap_or(u32::MAX);
         let end_index = start_index.saturating_add(count);
         if start_index > self.next_index {
-            tracing::warn!(
-                expected = self.next_index,
-                got = start_index,
-                "token updates skipped indices; passing on what came"
-            );
+            return Accepted::Lost {
+                expected: self.next_index,
+                got: start_index,
+            };
         }
         let already_sent = self.next_index.saturating_sub(start_index).min(count) as usize;
         if already_sent > 0 {
@@ -412,6 +426,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_gap_in_the_updates_is_reported_not_passed_on() {
+        let mut tracker = IndexTracker::default();
+        assert_eq!(
+            text_of(tracker.accept(update(0, &[1, 2], "ab"))),
+            Some("ab".into())
+        );
+        assert_eq!(
+            tracker.accept(update(4, &[5], "e")),
+            Accepted::Lost {
+                expected: 2,
+                got: 4
+            }
+        );
     }
 
     #[test]

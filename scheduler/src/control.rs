@@ -56,6 +56,8 @@ pub struct ControlConfig {
 /// Decisions taken and not yet seen back on the projection are forgotten after this (their dedup ids guard the
 /// rare case of taking one again).
 const DECISION_MEMORY: Duration = Duration::from_secs(10);
+/// A worker whose heartbeat is gone is lost once it has stayed gone this long without a `WorkerLeft`.
+const HEARTBEAT_MISSING_GRACE: Duration = Duration::from_secs(1);
 
 /// The active scheduler's decision state.
 pub struct Control {
@@ -68,6 +70,8 @@ pub struct Control {
     /// Routings taken and not yet on the projection: request → (worker, KV blocks).
     routed_in_flight: HashMap<String, (String, u32)>,
     previous_round_robin: Option<String>,
+    /// Workers whose heartbeat this scheduler found missing, and since when.
+    heartbeat_missing_since: HashMap<String, Instant>,
 }
 
 /// What one tick decided, for logs and tests.
@@ -115,6 +119,7 @@ impl Control {
             taken: HashMap::new(),
             routed_in_flight: HashMap::new(),
             previous_round_robin: None,
+            heartbeat_missing_since: HashMap::new(),
         }
     }
 
@@ -156,10 +161,22 @@ impl Control {
                 departed.insert(worker_id.clone(), reason.to_string());
                 continue;
             }
-            if live_heartbeats.contains(worker_id)
-                || age(now, record.joined_at_ns) < self.config.join_grace
+            if live_heartbeats.contains(worker_id) {
+                self.heartbeat_missing_since.remove(worker_id);
+                continue;
+            }
+            if age(now, record.joined_at_ns) < self.config.join_grace
                 || self.already_taken(EventKind::WorkerLost, worker_id, 1)
             {
+                continue;
+            }
+            // A worker leaving cleanly removes its heartbeat and appends `WorkerLeft`: give that event time to
+            // reach the projection before calling the worker lost.
+            let missing_since = *self
+                .heartbeat_missing_since
+                .entry(worker_id.clone())
+                .or_insert_with(Instant::now);
+            if missing_since.elapsed() < HEARTBEAT_MISSING_GRACE {
                 continue;
             }
             tracing::warn!(%worker_id, role = %record.role, "heartbeats stopped: worker lost");
