@@ -442,6 +442,13 @@ impl Rebuild {
             Ok(outcome) => {
                 if matches!(outcome, lifecycle::Applied::Advanced(_)) {
                     fold_request_event(&mut audit.record, event, sequence, &audit.lifecycle);
+                    // As the projection does beside the fold: a routing takes the block size of its worker.
+                    if let Body::Routed(routed) = event.body() {
+                        audit.record.block_size_tokens = self
+                            .workers
+                            .get(&routed.decode_worker_id)
+                            .map_or(0, |worker| worker.block_size_tokens);
+                    }
                 }
             }
             Err(violation) => {
@@ -796,51 +803,25 @@ impl Rebuild {
     }
 }
 
-/// Names the fields in which two request records differ.
+/// Names the fields in which two request records differ, from their `Debug` forms, so fields added to the record
+/// later are compared too.
 fn describe_record_difference(stored: &RequestRecord, rebuilt: &RequestRecord) -> String {
-    let mut fields = Vec::new();
-    macro_rules! compare {
-        ($($field:ident),*) => {
-            $(
-                if stored.$field != rebuilt.$field {
-                    fields.push(format!(
-                        "{}: projection {:?}, log {:?}",
-                        stringify!($field),
-                        stored.$field,
-                        rebuilt.$field
-                    ));
-                }
-            )*
-        };
-    }
-    compare!(
-        state,
-        model,
-        prompt_tokens,
-        received_at_ns,
-        routed_at_ns,
-        prefill_local_at_ns,
-        prefill_queued_at_ns,
-        prefill_started_at_ns,
-        prefill_done_at_ns,
-        kv_transferred_at_ns,
-        decode_started_at_ns,
-        first_checkpoint_at_ns,
-        last_checkpoint_at_ns,
-        terminal_at_ns,
-        decode_worker_id,
-        prefill_worker_id,
-        tokens_checkpointed,
-        completion_tokens,
-        finish_reason,
-        failure_reason,
-        routing_attempts,
-        migrations,
-        received_sequence,
-        last_event_sequence
-    );
+    let stored_text = format!("{stored:#?}");
+    let rebuilt_text = format!("{rebuilt:#?}");
+    let fields: Vec<String> = stored_text
+        .lines()
+        .zip(rebuilt_text.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| {
+            let a = a.trim().trim_end_matches(',');
+            let b = b.trim().trim_end_matches(',');
+            let name = a.split(':').next().unwrap_or(a);
+            let log_value = b.split_once(':').map_or(b, |(_, value)| value.trim());
+            format!("{a} in the projection, {log_value} from the log (field {name})")
+        })
+        .collect();
     if fields.is_empty() {
-        "the records differ in fields this build does not know (a newer scheduler?)".into()
+        "the records differ".into()
     } else {
         format!("the projection's record differs: {}", fields.join("; "))
     }

@@ -33,10 +33,17 @@ pub fn wall_time(ns: u64) -> String {
     let Ok(at) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)) else {
         return format!("{ns} ns");
     };
-    let at = at
-        .replace_nanosecond(at.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(at);
-    at.format(&Rfc3339).unwrap_or_else(|_| format!("{ns} ns"))
+    // Fixed width (always milliseconds), so columns of times line up.
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
 }
 
 /// Parses an RFC 3339 time into ns since the epoch.
@@ -187,6 +194,10 @@ mod tests {
         assert_eq!(parse_span("ten"), None);
         let ns = parse_wall_time("2026-11-25T19:15:02.123Z").unwrap();
         assert_eq!(wall_time(ns), "2026-11-25T19:15:02.123Z");
+        assert_eq!(
+            wall_time(ns - 123_000_000 + 540_000_000),
+            "2026-11-25T19:15:02.540Z"
+        );
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(bytes(1536), "1.5 KiB");
     }

@@ -475,7 +475,7 @@ async fn the_schedulers_projection_matches_the_rebuild_and_a_wrong_one_does_not(
     assert!(
         mismatch
             .summary
-            .contains("state: projection \"Decoding\", log \"Completed\""),
+            .contains("state: \"Decoding\" in the projection, \"Completed\" from the log"),
         "{}",
         mismatch.summary
     );
