@@ -259,6 +259,56 @@ async fn a_greedy_request_migrated_mid_stream_continues_token_exact_on_another_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_after_the_migration_point_ends_the_request_where_it_would_have() {
+    // The stop string: the text of two adjacent tokens well after the migration point, in a free greedy run.
+    let fleet = Fleet::new();
+    let worker = fleet.worker("decode-free", 256).await;
+    let (mut stream, received_sequence) = fleet
+        .receive(
+            "REQFREE",
+            &prompt(9000, 24),
+            SamplingParams {
+                max_tokens: MAX_TOKENS,
+                ..Default::default()
+            },
+        )
+        .await;
+    fleet
+        .route("REQFREE", "decode-free", 1, received_sequence)
+        .await;
+    let free_run = collect_to_end(&mut stream).await;
+    worker.shutdown().await;
+    let texts: Vec<&str> = free_run.iter().map(|u| u.text.as_str()).collect();
+    let full_text: String = texts.concat();
+    // It must first occur after index 40, so the request is migrated before it stops.
+    let text_before_40: usize = texts[..40].iter().map(|t| t.len()).sum();
+    let stop = (60..texts.len() - 1)
+        .filter(|&i| !texts[i].is_empty() && !texts[i + 1].is_empty())
+        .map(|i| {
+            format!(
+                "{}{}",
+                texts[i].chars().last().unwrap(),
+                texts[i + 1].chars().next().unwrap()
+            )
+        })
+        .find(|stop| {
+            full_text
+                .find(stop.as_str())
+                .is_some_and(|at| at > text_before_40)
+        })
+        .expect("a stop string spanning two tokens late in the text");
+    migrate_mid_stream(
+        SamplingParams {
+            max_tokens: MAX_TOKENS,
+            stop_strings: vec![stop],
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrated_request_prefilled_remotely_continues_token_exact() {
     // The prefill worker computes prompt + checkpointed tokens and samples the token at the migration point.
     migrate_mid_stream(
@@ -303,7 +353,12 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
         .await;
     let reference = by_index(&collect_to_end(&mut stream).await);
     reference_worker.shutdown().await;
-    assert_eq!(reference.len(), MAX_TOKENS as usize);
+    let total_tokens = reference.len() as u32;
+    let reference_finish = reference
+        .values()
+        .last()
+        .and_then(|sent| sent.2.clone())
+        .expect("the unmigrated run ends with a finish reason");
 
     // The same request on decode-a, which dies mid-stream; migrated by hand exactly as the scheduler does.
     let fleet = Fleet::new();
@@ -352,7 +407,7 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
     );
     let tokens_generated = fleet.tokens_checkpointed("REQMIG").await;
     assert!(tokens_generated >= CHECKPOINT_EVERY_TOKENS as u32);
-    assert!(tokens_generated < MAX_TOKENS);
+    assert!(tokens_generated < total_tokens, "migrated before the end");
     let migrated = Event::new(
         "REQMIG",
         "scheduler-test",
@@ -380,7 +435,7 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
     let from_b = by_index(&from_b);
     assert_eq!(
         from_b.keys().copied().collect::<Vec<_>>(),
-        (tokens_generated..MAX_TOKENS).collect::<Vec<_>>()
+        (tokens_generated..total_tokens).collect::<Vec<_>>()
     );
     for (index, sent) in by_index(&from_a).iter().chain(from_b.iter()) {
         assert_eq!(
@@ -390,8 +445,8 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
         );
     }
     assert_eq!(
-        from_b.get(&(MAX_TOKENS - 1)).and_then(|s| s.2.as_deref()),
-        Some("length")
+        from_b.get(&(total_tokens - 1)).and_then(|s| s.2.clone()),
+        Some(reference_finish)
     );
 
     let events = fleet.events_of("REQMIG").await;
@@ -407,7 +462,7 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
     assert_eq!(completed.len(), 1);
     assert_eq!(completed[0].decode_worker_id, "decode-b");
     assert_eq!(
-        completed[0].completion_tokens, MAX_TOKENS,
+        completed[0].completion_tokens, total_tokens,
         "the whole request"
     );
     assert_eq!(completed[0].prompt_tokens, prompt.len() as u32);
