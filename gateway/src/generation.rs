@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tandem_events::log::EventLog;
+use tandem_events::log::{EventLog, StartAt};
 use tandem_events::schema::{Cancelled, Received};
 use tandem_events::tokens::{TokenBus, TokenLogprob, TokenStream, TokenUpdate};
-use tandem_events::{Body, Event};
+use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
 
 use crate::errors::ApiError;
@@ -78,19 +78,20 @@ pub async fn submit(
         gateway_id: backplane.gateway_id.clone(),
         armed: true,
     };
-    match tokio::time::timeout_at(deadline, backplane.log.append_event(&event, 1)).await {
-        Ok(Ok(_ack)) => {}
-        Ok(Err(error)) => {
-            guard.armed = false;
-            return Err(ApiError::unavailable(format!(
-                "The event log is unavailable, the request was not accepted: {error}"
-            )));
-        }
-        Err(_elapsed) => {
-            guard.armed = false;
-            return Err(ApiError::deadline(backplane.request_timeout.as_secs()));
-        }
-    }
+    let received_sequence =
+        match tokio::time::timeout_at(deadline, backplane.log.append_event(&event, 1)).await {
+            Ok(Ok(ack)) => ack.sequence,
+            Ok(Err(error)) => {
+                guard.armed = false;
+                return Err(ApiError::unavailable(format!(
+                    "The event log is unavailable, the request was not accepted: {error}"
+                )));
+            }
+            Err(_elapsed) => {
+                guard.armed = false;
+                return Err(ApiError::deadline(backplane.request_timeout.as_secs()));
+            }
+        };
     tracing::debug!(%request_id, prompt_tokens = request.prompt_tokens(), "request received");
     Ok(Generation {
         request_id,
@@ -100,6 +101,8 @@ pub async fn submit(
         request_timeout: backplane.request_timeout,
         guard,
         finished: false,
+        received_sequence,
+        ended_seen_on_the_log: false,
     })
 }
 
@@ -113,7 +116,14 @@ pub struct Generation {
     request_timeout: Duration,
     guard: CancelOnDrop,
     finished: bool,
+    /// Where the request's `Received` is on the log: its terminal event, if any, comes after.
+    received_sequence: u64,
+    /// A stall check found the request's terminal event on the log.
+    ended_seen_on_the_log: bool,
 }
+
+/// With no update for this long, the log is asked whether the request already ended (its last updates lost).
+const STALL_CHECK: Duration = Duration::from_secs(3);
 
 impl Generation {
     /// The request id (a ULID), also the suffix of the response id.
@@ -152,7 +162,22 @@ impl Generation {
             return Ok(None);
         }
         loop {
-            let update = match tokio::time::timeout_at(self.deadline, self.updates.next()).await {
+            let wait_until = self.deadline.min(Instant::now() + STALL_CHECK);
+            let update = match tokio::time::timeout_at(wait_until, self.updates.next()).await {
+                Err(_elapsed) if Instant::now() < self.deadline => {
+                    let log = Arc::clone(&self.guard.log);
+                    let ended =
+                        ended_on_the_log(log, &self.request_id, self.received_sequence).await;
+                    // Failed only at the second look in a row: a last update slower than the terminal event
+                    // still comes through.
+                    if let Some(ended) = ended
+                        && std::mem::replace(&mut self.ended_seen_on_the_log, true)
+                    {
+                        self.finish();
+                        return Err(ApiError::generation_failed(&ended));
+                    }
+                    continue;
+                }
                 Err(_elapsed) => {
                     self.cancel("deadline").await;
                     return Err(ApiError::deadline(self.request_timeout.as_secs()));
@@ -268,6 +293,42 @@ impl Drop for CancelOnDrop {
             }
         });
     }
+}
+
+/// Whether the log already holds the request's end although its last updates never came (the token bus lost
+/// them): then the stream cannot finish, and the answer is an error naming what the log says.
+async fn ended_on_the_log(
+    log: Arc<dyn EventLog>,
+    request_id: &str,
+    received_sequence: u64,
+) -> Option<String> {
+    let subjects: Vec<String> = [
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::Cancelled,
+    ]
+    .into_iter()
+    .filter_map(|kind| subjects::event_subject(kind, request_id).ok())
+    .collect();
+    let found = log
+        .read(StartAt::Sequence(received_sequence), &subjects, 1)
+        .await;
+    let message = match found {
+        Ok(messages) => messages.into_iter().next()?,
+        Err(error) => {
+            tracing::debug!(request_id = %request_id, %error, "could not look for the request's end on the log");
+            return None;
+        }
+    };
+    let event = message.event().ok()?;
+    tracing::warn!(request_id = %request_id, kind = %event.kind(), "the request ended on the log but its last token updates never came");
+    Some(match event.body() {
+        Body::Failed(failed) => failed.message.clone(),
+        Body::Cancelled(cancelled) => format!("the request was cancelled ({})", cancelled.reason),
+        _ => "the request completed, but its last tokens were lost on the way from the decode worker (the \
+              message bus was unavailable)"
+            .to_string(),
+    })
 }
 
 /// What one token update adds.

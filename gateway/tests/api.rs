@@ -616,6 +616,24 @@ async fn worker_failure_is_a_server_error() {
 }
 
 #[tokio::test]
+async fn a_request_whose_last_update_is_lost_ends_with_an_error_from_the_log() {
+    let behaviour = DecoderBehaviour {
+        lose_last_update: true,
+        ..Default::default()
+    };
+    let gateway = TestGateway::start_with(behaviour, |_| {}).await;
+    let started = std::time::Instant::now();
+    let (status, body) = gateway
+        .post_json("/v1/chat/completions", &seed_request())
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = error_of(&body)["message"].as_str().unwrap();
+    assert!(message.contains("last tokens were lost"), "{message}");
+    // Two stall checks, not the request deadline.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[tokio::test]
 async fn tokens_resent_after_a_migration_are_not_sent_twice() {
     let behaviour = DecoderBehaviour {
         resend_after_tokens: Some(10),

@@ -15,7 +15,7 @@ use axum::http::{Request, StatusCode};
 use serde_json::Value;
 use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::log::{ConsumerConfig, EventLog, StartAt};
-use tandem_events::schema::Received;
+use tandem_events::schema::{Completed, Received};
 use tandem_events::subjects::{ALL_EVENTS, kind_filter};
 use tandem_events::tokens::{InProcessTokenBus, TokenBus, TokenLogprob, TokenUpdate, TopLogprob};
 use tandem_events::{Body as EventBody, Event, EventKind};
@@ -69,6 +69,8 @@ pub struct DecoderBehaviour {
     pub resend_after_tokens: Option<u32>,
     /// Fail instead of answering, with this reason.
     pub fail_with: Option<String>,
+    /// Append `Completed` to the log but never publish the last update (as when the token bus drops it).
+    pub lose_last_update: bool,
 }
 
 /// The script the echo decoder follows for a prompt: thinking first unless the prompt already closed an empty
@@ -87,6 +89,7 @@ pub fn script_for(received: &Received) -> Vec<(u32, String)> {
 /// Plays one request: token by token on the bus, stopping at a stop token id (finish `stop`) or at max_tokens
 /// (finish `length`).
 async fn play(
+    log: Arc<EmbeddedLog>,
     bus: Arc<InProcessTokenBus>,
     request_id: String,
     received: Received,
@@ -155,6 +158,20 @@ async fn play(
             prompt_tokens: received.prompt_tokens,
             worker_id: "echo-decoder".into(),
         };
+        if finish_reason.is_some() && behaviour.lose_last_update {
+            let completed = Event::new(
+                request_id.as_str(),
+                "echo-decoder",
+                EventBody::Completed(Completed {
+                    finish_reason: finish_reason.unwrap_or_default(),
+                    prompt_tokens: received.prompt_tokens,
+                    completion_tokens: generated,
+                    decode_worker_id: "echo-decoder".into(),
+                }),
+            );
+            let _ = log.append_event(&completed, 1).await;
+            return;
+        }
         if bus.publish(&request_id, update).await.is_err() || finish_reason.is_some() {
             return;
         }
@@ -350,6 +367,7 @@ async fn run_echo_decoder(
                 && let EventBody::Received(received) = event.body()
             {
                 tokio::spawn(play(
+                    Arc::clone(&log),
                     Arc::clone(&bus),
                     event.id().to_string(),
                     received.clone(),
