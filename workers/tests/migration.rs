@@ -770,3 +770,95 @@ async fn a_worker_stops_a_request_the_scheduler_failed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_migrated_after_its_last_token_completes_without_computing() {
+    const TOKENS: u32 = 16;
+    let prompt = prompt(9100, 10);
+    let sampling = SamplingParams {
+        max_tokens: TOKENS,
+        ..Default::default()
+    };
+    let reference_fleet = Fleet::new();
+    let reference_worker = reference_fleet.worker("decode-ref", 256).await;
+    let (mut stream, received_sequence) = reference_fleet
+        .receive("REQDONE", &prompt, sampling.clone())
+        .await;
+    reference_fleet
+        .route("REQDONE", "decode-ref", 1, received_sequence)
+        .await;
+    let reference = collect_to_end(&mut stream).await;
+    reference_worker.shutdown().await;
+    let generated: Vec<u32> = reference.iter().flat_map(|u| u.token_ids.clone()).collect();
+    assert_eq!(generated.len(), TOKENS as usize);
+
+    // decode-gone checkpointed every token and was lost before appending `Completed`.
+    let fleet = Fleet::new();
+    let worker = fleet.worker("decode-b", 256).await;
+    let (mut stream, received_sequence) = fleet.receive("REQDONE", &prompt, sampling).await;
+    fleet
+        .route("REQDONE", "decode-gone", 1, received_sequence)
+        .await;
+    for (body, occurrence) in [
+        (
+            Body::PrefillLocal(tandem_events::schema::PrefillLocal {
+                decode_worker_id: "decode-gone".into(),
+                decision: None,
+            }),
+            1,
+        ),
+        (
+            Body::DecodeStarted(tandem_events::schema::DecodeStarted {
+                decode_worker_id: "decode-gone".into(),
+            }),
+            1,
+        ),
+        (
+            Body::TokensDecoded(tandem_events::schema::TokensDecoded {
+                decode_worker_id: "decode-gone".into(),
+                start_index: 0,
+                token_ids: generated.clone(),
+                logprobs: Vec::new(),
+            }),
+            0,
+        ),
+        (
+            Body::Migrated(Migrated {
+                from_worker_id: "decode-gone".into(),
+                reason: "heartbeat_lost".into(),
+                tokens_generated: TOKENS,
+            }),
+            1,
+        ),
+    ] {
+        let event = Event::new("REQDONE", "test", body);
+        fleet.log.append_event(&event, occurrence).await.unwrap();
+    }
+    fleet
+        .route("REQDONE", "decode-b", 2, received_sequence)
+        .await;
+    let updates = collect_to_end(&mut stream).await;
+    worker.shutdown().await;
+    assert_eq!(
+        updates.len(),
+        1,
+        "only the last token's update, with how it ended"
+    );
+    let last = reference.last().unwrap();
+    assert_eq!(updates[0].start_index, TOKENS - 1);
+    assert_eq!(updates[0].token_ids, last.token_ids);
+    assert_eq!(updates[0].text, last.text);
+    assert_eq!(updates[0].finish_reason.as_deref(), Some("length"));
+    let bodies: Vec<Body> = fleet
+        .events_of("REQDONE")
+        .await
+        .iter()
+        .map(|e| e.body().clone())
+        .collect();
+    assert_eq!(check_sequence(&bodies), Ok(RequestState::Completed));
+    let completed = bodies.iter().find_map(|b| match b {
+        Body::Completed(c) => Some(c.clone()),
+        _ => None,
+    });
+    assert_eq!(completed.map(|c| c.completion_tokens), Some(TOKENS));
+}

@@ -376,9 +376,37 @@ impl Batcher<'_> {
 
     fn start(&mut self, job: Job, sequence_id: SequenceId) {
         let prompt_tokens = job.prompt_token_ids.len();
+        let room = self
+            .config
+            .max_model_len_tokens
+            .saturating_sub(prompt_tokens);
+        let max_tokens = if job.sampling.max_tokens == 0 {
+            room
+        } else {
+            (job.sampling.max_tokens as usize).min(room)
+        };
+        let params = engine_sampling(&job.sampling, max_tokens);
+        self.running.push(Running {
+            want_logprobs: params.logprobs.is_some(),
+            sampler: Sampler::new(params),
+            stop_matcher: StopMatcher::new(job.sampling.stop_strings.clone()),
+            detokenizer: IncrementalDetokenizer::default(),
+            job,
+            sequence_id,
+            phase: Phase::Prefilling,
+            generated_token_ids: Vec::new(),
+            generated_logprobs: Vec::new(),
+            checkpointed_tokens: 0,
+            max_tokens,
+            finish_reason: None,
+        });
+        let index = self.running.len() - 1;
+        let ended = self.resume(index);
+        let job = self.running[index].job.clone();
         let input_tokens = prompt_tokens + job.resumed_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
-        let remote_allowed = job.resumed_token_ids.is_empty() || !job.samples_randomly();
+        let remote_allowed =
+            ended.is_none() && (job.resumed_token_ids.is_empty() || !job.samples_randomly());
         let rule = match self.config.kv_endpoint {
             Some(_) if remote_allowed => self.config.prefill_rule.get(),
             _ => PrefillRule::local_only(),
@@ -441,36 +469,19 @@ impl Batcher<'_> {
             );
             Phase::Prefilling
         };
-        let room = self
-            .config
-            .max_model_len_tokens
-            .saturating_sub(prompt_tokens);
-        let max_tokens = if job.sampling.max_tokens == 0 {
-            room
-        } else {
-            (job.sampling.max_tokens as usize).min(room)
-        };
-        let params = engine_sampling(&job.sampling, max_tokens);
-        self.running.push(Running {
-            want_logprobs: params.logprobs.is_some(),
-            sampler: Sampler::new(params),
-            stop_matcher: StopMatcher::new(job.sampling.stop_strings.clone()),
-            detokenizer: IncrementalDetokenizer::default(),
-            job,
-            sequence_id,
-            phase,
-            generated_token_ids: Vec::new(),
-            generated_logprobs: Vec::new(),
-            checkpointed_tokens: 0,
-            max_tokens,
-            finish_reason: None,
-        });
-        let index = self.running.len() - 1;
-        if let Some(last_update) = self.resume(index) {
+        self.running[index].phase = phase;
+        if let Some(last_update) = ended {
             // The earlier attempt had generated the request's last token already (it was lost between its last
-            // checkpoint and `Completed`): say how it ended and complete it without computing anything.
+            // checkpoint and `Completed`): nothing to compute; say how it ended and complete it.
+            self.emit_event(
+                &job.request_id,
+                Body::DecodeStarted(DecodeStarted {
+                    decode_worker_id: self.config.worker_id.clone(),
+                }),
+                job.routed_attempt,
+            );
             self.emit(BatchOutput::Tokens {
-                request_id: self.running[index].job.request_id.clone(),
+                request_id: job.request_id.clone(),
                 update: last_update,
             });
             self.finish(index);
