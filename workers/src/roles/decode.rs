@@ -446,9 +446,8 @@ struct ResumePoint {
     logprobs: Vec<f32>,
 }
 
-/// Reads the request's last `Migrated` before its `Routed` (at `routed_sequence`) and the `TokensDecoded`
-/// checkpoints logged before that `Migrated`, and takes the generated tokens `[0, tokens_generated)` by their start
-/// index (the first checkpoint seen for an index wins; a superseded attempt may have logged one twice). Without a
+/// Reads the request's `Migrated` and `TokensDecoded` events logged before its `Routed` (at `routed_sequence`) and
+/// takes the generated tokens `[0, tokens_generated)` of the last `Migrated` ([`tokens_to_resume`]). Without a
 /// `Migrated`, or with fewer checkpointed tokens than it counts, the request resumes from what is there: the gateway
 /// drops indices it already sent, and the lifecycle audit reports the gap.
 async fn resume_point(
@@ -487,53 +486,16 @@ async fn resume_point(
         }
         from = StartAt::Sequence(last + 1);
     }
-    let events: Vec<(u64, Event)> = messages
+    let bodies: Vec<Body> = messages
         .iter()
-        .filter_map(|message| Some((message.sequence, message.event().ok()?)))
-        .filter(|(_, event)| event.id() == request_id)
+        .filter_map(|message| message.event().ok())
+        .filter(|event| event.id() == request_id)
+        .map(|event| event.body().clone())
         .collect();
-    let Some((migrated_sequence, tokens_generated)) =
-        events
-            .iter()
-            .rev()
-            .find_map(|(sequence, event)| match event.body() {
-                Body::Migrated(migrated) => Some((*sequence, migrated.tokens_generated as usize)),
-                _ => None,
-            })
-    else {
+    let Some((resumed, tokens_generated)) = tokens_to_resume(&bodies) else {
         tracing::warn!(%request_id, "a migrated routing without its Migrated on the log; starting over");
         return Ok(ResumePoint::default());
     };
-    let mut resumed = ResumePoint::default();
-    let mut logprobs_complete = true;
-    for (_, event) in events
-        .iter()
-        .filter(|(sequence, _)| *sequence < migrated_sequence)
-    {
-        let Body::TokensDecoded(checkpoint) = event.body() else {
-            continue;
-        };
-        let start_index = checkpoint.start_index as usize;
-        let have = resumed.token_ids.len();
-        if start_index > have || have >= tokens_generated {
-            continue;
-        }
-        let skip = have - start_index;
-        let take = (tokens_generated - have).min(checkpoint.token_ids.len().saturating_sub(skip));
-        resumed
-            .token_ids
-            .extend_from_slice(&checkpoint.token_ids[skip..skip + take]);
-        if checkpoint.logprobs.len() == checkpoint.token_ids.len() {
-            resumed
-                .logprobs
-                .extend_from_slice(&checkpoint.logprobs[skip..skip + take]);
-        } else {
-            logprobs_complete = false;
-        }
-    }
-    if !logprobs_complete {
-        resumed.logprobs.clear();
-    }
     if resumed.token_ids.len() < tokens_generated {
         tracing::warn!(
             %request_id,
@@ -543,6 +505,72 @@ async fn resume_point(
         );
     }
     Ok(resumed)
+}
+
+/// The tokens a migrated request resumes after, from its `Migrated` and `TokensDecoded` events in log order up to
+/// its `Routed`, with the last `Migrated`'s `tokens_generated`; `None` without a `Migrated`. As the lifecycle
+/// does: attempt k ran on the worker the k-th `Migrated` took it from, so between two migrations only that
+/// worker's checkpoints count (a superseded worker still running may log late ones), each `Migrated` cuts the
+/// tokens back to what it counts, and a checkpoint must continue the tokens so far (overlap skipped).
+fn tokens_to_resume(bodies: &[Body]) -> Option<(ResumePoint, usize)> {
+    let migrations: Vec<&tandem_events::schema::Migrated> = bodies
+        .iter()
+        .filter_map(|body| match body {
+            Body::Migrated(migrated) => Some(migrated),
+            _ => None,
+        })
+        .collect();
+    let last = migrations.last()?;
+    let mut resumed = ResumePoint::default();
+    let mut logprobs_complete = true;
+    let mut attempt = 0;
+    for body in bodies {
+        match body {
+            Body::Migrated(migrated) => {
+                resumed
+                    .token_ids
+                    .truncate(migrated.tokens_generated as usize);
+                resumed
+                    .logprobs
+                    .truncate(migrated.tokens_generated as usize);
+                attempt += 1;
+            }
+            Body::TokensDecoded(checkpoint) => {
+                let Some(attempt_worker) = migrations.get(attempt) else {
+                    // After the last migration: the next attempt has not started (late work).
+                    continue;
+                };
+                if checkpoint.decode_worker_id != attempt_worker.from_worker_id {
+                    continue;
+                }
+                let start_index = checkpoint.start_index as usize;
+                let have = resumed.token_ids.len();
+                if start_index > have {
+                    continue;
+                }
+                let skip = have - start_index;
+                if skip >= checkpoint.token_ids.len() {
+                    continue;
+                }
+                resumed
+                    .token_ids
+                    .extend_from_slice(&checkpoint.token_ids[skip..]);
+                if checkpoint.logprobs.len() == checkpoint.token_ids.len() {
+                    resumed
+                        .logprobs
+                        .extend_from_slice(&checkpoint.logprobs[skip..]);
+                } else {
+                    logprobs_complete = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    let tokens_generated = last.tokens_generated as usize;
+    if !logprobs_complete || resumed.logprobs.len() != resumed.token_ids.len() {
+        resumed.logprobs.clear();
+    }
+    Some((resumed, tokens_generated))
 }
 
 /// Stops requests that someone else ended or took away: `Cancelled` (the client went away), a `Failed` this worker
@@ -821,5 +849,74 @@ fn kv_cache_body(change: KvCacheEvent) -> Body {
         KvCacheEvent::Removed { block_hashes } => {
             Body::KvBlocksRemoved(KvBlocksRemoved { block_hashes })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_events::schema::{Migrated, TokensDecoded};
+
+    use super::*;
+
+    fn checkpoint(worker: &str, start_index: u32, token_ids: &[u32]) -> Body {
+        Body::TokensDecoded(TokensDecoded {
+            decode_worker_id: worker.into(),
+            start_index,
+            token_ids: token_ids.to_vec(),
+            logprobs: token_ids.iter().map(|&t| -(t as f32)).collect(),
+        })
+    }
+
+    fn migrated(from: &str, tokens_generated: u32) -> Body {
+        Body::Migrated(Migrated {
+            from_worker_id: from.into(),
+            reason: "heartbeat_lost".into(),
+            tokens_generated,
+        })
+    }
+
+    #[test]
+    fn resumes_after_the_tokens_the_migration_counts_ignoring_repeats_and_late_work() {
+        let bodies = [
+            checkpoint("a", 0, &[1, 2, 3, 4]),
+            checkpoint("a", 0, &[1, 2, 3, 4]),
+            checkpoint("a", 4, &[5, 6, 7, 8]),
+            // The migration counts 6 of the 8 (say the scheduler saw fewer): cut back to them.
+            migrated("a", 6),
+            // decode-a was alive: its late checkpoint is not the new attempt's.
+            checkpoint("a", 8, &[90, 91]),
+        ];
+        let (resumed, tokens_generated) = tokens_to_resume(&bodies).unwrap();
+        assert_eq!(tokens_generated, 6);
+        assert_eq!(resumed.token_ids, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(resumed.logprobs, vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]);
+        assert!(tokens_to_resume(&bodies[..3]).is_none(), "no Migrated");
+    }
+
+    #[test]
+    fn a_second_migration_takes_the_second_attempts_tokens_not_the_first_ones_late_ones() {
+        let bodies = [
+            checkpoint("a", 0, &[1, 2]),
+            migrated("a", 2),
+            // Late work of decode-a (attempt 1), then decode-b's own (attempt 2) for the same indices.
+            checkpoint("a", 2, &[70, 71]),
+            checkpoint("b", 2, &[3, 4]),
+            checkpoint("b", 4, &[5]),
+            migrated("b", 5),
+        ];
+        let (resumed, tokens_generated) = tokens_to_resume(&bodies).unwrap();
+        assert_eq!(tokens_generated, 5);
+        assert_eq!(resumed.token_ids, vec![1, 2, 3, 4, 5]);
+        // A checkpoint without logprobs drops them all rather than misalign them.
+        let mut no_logprobs = bodies.to_vec();
+        no_logprobs[3] = Body::TokensDecoded(TokensDecoded {
+            decode_worker_id: "b".into(),
+            start_index: 2,
+            token_ids: vec![3, 4],
+            logprobs: Vec::new(),
+        });
+        let (resumed, _) = tokens_to_resume(&no_logprobs).unwrap();
+        assert_eq!(resumed.token_ids, vec![1, 2, 3, 4, 5]);
+        assert!(resumed.logprobs.is_empty());
     }
 }
