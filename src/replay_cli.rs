@@ -4,10 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use tandem_events::log::embedded::EmbeddedLog;
 use tandem_replay::audit::{AuditOptions, Rebuild};
 use tandem_replay::export::{ExportHeader, ExportWriter};
 use tandem_replay::filter::{RequestFilter, RequestSelector, StateFilter};
@@ -99,7 +97,8 @@ enum ReplayCommand {
     /// Write the raw events (of the window and filters) to a compressed, self-describing file.
     Export {
         /// The file to write (`.partial` beside it until it is complete).
-        file: PathBuf,
+        #[arg(value_name = "FILE")]
+        output: PathBuf,
     },
     /// Execute a logged request again and compare its tokens with the logged ones; exits 1 when they differ.
     Rerun {
@@ -181,8 +180,8 @@ fn filter(flags: &SourceFlags) -> Result<RequestFilter> {
 
 async fn open_source(flags: &SourceFlags) -> Result<Source> {
     if let Some(file) = &flags.file {
-        return Source::file(file)
-            .with_context(|| format!("opening the export {}", file.display()));
+        // The error names the file already.
+        return Source::file(file).context("reading the export given by --file");
     }
     if let Some(dir) = &flags.data_dir {
         return Source::data_dir(dir)
@@ -335,7 +334,7 @@ async fn run_async(args: ReplayArgs) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        ReplayCommand::Export { file } => {
+        ReplayCommand::Export { output } => {
             let source = open_source(flags).await?;
             let range = range(flags)?;
             let filter = filter(flags)?;
@@ -363,7 +362,7 @@ async fn run_async(args: ReplayArgs) -> Result<ExitCode> {
                 selection.push(filter.describe());
             }
             let header = ExportHeader::new(source.description(), selection.join(", "));
-            let mut writer = ExportWriter::create(&file, &header)?;
+            let mut writer = ExportWriter::create(&output, &header)?;
             let worker = filter.worker.clone();
             source
                 .scan(&range, &mut progress(flags), |message| {
@@ -385,7 +384,7 @@ async fn run_async(args: ReplayArgs) -> Result<ExitCode> {
                 "exported {} messages (up to sequence {}) to {}: {} of events in {}",
                 thousands(summary.messages),
                 thousands(summary.last_sequence),
-                file.display(),
+                output.display(),
                 bytes(summary.payload_bytes),
                 bytes(summary.file_bytes)
             );
@@ -465,99 +464,19 @@ pub fn bench(args: BenchReplayArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(bench_async(args))
-}
-
-async fn bench_async(args: BenchReplayArgs) -> Result<()> {
     let temp = tempfile::tempdir().context("creating a temp dir")?;
     let dir = args
         .data_dir
         .clone()
         .unwrap_or_else(|| temp.path().join("log"));
-    if !dir.join("events.redb").is_file() {
-        let log = EmbeddedLog::open(&dir)
-            .with_context(|| format!("creating a log in {}", dir.display()))?;
-        let started = Instant::now();
-        let written =
-            tandem_replay::synthetic::write_log(&log, args.events, args.concurrency, 7).await?;
-        println!(
-            "wrote {} synthetic events in {:.2} s ({}/s)",
-            thousands(written),
-            started.elapsed().as_secs_f64(),
-            thousands((written as f64 / started.elapsed().as_secs_f64()) as u64)
-        );
-    }
-    let source = Source::data_dir(&dir)?;
-    let log_bytes = std::fs::metadata(dir.join("events.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    println!("log: {} ({})", source.description(), bytes(log_bytes));
-
-    let started = Instant::now();
-    let mut decoded = 0u64;
-    let summary = source
-        .scan(&ReadRange::default(), &mut Progress::quiet(), |message| {
-            decoded += u64::from(message.event().is_ok());
-            Ok(())
-        })
-        .await?;
-    let read_s = started.elapsed().as_secs_f64();
-    println!(
-        "read and decode:        {} events in {:.2} s ({}/s)",
-        thousands(summary.messages),
-        read_s,
-        thousands((summary.messages as f64 / read_s) as u64)
-    );
-
-    let started = Instant::now();
-    let mut rebuild = Rebuild::new(AuditOptions::default());
-    source
-        .scan(&ReadRange::default(), &mut Progress::quiet(), |message| {
-            rebuild.observe(message);
-            Ok(())
-        })
-        .await?;
-    let requests = rebuild.request_count();
-    let report = rebuild.finish(source.description());
-    let rebuild_s = started.elapsed().as_secs_f64();
-    println!(
-        "rebuild projection:     {} events, {} requests in {:.2} s ({}/s), {} findings  [goal: 1M events ≤ 10 s]",
-        thousands(summary.messages),
-        thousands(requests as u64),
-        rebuild_s,
-        thousands((summary.messages as f64 / rebuild_s) as u64),
-        report.errors()
-    );
-
-    if args.redb {
-        let projection_path = temp.path().join("scheduler.redb");
-        let mut projection = Projection::open(&projection_path)?;
-        let started = Instant::now();
-        let mut batch = Vec::with_capacity(4_096);
-        let mut failure = None;
-        source
-            .scan(&ReadRange::default(), &mut Progress::stderr(), |message| {
-                batch.push(message.clone());
-                if batch.len() == 4_096 && failure.is_none() {
-                    if let Err(error) = projection.apply_batch(&batch) {
-                        failure = Some(error);
-                    }
-                    batch.clear();
-                }
-                Ok(())
-            })
-            .await?;
-        if let Some(error) = failure {
-            return Err(error).context("applying to the scheduler's projection");
-        }
-        projection.apply_batch(&batch)?;
-        let redb_s = started.elapsed().as_secs_f64();
-        println!(
-            "scheduler redb projection: {} events in {:.2} s ({}/s)",
-            thousands(summary.messages),
-            redb_s,
-            thousands((summary.messages as f64 / redb_s) as u64)
-        );
-    }
+    let figures = runtime
+        .block_on(tandem_replay::bench::run(
+            &dir,
+            args.events,
+            args.concurrency,
+            args.redb,
+        ))
+        .with_context(|| format!("benchmarking replay on the log in {}", dir.display()))?;
+    print!("{}", figures.render_text());
     Ok(())
 }

@@ -11,11 +11,12 @@
 //!   failures by reason;
 //! - [`rerun`]: what a logged request asked for and produced, and the comparison with a re-execution (the engine
 //!   side lives in the `tandem` binary, see ARCHITECTURE.md);
-//! - [`synthetic`]: plausible request flows, for the benchmark and tests.
+//! - [`synthetic`]: plausible request flows, for the benchmark ([`bench`]) and tests.
 //!
 //! Invariant: a malformed event is a finding to report, never a panic, and every command reads the log as a stream.
 
 pub mod audit;
+pub mod bench;
 pub mod export;
 pub mod filter;
 pub mod phases;
@@ -33,12 +34,11 @@ pub enum ReplayError {
     Log(#[from] tandem_events::log::LogError),
     #[error("projection: {0}")]
     Projection(#[from] tandem_scheduler::projection::ProjectionError),
-    #[error("{path}: {operation} failed: {source}")]
+    #[error("{path}: {operation} failed: {error}")]
     Io {
         path: String,
         operation: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a tandem export file: {reason}")]
     NotAnExport { path: String, reason: String },
@@ -58,10 +58,10 @@ impl ReplayError {
         operation: &'static str,
     ) -> impl FnOnce(std::io::Error) -> ReplayError {
         let path = path.display().to_string();
-        move |source| ReplayError::Io {
+        move |error| ReplayError::Io {
             path,
             operation,
-            source,
+            error,
         }
     }
 }
