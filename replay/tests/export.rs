@@ -16,6 +16,11 @@ use tandem_replay::audit::{AuditOptions, AuditReport, Rebuild};
 use tandem_replay::export::{ExportHeader, ExportReader, ExportWriter};
 use tandem_replay::source::{Progress, ReadRange, Source};
 use tandem_replay::stats::{StatsCollector, StatsOptions, StatsReport};
+use tandem_replay::timeline::{Timeline, read_request};
+
+async fn log_for_timeline(server: &NatsServer) -> JetStreamLog {
+    JetStreamLog::connect(&server.url()).await.unwrap()
+}
 
 async fn stats(source: &Source, range: &ReadRange) -> StatsReport {
     let mut collector = StatsCollector::new(StatsOptions::default());
@@ -131,6 +136,26 @@ async fn a_jetstream_log_round_trips_through_an_export() {
     let source = Source::nats(&server.url()).await.unwrap();
     assert!(source.description().contains("JetStream"));
     assert!(stats(&source, &ReadRange::default()).await.requests > 100);
+
+    // A timeline's read filters by the request's subjects on the server (and `Routed` by its envelope).
+    let messages = read_all(&log_for_timeline(&server).await).await;
+    let request_id = messages
+        .iter()
+        .find_map(|m| m.subject.strip_prefix("tandem.ev.received."))
+        .unwrap()
+        .to_string();
+    let expected: Vec<_> = messages
+        .iter()
+        .filter(|m| m.event().is_ok_and(|event| event.id() == request_id))
+        .cloned()
+        .collect();
+    let read = read_request(&source, &request_id, &mut Progress::quiet())
+        .await
+        .unwrap();
+    assert_eq!(read, expected);
+    let timeline = Timeline::build(&request_id, source.description(), &read);
+    assert_eq!(timeline.violations, 0);
+    assert_eq!(timeline.routings.len(), 1);
 }
 
 #[tokio::test]
