@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tandem_workers::{
-    Engine, EngineConfig, ModelWeights, Sampler, SamplingParams, builtin_model, load_model,
+    Device, Engine, EngineConfig, ModelConfig, ModelWeights, Sampler, SamplingParams,
+    builtin_model, load_model, measure_ceilings, qwen3_shape, random_model,
 };
 
 /// Engine settings shared by both commands.
@@ -63,9 +64,20 @@ pub struct GenerateArgs {
 pub struct BenchEngineArgs {
     #[command(flatten)]
     engine: EngineFlags,
-    /// Only `cpu` for now.
+    /// `cpu` or `cuda:N`. On a GPU the report gives each phase's fraction of its roofline, against ceilings
+    /// measured in the same run.
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     device: String,
+    /// Bench a released model's shape instead of `--model`: `qwen3-0.6b` or `qwen3-8b` (needs
+    /// `--random-weights`).
+    #[arg(long)]
+    shape: Option<String>,
+    /// Draw the `--shape` model's weights from a fixed seed (no checkpoint needed).
+    #[arg(long)]
+    random_weights: bool,
+    /// On a GPU: prompt lengths whose prefill is timed, comma-separated (one step each).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    prefill_lens: Vec<usize>,
     /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 256)]
     prompt_len: usize,
@@ -162,15 +174,38 @@ fn bench_prompt(sequence: usize, len: usize, vocab_size: usize) -> Vec<u32> {
         .collect()
 }
 
-pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
-    if args.device != "cpu" {
-        bail!("device {:?} is not built yet; only `cpu`", args.device);
+/// The weights a bench runs: a `--shape` drawn at random, or `--model`.
+fn bench_weights(args: &BenchEngineArgs) -> Result<ModelWeights> {
+    match (&args.shape, args.random_weights) {
+        (Some(shape), true) => {
+            let config = qwen3_shape(shape).with_context(|| {
+                format!("unknown --shape {shape:?}: expected qwen3-0.6b or qwen3-8b")
+            })?;
+            Ok(random_model(config, 0x5EED))
+        }
+        (Some(_), false) => {
+            bail!(
+                "--shape draws its weights: pass --random-weights (or --model DIR for a checkpoint)"
+            )
+        }
+        (None, true) => bail!("--random-weights needs --shape qwen3-0.6b|qwen3-8b"),
+        (None, false) => load(&args.engine.model),
     }
-    if args.prompt_len == 0 || args.batch.contains(&0) {
-        bail!("--prompt-len and every --batch must be at least 1");
+}
+
+pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
+    if args.prompt_len == 0 || args.batch.contains(&0) || args.prefill_lens.contains(&0) {
+        bail!("--prompt-len, every --batch and every --prefill-lens must be at least 1");
+    }
+    let device: Device = args
+        .device
+        .parse()
+        .map_err(|message: String| anyhow::anyhow!(message))?;
+    if let Device::Cuda(ordinal) = device {
+        return bench_engine_cuda(&args, ordinal);
     }
     let load_started = Instant::now();
-    let weights = load(&args.engine.model)?;
+    let weights = bench_weights(&args)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let vocab_size = weights.config().vocab_size;
     let parameters = weights.num_parameters();
@@ -276,6 +311,186 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
             result["ms_per_step"].as_f64().unwrap_or(0.0),
             result["tokens_per_s"].as_f64().unwrap_or(0.0)
         );
+    }
+    Ok(())
+}
+
+/// Bytes of the matrices one decode step reads (bf16): every layer's projections and the lm_head.
+fn decode_weight_bytes(config: &ModelConfig) -> f64 {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let per_layer = (config.q_dim() + 2 * config.kv_dim()) * h + h * config.q_dim() + 3 * i * h;
+    2.0 * (config.num_layers * per_layer + config.vocab_size * h) as f64
+}
+
+/// FLOPs of a prefill of `tokens` tokens: the projections for every token, causal attention (QKᵀ and PV
+/// over `tokens * (tokens + 1) / 2` pairs per head) and the lm_head for the last token.
+fn prefill_flops(config: &ModelConfig, tokens: usize) -> f64 {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let per_layer = (config.q_dim() + 2 * config.kv_dim()) * h + h * config.q_dim() + 3 * i * h;
+    let projections = 2.0 * (config.num_layers * per_layer) as f64 * tokens as f64;
+    let pairs = tokens as f64 * (tokens as f64 + 1.0) / 2.0;
+    let attention = 4.0 * (config.num_layers * config.num_q_heads * config.head_dim) as f64 * pairs;
+    projections + attention + 2.0 * (config.vocab_size * h) as f64
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Decode steps run before timing starts (the first captures the CUDA graph of its batch).
+const DECODE_WARMUP_STEPS: usize = 4;
+
+/// `bench engine --device cuda:N`: prefill tokens/s per prompt length and decode ms/step per batch size
+/// (greedy on the GPU), each beside its roofline, with the ceilings measured first in the same run.
+fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
+    let ceilings = measure_ceilings(ordinal)
+        .with_context(|| format!("measuring the ceilings of cuda:{ordinal}"))?;
+    let load_started = Instant::now();
+    let weights = bench_weights(args)?;
+    let config = weights.config().clone();
+    let parameters = weights.num_parameters();
+    let max_prefill = args.prefill_lens.iter().copied().max().unwrap_or(1);
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, timed steps, one spare.
+    let block_tokens = args.engine.kv_block_tokens.max(1);
+    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + args.decode_steps + 1)
+        .div_ceil(block_tokens)
+        * block_tokens;
+    let tokens_needed = max_prefill.max(max_batch * sequence_tokens);
+    let mut engine_flags = engine_config(&args.engine, tokens_needed);
+    engine_flags.prefix_caching = false;
+    engine_flags.prefill_chunk_tokens = engine_flags.prefill_chunk_tokens.max(max_prefill);
+    let mut engine = Engine::cuda(&weights, engine_flags, ordinal)?;
+    drop(weights);
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    let model_label = args
+        .shape
+        .clone()
+        .unwrap_or_else(|| args.engine.model.clone());
+    println!(
+        "model {model_label} ({:.2}B parameters), device cuda:{ordinal}, loaded in {load_seconds:.1}s",
+        parameters as f64 / 1e9
+    );
+    println!(
+        "ceilings (measured now): device copy {:.0} GB/s (read + write), bf16 GEMM {:.0} TFLOP/s, pinned host->device {:.1} GB/s, device->host {:.1} GB/s",
+        ceilings.copy_bytes_per_s / 1e9,
+        ceilings.gemm_flops_per_s / 1e12,
+        ceilings.host_to_device_bytes_per_s / 1e9,
+        ceilings.device_to_host_bytes_per_s / 1e9
+    );
+    let vocab_size = config.vocab_size;
+
+    let mut prefill_results = Vec::new();
+    for (index, &len) in args.prefill_lens.iter().enumerate() {
+        let mut samples = Vec::new();
+        // The first run grows the work buffers; it is not timed.
+        for repeat in 0..4 {
+            let prompt = bench_prompt(1000 + index * 10 + repeat, len, vocab_size);
+            let id = engine.add_sequence(&prompt)?;
+            let started = Instant::now();
+            engine.prefill(id)?;
+            let seconds = started.elapsed().as_secs_f64();
+            engine.remove_sequence(id)?;
+            if repeat > 0 {
+                samples.push(seconds);
+            }
+        }
+        let seconds = median(samples);
+        let flops = prefill_flops(&config, len);
+        let fraction = flops / ceilings.gemm_flops_per_s / seconds;
+        println!(
+            "prefill {len} tokens: {:.2} ms = {:.0} tokens/s, {:.1} TFLOP/s = {:.1}% of the GEMM roofline",
+            seconds * 1e3,
+            len as f64 / seconds,
+            flops / seconds / 1e12,
+            fraction * 100.0
+        );
+        prefill_results.push(json!({
+            "tokens": len, "seconds": seconds, "tokens_per_s": len as f64 / seconds,
+            "flops": flops, "roofline_fraction": fraction,
+        }));
+    }
+
+    let kv_bytes_per_token = 2.0 * (config.num_layers * 2 * config.kv_dim()) as f64;
+    let weight_bytes = decode_weight_bytes(&config);
+    let mut decode_results = Vec::new();
+    let mut kv_export = None;
+    for &batch in &args.batch {
+        let mut ids = Vec::with_capacity(batch);
+        let mut next_tokens = Vec::with_capacity(batch);
+        for sequence in 0..batch {
+            let id =
+                engine.add_sequence(&bench_prompt(sequence + 1, args.prompt_len, vocab_size))?;
+            next_tokens.push(
+                Sampler::new(SamplingParams::default())
+                    .sample(engine.prefill(id)?)
+                    .token_id,
+            );
+            ids.push(id);
+        }
+        let warmup_steps = DECODE_WARMUP_STEPS;
+        let mut started = Instant::now();
+        for step in 0..warmup_steps + args.decode_steps {
+            if step == warmup_steps {
+                started = Instant::now();
+            }
+            let steps: Vec<(u64, u32)> = ids
+                .iter()
+                .copied()
+                .zip(next_tokens.iter().copied())
+                .collect();
+            next_tokens.copy_from_slice(engine.decode_greedy(&steps)?);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let ms_per_step = seconds * 1e3 / args.decode_steps as f64;
+        // KV read per step: each sequence's whole context, averaged over the timed steps.
+        let mean_context = (args.prompt_len + warmup_steps) as f64 + args.decode_steps as f64 / 2.0;
+        let bytes = weight_bytes + kv_bytes_per_token * mean_context * batch as f64;
+        let roofline_ms = bytes / ceilings.copy_bytes_per_s * 1e3;
+        println!(
+            "decode batch {batch}: {ms_per_step:.3} ms/step = {:.0} tokens/s; {:.0} MB per step, roofline {roofline_ms:.3} ms = {:.1}% of it",
+            (batch * args.decode_steps) as f64 / seconds,
+            bytes / 1e6,
+            roofline_ms / ms_per_step * 100.0
+        );
+        decode_results.push(json!({
+            "batch": batch, "steps": args.decode_steps, "ms_per_step": ms_per_step,
+            "tokens_per_s": (batch * args.decode_steps) as f64 / seconds,
+            "bytes_per_step": bytes, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms_per_step,
+        }));
+        if kv_export.is_none() {
+            // The first hop of a KV transfer that leaves the GPU: the sequence's KV to host memory in the f32
+            // layout of KV_LAYOUT.md.
+            let started = Instant::now();
+            let bytes = engine.export_kv(ids[0])?.len();
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "kv export (device -> host, f32 layout, {} tokens): {:.1} MB in {:.2} ms = {:.2} GB/s (pinned device->host ceiling {:.1} GB/s)",
+                args.prompt_len + warmup_steps + args.decode_steps,
+                bytes as f64 / 1e6,
+                seconds * 1e3,
+                bytes as f64 / seconds / 1e9,
+                ceilings.device_to_host_bytes_per_s / 1e9
+            );
+            kv_export = Some(json!({"bytes": bytes, "seconds": seconds}));
+        }
+        for id in ids {
+            engine.remove_sequence(id)?;
+        }
+    }
+    if args.json {
+        let report = json!({
+            "device": args.device, "model": model_label, "parameters": parameters,
+            "ceilings": {
+                "copy_bytes_per_s": ceilings.copy_bytes_per_s,
+                "gemm_flops_per_s": ceilings.gemm_flops_per_s,
+                "host_to_device_bytes_per_s": ceilings.host_to_device_bytes_per_s,
+                "device_to_host_bytes_per_s": ceilings.device_to_host_bytes_per_s,
+            },
+            "prefill": prefill_results, "decode": decode_results, "kv_export": kv_export,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
 }

@@ -25,8 +25,8 @@ use tandem_workers::transfer::{
     InProcessTransport, KvTransport, TcpTransport, TransferTimeouts, model_fingerprint,
 };
 use tandem_workers::{
-    BUILTIN_SEED, Engine, EngineConfig, ModelConfig, builtin_config, builtin_model, load_model,
-    load_model_config,
+    BUILTIN_SEED, Device, Engine, EngineConfig, ModelConfig, builtin_config, builtin_model,
+    load_model, load_model_config,
 };
 use tokio::sync::watch;
 
@@ -55,7 +55,7 @@ pub struct ModelArgs {
     /// The model name clients ask for.
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", default_value = "qwen3")]
     served_model_name: String,
-    /// `cpu` (the CUDA backend is filed as its own issue).
+    /// `cpu`, or `cuda:N` for GPU N (bf16 weights and KV cache on the GPU).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     device: String,
     /// KV blocks per decode worker.
@@ -288,13 +288,12 @@ async fn open_backbone(args: &LogArgs, role_alone: bool) -> Result<Backbone> {
     }
 }
 
-fn check_device(device: &str) -> Result<()> {
-    if device != "cpu" {
-        bail!(
-            "device {device:?} is not built yet (the CUDA backend is its own issue); use --device cpu"
-        );
-    }
-    Ok(())
+/// Parses `--device`: `cpu` or `cuda:N`. Whether the GPU exists and the model fits is checked when the
+/// engine starts, with an error that says which.
+fn check_device(device: &str) -> Result<Device> {
+    device
+        .parse()
+        .map_err(|message: String| anyhow::anyhow!("--device: {message}"))
 }
 
 /// The model's shape, without loading weights (what the gateway needs).
@@ -339,7 +338,7 @@ fn tokenizer_dir(args: &ModelArgs) -> Result<PathBuf> {
 }
 
 fn engine(args: &ModelArgs) -> Result<Engine> {
-    check_device(&args.device)?;
+    let device = check_device(&args.device)?;
     let weights = match &args.model {
         Some(dir) => {
             load_model(dir).with_context(|| format!("loading the model at {}", dir.display()))?
@@ -351,7 +350,8 @@ fn engine(args: &ModelArgs) -> Result<Engine> {
         block_size_tokens: args.kv_block_tokens,
         ..EngineConfig::default()
     };
-    Ok(Engine::cpu(weights, config)?)
+    Engine::on_device(weights, config, device)
+        .with_context(|| format!("starting the engine on {device}"))
 }
 
 /// The model's identity for KV transfers: its shape plus what names its weights (the built-in seed, or the

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, Device};
 use crate::backend::{Backend, SequenceStep};
 use crate::error::EngineError;
 use crate::kv_cache::layout::KvLayout;
@@ -86,6 +87,15 @@ pub struct Engine {
     config: EngineConfig,
     /// The last step's logits, `[batch, vocab_size]`.
     logits: Vec<f32>,
+    /// The last greedy step's tokens, one per sequence.
+    greedy_tokens: Vec<u32>,
+}
+
+/// What a decode step leaves behind: every sequence's logits, or only its argmax.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DecodeOutput {
+    Logits,
+    Greedy,
 }
 
 impl Engine {
@@ -119,6 +129,7 @@ impl Engine {
             next_sequence_id: 0,
             config,
             logits: Vec::new(),
+            greedy_tokens: Vec::new(),
         })
     }
 
@@ -126,6 +137,33 @@ impl Engine {
     pub fn cpu(weights: ModelWeights, config: EngineConfig) -> Result<Self, EngineError> {
         let backend = CpuBackend::new(weights, config.num_blocks, config.block_size_tokens)?;
         Self::new(Box::new(backend), config)
+    }
+
+    /// An engine on the CUDA backend, with the weights and the KV pool on GPU `ordinal`.
+    pub fn cuda(
+        weights: &ModelWeights,
+        config: EngineConfig,
+        ordinal: usize,
+    ) -> Result<Self, EngineError> {
+        let backend = CudaBackend::new(
+            weights,
+            ordinal,
+            config.num_blocks,
+            config.block_size_tokens,
+        )?;
+        Self::new(Box::new(backend), config)
+    }
+
+    /// An engine on `device` (`cpu` or `cuda:N`).
+    pub fn on_device(
+        weights: ModelWeights,
+        config: EngineConfig,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        match device {
+            Device::Cpu => Self::cpu(weights, config),
+            Device::Cuda(ordinal) => Self::cuda(&weights, config, ordinal),
+        }
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -260,6 +298,22 @@ impl Engine {
     /// Appends one token to each listed (fully prefilled) sequence and runs them all in one step; returns
     /// the logits that follow each, `[steps.len(), vocab_size]` in the order given.
     pub fn decode(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[f32], EngineError> {
+        self.decode_step(steps, DecodeOutput::Logits)?;
+        Ok(&self.logits)
+    }
+
+    /// Like [`Engine::decode`] for greedy sequences: returns the argmax token that follows each, picked by
+    /// the backend (on the GPU for CUDA, so no logits cross to the host).
+    pub fn decode_greedy(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[u32], EngineError> {
+        self.decode_step(steps, DecodeOutput::Greedy)?;
+        Ok(&self.greedy_tokens)
+    }
+
+    fn decode_step(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+        output: DecodeOutput,
+    ) -> Result<(), EngineError> {
         let block_size = self.config.block_size_tokens;
         let mut needed_blocks = 0;
         for (index, &(id, token_id)) in steps.iter().enumerate() {
@@ -306,7 +360,10 @@ impl Engine {
                 block_table: &sequence.block_table.blocks,
             });
         }
-        let result = self.backend.forward(&batch, &mut self.logits);
+        let result = match output {
+            DecodeOutput::Logits => self.backend.forward(&batch, &mut self.logits),
+            DecodeOutput::Greedy => self.backend.forward_greedy(&batch, &mut self.greedy_tokens),
+        };
         drop(batch);
         for &(id, _) in steps {
             if let Some(sequence) = self.sequences.get_mut(&id) {
@@ -322,8 +379,7 @@ impl Engine {
                 );
             }
         }
-        result?;
-        Ok(&self.logits)
+        result
     }
 
     /// Forgets a sequence and frees its blocks; its full blocks stay in the prefix cache until reused.
@@ -354,7 +410,7 @@ impl Engine {
         for (index, &block) in sequence.block_table.blocks[..num_blocks].iter().enumerate() {
             let start = bytes.len();
             bytes.resize(start + layout.block_bytes(), 0);
-            self.backend.read_block(block, &mut bytes[start..]);
+            self.backend.read_block(block, &mut bytes[start..])?;
             let used_slots =
                 (num_tokens - index * layout.block_size_tokens).min(layout.block_size_tokens);
             layout.zero_unused_slots(&mut bytes[start..], used_slots);
@@ -372,7 +428,7 @@ impl Engine {
         self.kv_cache
             .reserve(&mut block_table, parsed.token_ids.len())?;
         for (&block, block_bytes) in block_table.blocks.iter().zip(&parsed.blocks) {
-            self.backend.write_block(block, block_bytes);
+            self.backend.write_block(block, block_bytes)?;
         }
         let num_tokens = parsed.token_ids.len();
         self.kv_cache
@@ -481,7 +537,7 @@ impl Engine {
         let mut out = Vec::with_capacity((end_block - first_block) * layer_bytes);
         for index in first_block..end_block {
             self.backend
-                .read_block(sequence.block_table.blocks[index], &mut block);
+                .read_block(sequence.block_table.blocks[index], &mut block)?;
             let used_slots = (num_tokens - index * block_size).min(block_size);
             layout.zero_unused_slots(&mut block, used_slots);
             out.extend_from_slice(&block[layer * layer_bytes..(layer + 1) * layer_bytes]);
@@ -543,7 +599,7 @@ impl Engine {
                 );
             }
             self.backend
-                .write_block(sequence.block_table.blocks[index], &block);
+                .write_block(sequence.block_table.blocks[index], &block)?;
         }
         sequence.num_computed_tokens = num_tokens;
         self.kv_cache.register_full_blocks(

@@ -79,4 +79,6 @@ pub enum EngineError {
     KvImport(String),
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Cuda(#[from] crate::backend::cuda::CudaError),
 }

@@ -6,7 +6,8 @@
 //!   download), both giving [`ModelWeights`];
 //! - [`Engine`]: sequences over a paged KV cache with prefix caching; prefill (chunked), batched decode,
 //!   sampling, and [`Engine::export_kv`] / [`Engine::import_kv`] in the layout of `KV_LAYOUT.md`;
-//! - [`Backend`]: the per-step forward seam ([`CpuBackend`] now, a CUDA one later).
+//! - [`Backend`]: the per-step forward seam ([`CpuBackend`], and [`CudaBackend`] on an NVIDIA GPU through
+//!   cudarc, chosen by [`Device`]).
 
 mod backend;
 mod engine;
@@ -19,12 +20,15 @@ mod sampling;
 pub mod transfer;
 
 pub use backend::cpu::CpuBackend;
+pub use backend::cuda::{
+    Ceilings, CudaBackend, CudaError, Device, cuda_driver_present, measure_ceilings,
+};
 pub use backend::{Backend, SequenceStep};
 pub use engine::{Engine, EngineConfig, FinishReason, Generation, SequenceId};
 pub use error::{EngineError, LoadError};
-pub use kv_cache::{BlockId, KvCacheEvent};
 pub use kv_cache::layout::KvLayout;
-pub use model::builtin::{BUILTIN_SEED, builtin_config, builtin_model};
+pub use kv_cache::{BlockId, KvCacheEvent};
+pub use model::builtin::{BUILTIN_SEED, builtin_config, builtin_model, qwen3_shape, random_model};
 pub use model::config::ModelConfig;
 pub use model::loader::{load_model, load_model_config};
 pub use model::weights::ModelWeights;

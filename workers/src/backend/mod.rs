@@ -3,6 +3,7 @@
 //! CUDA backend only has to implement this trait.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
 
 use crate::error::EngineError;
 use crate::kv_cache::BlockId;
@@ -36,9 +37,33 @@ pub trait Backend: Send {
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError>;
 
+    /// Runs a step like [`Backend::forward`] and leaves in `tokens` the argmax of each sequence's logits
+    /// (greedy decoding). A GPU backend overrides this to pick the tokens on the device, so only the ids
+    /// cross to the host; ties go to the lowest token id.
+    fn forward_greedy(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        tokens: &mut Vec<u32>,
+    ) -> Result<(), EngineError> {
+        let mut logits = Vec::new();
+        self.forward(batch, &mut logits)?;
+        let vocab_size = self.model_config().vocab_size;
+        tokens.clear();
+        tokens.extend(logits.chunks_exact(vocab_size).map(|row| {
+            let mut best = 0;
+            for (index, &value) in row.iter().enumerate() {
+                if value > row[best] {
+                    best = index;
+                }
+            }
+            best as u32
+        }));
+        Ok(())
+    }
+
     /// Copies one block out in the byte layout of [`KvLayout`]; `out.len()` is `block_bytes()`.
-    fn read_block(&self, block: BlockId, out: &mut [u8]);
+    fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError>;
 
     /// Overwrites one block from bytes in the layout of [`KvLayout`].
-    fn write_block(&mut self, block: BlockId, bytes: &[u8]);
+    fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError>;
 }

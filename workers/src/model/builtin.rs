@@ -34,18 +34,53 @@ pub fn builtin_config() -> ModelConfig {
 
 /// Builds the built-in model. Same output on every call and every machine.
 pub fn builtin_model() -> ModelWeights {
-    let config = builtin_config();
+    random_model(builtin_config(), BUILTIN_SEED)
+}
+
+/// A model of any Qwen3 shape with weights drawn as the built-in model's are, from `seed`: for benchmarks
+/// and backend parity tests at real sizes without a checkpoint.
+pub fn random_model(config: ModelConfig, seed: u64) -> ModelWeights {
     let result: Result<ModelWeights, std::convert::Infallible> =
-        ModelWeights::from_tensors(config, |spec| Ok(draw_tensor(spec)));
+        ModelWeights::from_tensors(config, |spec| Ok(draw_tensor(spec, seed)));
     match result {
         Ok(weights) => weights,
         Err(never) => match never {},
     }
 }
 
+/// The shapes of released Qwen3 models by name (`qwen3-0.6b`, `qwen3-8b`), as their `config.json` gives
+/// them; with [`random_model`], what `tandem bench engine --shape` measures.
+pub fn qwen3_shape(name: &str) -> Option<ModelConfig> {
+    let base = ModelConfig {
+        vocab_size: 151_936,
+        hidden_size: 1024,
+        intermediate_size: 3072,
+        num_layers: 28,
+        num_q_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        tie_word_embeddings: true,
+        max_position_embeddings: 40_960,
+    };
+    match name {
+        "qwen3-0.6b" => Some(base),
+        "qwen3-8b" => Some(ModelConfig {
+            hidden_size: 4096,
+            intermediate_size: 12_288,
+            num_layers: 36,
+            num_q_heads: 32,
+            tie_word_embeddings: false,
+            ..base
+        }),
+        _ => None,
+    }
+}
+
 /// Norm weights near 1; embeddings with std 0.5 so tied logits are peaked enough for greedy decoding to
 /// be meaningful; linear layers with std ~1.5/sqrt(fan_in) so activations neither vanish nor explode.
-fn draw_tensor(spec: &TensorSpec) -> Vec<f32> {
+fn draw_tensor(spec: &TensorSpec, seed: u64) -> Vec<f32> {
     let num_elements: usize = spec.shape.iter().product();
     let fan_in = spec.shape.last().copied().unwrap_or(1) as f32;
     // A uniform draw in [-1, 1) has std 1/sqrt(3).
@@ -68,7 +103,7 @@ fn draw_tensor(spec: &TensorSpec) -> Vec<f32> {
         .enumerate()
         .for_each(|(chunk_index, chunk)| {
             let mut rng = SplitMix64::new(
-                BUILTIN_SEED ^ name_seed ^ (chunk_index as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+                seed ^ name_seed ^ (chunk_index as u64).wrapping_mul(0xA24B_AED4_963E_E407),
             );
             for value in chunk {
                 *value = center + amplitude * rng.next_symmetric_f32();

@@ -45,6 +45,32 @@ impl ModelWeights {
         self.lm_head.as_deref().unwrap_or(&self.embed_tokens)
     }
 
+    /// The same model with every matrix (embedding, projections, lm_head) rounded to bf16 and back, norms
+    /// kept: the weights a bf16 GPU backend computes with, so a CPU run on them isolates the differences of
+    /// the computation itself.
+    pub fn rounded_to_bf16(mut self) -> Self {
+        let round = |values: &mut Vec<f32>| {
+            for value in values.iter_mut() {
+                *value = half::bf16::from_f32(*value).to_f32();
+            }
+        };
+        round(&mut self.embed_tokens);
+        if let Some(lm_head) = self.lm_head.as_mut() {
+            round(lm_head);
+        }
+        for layer in &mut self.layers {
+            for matrix in [
+                &mut layer.qkv_proj,
+                &mut layer.o_proj,
+                &mut layer.gate_up_proj,
+                &mut layer.down_proj,
+            ] {
+                round(matrix);
+            }
+        }
+        self
+    }
+
     /// Total f32 parameters held (a tied lm_head counted once).
     pub fn num_parameters(&self) -> usize {
         let layers: usize = self

@@ -6,10 +6,8 @@ mod attention;
 mod kernels;
 
 use attention::{AttentionInput, paged_attention};
-use kernels::{
-    apply_rope, matmul_transposed, rms_norm, rms_norm_in_place, rope_angles,
-    rope_inverse_frequencies, swiglu,
-};
+pub(crate) use kernels::rope_inverse_frequencies;
+use kernels::{apply_rope, matmul_transposed, rms_norm, rms_norm_in_place, rope_angles, swiglu};
 
 use super::{Backend, SequenceStep};
 use crate::error::EngineError;
@@ -317,19 +315,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn read_block(&self, block: BlockId, out: &mut [u8]) {
+    fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
         let floats = self.layout.block_floats();
         let source = &self.kv_pool[block as usize * floats..][..floats];
         for (bytes, value) in out.chunks_exact_mut(4).zip(source) {
             bytes.copy_from_slice(&value.to_le_bytes());
         }
+        Ok(())
     }
 
-    fn write_block(&mut self, block: BlockId, bytes: &[u8]) {
+    fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
         let floats = self.layout.block_floats();
         let target = &mut self.kv_pool[block as usize * floats..][..floats];
         for (value, b) in target.iter_mut().zip(bytes.chunks_exact(4)) {
             *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
+        Ok(())
     }
 }

@@ -1,0 +1,442 @@
+// The CUDA backend's NVRTC kernels (compiled at backend start-up; see kernels.rs for their launches).
+// bf16 is handled as raw 16-bit words so no CUDA header is needed at run-time compilation: weights, normed
+// activations and the KV cache are bf16; residuals, GEMM outputs and every reduction are f32.
+// KV pool layout: [block][layer][k=0,v=1][kv_head][slot][dim], the order of KV_LAYOUT.md, in bf16.
+
+typedef unsigned short bf16_t;
+
+// No CUDA headers at run-time compilation, so no INFINITY macro.
+#define NEG_INFINITY __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf2f(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
+
+// Round to nearest even, NaN kept quiet: the same rounding the host uses when it uploads weights.
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    v = warp_sum(v);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    __syncthreads();  // a previous call's readers are done with `partial`
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    float total = lane < warps ? partial[lane] : 0.0f;
+    return warp_sum(total);
+}
+
+// hidden[t, :] = embedding[token_ids[t], :]
+extern "C" __global__ void embed(float* hidden, const bf16_t* embedding, const unsigned* token_ids, int hidden_size) {
+    const size_t row = (size_t)token_ids[blockIdx.x] * hidden_size;
+    float* out = hidden + (size_t)blockIdx.x * hidden_size;
+    for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) out[i] = bf2f(embedding[row + i]);
+}
+
+// Output row r reads hidden row rows[r] (or r when rows is null). With delta, the residual is added first
+// (hidden += delta, in place); then out[r] = weight * hidden / rms(hidden), as Qwen3RMSNorm in f32.
+extern "C" __global__ void add_rms_norm(float* hidden, const float* delta, const float* weight, bf16_t* out,
+                                        const unsigned* rows, int hidden_size, float eps) {
+    const size_t row = rows ? rows[blockIdx.x] : blockIdx.x;
+    float* x = hidden + row * hidden_size;
+    float sum_squares = 0.0f;
+    for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) {
+        float v = x[i];
+        if (delta) {
+            v += delta[row * hidden_size + i];
+            x[i] = v;
+        }
+        sum_squares += v * v;
+    }
+    const float scale = 1.0f / sqrtf(block_sum(sum_squares) / hidden_size + eps);
+    bf16_t* o = out + (size_t)blockIdx.x * hidden_size;
+    for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) o[i] = f2bf(weight[i] * (x[i] * scale));
+}
+
+// One block per (token, head) of the qkv projection: blockIdx.y < num_q_heads are q heads (RMSNorm, RoPE,
+// written to q_out in f32), then k heads (RMSNorm, RoPE, into the cache), then v heads (into the cache).
+// Thread i owns the rotate-half pair (i, i + head_dim / 2).
+extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf16_t* kv_pool, const float* q_norm,
+                                              const float* k_norm, const float* inv_freq, const unsigned* positions,
+                                              const unsigned* kv_blocks, int num_q_heads, int num_kv_heads,
+                                              int head_dim, int layer, int block_size, size_t block_elems,
+                                              float eps) {
+    const int token = blockIdx.x, head = blockIdx.y, half = head_dim / 2, i = threadIdx.x;
+    const int q_dim = num_q_heads * head_dim, kv_dim = num_kv_heads * head_dim;
+    const float* row = qkv + (size_t)token * (q_dim + 2 * kv_dim);
+    const unsigned position = positions[token];
+    const size_t slot_base = (size_t)kv_blocks[token] * block_elems;
+    const int slot = position % block_size;
+    if (head >= num_q_heads + num_kv_heads) {  // v: stored as projected
+        const int kv_head = head - num_q_heads - num_kv_heads;
+        const float* v = row + q_dim + kv_dim + kv_head * head_dim;
+        bf16_t* dst = kv_pool + slot_base + ((size_t)((layer * 2 + 1) * num_kv_heads + kv_head) * block_size + slot) * head_dim;
+        for (int d = i; d < head_dim; d += blockDim.x) dst[d] = f2bf(v[d]);
+        return;
+    }
+    const bool is_q = head < num_q_heads;
+    const float* x = is_q ? row + head * head_dim : row + q_dim + (head - num_q_heads) * head_dim;
+    const float* norm = is_q ? q_norm : k_norm;
+    float x1 = 0.0f, x2 = 0.0f;
+    if (i < half) {
+        x1 = x[i];
+        x2 = x[i + half];
+    }
+    const float scale = 1.0f / sqrtf(block_sum(x1 * x1 + x2 * x2) / head_dim + eps);
+    if (i >= half) return;
+    x1 = norm[i] * (x1 * scale);
+    x2 = norm[i + half] * (x2 * scale);
+    const float angle = (float)position * inv_freq[i];
+    const float c = cosf(angle), s = sinf(angle);
+    const float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
+    if (is_q) {
+        float* dst = q_out + ((size_t)token * num_q_heads + head) * head_dim;
+        dst[i] = r1;
+        dst[i + half] = r2;
+    } else {
+        const int kv_head = head - num_q_heads;
+        bf16_t* dst = kv_pool + slot_base + ((size_t)(layer * 2 * num_kv_heads + kv_head) * block_size + slot) * head_dim;
+        dst[i] = f2bf(r1);
+        dst[i + half] = f2bf(r2);
+    }
+}
+
+#define MAX_DIMS_PER_LANE 8  // head_dim <= 256
+#define ATTENTION_WARPS 4
+
+// Causal attention over the paged cache, split over the context: block (token, q_head, split) covers the
+// split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
+// length, so the launch shape depends only on the batch), one key per warp at a time with an online
+// softmax, and writes its unnormalized output with its running max and sum for attention_combine.
+// token_meta[t] = (position, offset of its sequence's block table from block_tables).
+extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
+                                             const unsigned* token_meta, float* partial_out, float* partial_max_sum,
+                                             int num_q_heads, int num_kv_heads, int head_dim, int layer,
+                                             int block_size, size_t block_elems, float scale) {
+    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const unsigned position = token_meta[2 * token];
+    const unsigned* table = block_tables + token_meta[2 * token + 1];
+    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const int keys_per_split = ((int)position + num_splits) / num_splits;
+    const int first_key = split * keys_per_split;
+    const int end_key = min((int)position + 1, first_key + keys_per_split);
+    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
+    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
+
+    float q_lane[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
+    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
+#pragma unroll
+    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+        const int d = lane + 32 * r;
+        q_lane[r] = d < head_dim ? q_head[d] * scale : 0.0f;
+        acc[r] = 0.0f;
+    }
+    float running_max = NEG_INFINITY, running_sum = 0.0f;
+    for (int key = first_key + warp; key < end_key; key += ATTENTION_WARPS) {
+        const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim;
+        const bf16_t* k = kv_pool + base + k_offset;
+        float dot = 0.0f;
+#pragma unroll
+        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+            const int d = lane + 32 * r;
+            if (d < head_dim) dot += q_lane[r] * bf2f(k[d]);
+        }
+        const float score = warp_sum(dot);
+        const float new_max = fmaxf(running_max, score);
+        const float correction = expf(running_max - new_max);
+        const float weight = expf(score - new_max);
+        running_sum = running_sum * correction + weight;
+        running_max = new_max;
+        const bf16_t* v = kv_pool + base + v_offset;
+#pragma unroll
+        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+            const int d = lane + 32 * r;
+            if (d < head_dim) acc[r] = acc[r] * correction + weight * bf2f(v[d]);
+        }
+    }
+
+    __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
+    __shared__ float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    if (lane == 0) {
+        warp_max[warp] = running_max;
+        warp_sum_[warp] = running_sum;
+    }
+#pragma unroll
+    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) warp_acc[warp][lane + 32 * r] = acc[r];
+    __syncthreads();
+    float block_max = NEG_INFINITY;
+    for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max[w]);
+    const size_t slot = ((size_t)token * num_q_heads + head) * num_splits + split;
+    float total = 0.0f;
+    for (int w = 0; w < ATTENTION_WARPS; ++w)
+        if (warp_sum_[w] > 0.0f) total += warp_sum_[w] * expf(warp_max[w] - block_max);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float out = 0.0f;
+        for (int w = 0; w < ATTENTION_WARPS; ++w)
+            if (warp_sum_[w] > 0.0f) out += warp_acc[w][d] * expf(warp_max[w] - block_max);
+        partial_out[slot * head_dim + d] = out;
+    }
+    if (threadIdx.x == 0) {
+        partial_max_sum[2 * slot] = block_max;
+        partial_max_sum[2 * slot + 1] = total;
+    }
+}
+
+// Merges the splits of each (token, q_head) and writes the normalized output in bf16 for o_proj.
+extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max_sum, bf16_t* out,
+                                             int num_q_heads, int head_dim, int num_splits) {
+    const int token = blockIdx.x, head = blockIdx.y;
+    const size_t first = ((size_t)token * num_q_heads + head) * num_splits;
+    float global_max = NEG_INFINITY;
+    for (int s = 0; s < num_splits; ++s)
+        if (partial_max_sum[2 * (first + s) + 1] > 0.0f) global_max = fmaxf(global_max, partial_max_sum[2 * (first + s)]);
+    float total = 0.0f;
+    for (int s = 0; s < num_splits; ++s) {
+        const float sum = partial_max_sum[2 * (first + s) + 1];
+        if (sum > 0.0f) total += sum * expf(partial_max_sum[2 * (first + s)] - global_max);
+    }
+    const float inverse_total = 1.0f / total;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float value = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float sum = partial_max_sum[2 * (first + s) + 1];
+            if (sum > 0.0f) value += partial_out[(first + s) * head_dim + d] * expf(partial_max_sum[2 * (first + s)] - global_max);
+        }
+        out[((size_t)token * num_q_heads + head) * head_dim + d] = f2bf(value * inverse_total);
+    }
+}
+
+// out[t, i] = silu(gate[t, i]) * up[t, i], where gate_up[t] = [gate | up].
+extern "C" __global__ void swiglu(const float* gate_up, bf16_t* out, int intermediate, size_t total) {
+    for (size_t index = (size_t)blockIdx.x * blockDim.x + threadIdx.x; index < total; index += (size_t)gridDim.x * blockDim.x) {
+        const size_t token = index / intermediate, i = index % intermediate;
+        const float g = gate_up[token * 2 * intermediate + i], u = gate_up[token * 2 * intermediate + intermediate + i];
+        out[index] = f2bf(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// tokens[r] = argmax of logits row r (the lowest index among equal maxima).
+extern "C" __global__ void argmax_rows(const float* logits, unsigned* tokens, int vocab_size) {
+    __shared__ float best_values[1024];
+    __shared__ unsigned best_indices[1024];
+    const float* row = logits + (size_t)blockIdx.x * vocab_size;
+    float best = NEG_INFINITY;
+    unsigned best_index = 0xffffffffu;
+    for (int i = threadIdx.x; i < vocab_size; i += blockDim.x) {
+        const float v = row[i];
+        if (v > best || best_index == 0xffffffffu) {
+            best = v;
+            best_index = i;
+        }
+    }
+    best_values[threadIdx.x] = best;
+    best_indices[threadIdx.x] = best_index;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            const float other = best_values[threadIdx.x + stride];
+            const unsigned other_index = best_indices[threadIdx.x + stride];
+            const bool take = other_index != 0xffffffffu &&
+                              (best_indices[threadIdx.x] == 0xffffffffu || other > best_values[threadIdx.x] ||
+                               (other == best_values[threadIdx.x] && other_index < best_indices[threadIdx.x]));
+            if (take) {
+                best_values[threadIdx.x] = other;
+                best_indices[threadIdx.x] = other_index;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) tokens[blockIdx.x] = best_indices[0];
+}
+
+// ---- Prefill attention on the tensor cores ----
+// Block (tile, q_head): up to PREFILL_TILE_Q consecutive query tokens of one sequence (tiles[2 * tile] = first
+// token row, tiles[2 * tile + 1] = count), 4 warps of 16 queries each. Keys stream through shared memory
+// PREFILL_TILE_K at a time from the paged cache; S = Q·Kᵀ and O += P·V run as bf16 mma.sync m16n8k16 with
+// f32 accumulators and an online softmax per query row (FlashAttention-2's scheme). head_dim is a multiple of
+// 16, at most 128.
+#define PREFILL_TILE_Q 64
+#define PREFILL_TILE_K 32
+#define PREFILL_MAX_DIM 128
+#define PREFILL_PAD 8
+
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+extern "C" __global__ void __launch_bounds__(128) prefill_attention(
+    const float* q, const bf16_t* kv_pool, const unsigned* block_tables, const unsigned* token_meta,
+    const unsigned* tiles, bf16_t* out, int num_q_heads, int num_kv_heads, int head_dim, int layer,
+    int block_size, size_t block_elems, float scale) {
+    __shared__ __align__(16) bf16_t q_tile[PREFILL_TILE_Q][PREFILL_MAX_DIM + PREFILL_PAD];
+    __shared__ __align__(16) bf16_t k_tile[PREFILL_TILE_K][PREFILL_MAX_DIM + PREFILL_PAD];
+    __shared__ __align__(16) bf16_t v_tile_t[PREFILL_MAX_DIM][PREFILL_TILE_K + PREFILL_PAD];
+
+    const int head = blockIdx.y;
+    const int first_row = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const unsigned* table = block_tables + token_meta[2 * first_row + 1];
+    const int first_position = token_meta[2 * first_row];
+    const int last_position = first_position + count - 1;
+    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
+    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
+    const int dim_steps = head_dim / 16;
+
+    // Q tile to bf16; rows past `count` repeat the last query (finite, never written out).
+    for (int index = threadIdx.x; index < PREFILL_TILE_Q * head_dim; index += blockDim.x) {
+        const int row = index / head_dim, d = index % head_dim;
+        const int token = first_row + min(row, count - 1);
+        q_tile[row][d] = f2bf(q[((size_t)token * num_q_heads + head) * head_dim + d]);
+    }
+
+    // This thread's two query rows (group, group + 8 of its warp's 16) and their positions.
+    const int row_a = warp * 16 + group, row_b = row_a + 8;
+    const int position_a = first_position + min(row_a, count - 1);
+    const int position_b = first_position + min(row_b, count - 1);
+
+    float o[PREFILL_MAX_DIM / 8][4];
+#pragma unroll
+    for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float max_a = NEG_INFINITY, max_b = NEG_INFINITY, sum_a = 0.0f, sum_b = 0.0f;
+
+    for (int key_start = 0; key_start <= last_position; key_start += PREFILL_TILE_K) {
+        __syncthreads();  // the previous tile's readers are done
+        for (int index = threadIdx.x; index < PREFILL_TILE_K * head_dim; index += blockDim.x) {
+            const int j = index / head_dim, d = index % head_dim;
+            const int key = key_start + j;
+            bf16_t k_value = 0, v_value = 0;
+            if (key <= last_position) {
+                const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim + d;
+                k_value = kv_pool[base + k_offset];
+                v_value = kv_pool[base + v_offset];
+            }
+            k_tile[j][d] = k_value;
+            v_tile_t[d][j] = v_value;
+        }
+        __syncthreads();
+
+        // S = Q Kᵀ for this warp's 16 rows and the tile's 32 keys: 4 n-tiles of 8 keys.
+        float s[PREFILL_TILE_K / 8][4];
+#pragma unroll
+        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int step = 0; step < PREFILL_MAX_DIM / 16; ++step) {
+            if (step < dim_steps) {
+                const int d0 = step * 16 + 2 * quad;
+                unsigned a[4];
+                a[0] = *(const unsigned*)&q_tile[warp * 16 + group][d0];
+                a[1] = *(const unsigned*)&q_tile[warp * 16 + group + 8][d0];
+                a[2] = *(const unsigned*)&q_tile[warp * 16 + group][d0 + 8];
+                a[3] = *(const unsigned*)&q_tile[warp * 16 + group + 8][d0 + 8];
+#pragma unroll
+                for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+                    unsigned b[2];
+                    b[0] = *(const unsigned*)&k_tile[n * 8 + group][d0];
+                    b[1] = *(const unsigned*)&k_tile[n * 8 + group][d0 + 8];
+                    mma_bf16_16816(s[n], a, b);
+                }
+            }
+        }
+
+        // Causal mask, scale, online softmax over the rows a (c0, c1) and b (c2, c3).
+        float tile_max_a = NEG_INFINITY, tile_max_b = NEG_INFINITY;
+#pragma unroll
+        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+            const int key = key_start + n * 8 + 2 * quad;
+            s[n][0] = key <= position_a ? s[n][0] * scale : NEG_INFINITY;
+            s[n][1] = key + 1 <= position_a ? s[n][1] * scale : NEG_INFINITY;
+            s[n][2] = key <= position_b ? s[n][2] * scale : NEG_INFINITY;
+            s[n][3] = key + 1 <= position_b ? s[n][3] * scale : NEG_INFINITY;
+            tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
+            tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
+        }
+        for (int offset = 1; offset < 4; offset <<= 1) {
+            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
+            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, offset));
+        }
+        // Key 0 is visible to every query, so after the first tile every row's max is finite.
+        const float new_max_a = fmaxf(max_a, tile_max_a), new_max_b = fmaxf(max_b, tile_max_b);
+        const float correction_a = expf(max_a - new_max_a), correction_b = expf(max_b - new_max_b);
+        max_a = new_max_a;
+        max_b = new_max_b;
+        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+#pragma unroll
+        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+            s[n][0] = expf(s[n][0] - max_a);
+            s[n][1] = expf(s[n][1] - max_a);
+            s[n][2] = expf(s[n][2] - max_b);
+            s[n][3] = expf(s[n][3] - max_b);
+            tile_sum_a += s[n][0] + s[n][1];
+            tile_sum_b += s[n][2] + s[n][3];
+        }
+        sum_a = sum_a * correction_a + tile_sum_a;  // per-thread partial sums, reduced over the quad at the end
+        sum_b = sum_b * correction_b + tile_sum_b;
+#pragma unroll
+        for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
+            o[n][0] *= correction_a;
+            o[n][1] *= correction_a;
+            o[n][2] *= correction_b;
+            o[n][3] *= correction_b;
+        }
+
+        // O += P V: P's accumulator layout is the A layout of the next product, two key n-tiles per k16 step.
+#pragma unroll
+        for (int kstep = 0; kstep < PREFILL_TILE_K / 16; ++kstep) {
+            unsigned a[4];
+            a[0] = pack_bf16x2(s[2 * kstep][0], s[2 * kstep][1]);
+            a[1] = pack_bf16x2(s[2 * kstep][2], s[2 * kstep][3]);
+            a[2] = pack_bf16x2(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+            a[3] = pack_bf16x2(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+            const int k0 = kstep * 16 + 2 * quad;
+#pragma unroll
+            for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
+                if (n < head_dim / 8) {
+                    unsigned b[2];
+                    b[0] = *(const unsigned*)&v_tile_t[n * 8 + group][k0];
+                    b[1] = *(const unsigned*)&v_tile_t[n * 8 + group][k0 + 8];
+                    mma_bf16_16816(o[n], a, b);
+                }
+            }
+        }
+    }
+
+    for (int offset = 1; offset < 4; offset <<= 1) {
+        sum_a += __shfl_xor_sync(0xffffffffu, sum_a, offset);
+        sum_b += __shfl_xor_sync(0xffffffffu, sum_b, offset);
+    }
+    const float inverse_a = 1.0f / sum_a, inverse_b = 1.0f / sum_b;
+#pragma unroll
+    for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
+        if (n < head_dim / 8) {
+            const int d = n * 8 + 2 * quad;
+            if (row_a < count) {
+                bf16_t* dst = out + ((size_t)(first_row + row_a) * num_q_heads + head) * head_dim + d;
+                dst[0] = f2bf(o[n][0] * inverse_a);
+                dst[1] = f2bf(o[n][1] * inverse_a);
+            }
+            if (row_b < count) {
+                bf16_t* dst = out + ((size_t)(first_row + row_b) * num_q_heads + head) * head_dim + d;
+                dst[0] = f2bf(o[n][2] * inverse_b);
+                dst[1] = f2bf(o[n][3] * inverse_b);
+            }
+        }
+    }
+}

@@ -1,0 +1,834 @@
+//! [`CudaBackend`]: the Qwen3 forward pass on one NVIDIA GPU through cudarc. Weights live on the GPU in
+//! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
+//! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
+//! reductions stay in f32. Greedy steps pick their tokens on the GPU, so only the token ids come back.
+//!
+//! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
+//! block tables) in one buffer and uploads it with one copy. Decode steps replay CUDA graphs captured per
+//! batch bucket (`graphs.rs`); prefill and mixed steps launch eagerly.
+
+mod ceilings;
+mod device;
+mod gemm;
+mod graphs;
+mod kernels;
+mod weights;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use rayon::prelude::*;
+
+pub use ceilings::{Ceilings, measure_ceilings};
+pub use device::{CudaError, Device, cuda_driver_present};
+use device::{DriverContext, GpuContext};
+use gemm::matmul_bf16;
+use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
+use kernels::{AttentionShape, Kernels, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, prefill_kernel_fits};
+use weights::DeviceWeights;
+
+use super::{Backend, SequenceStep};
+use crate::error::EngineError;
+use crate::kv_cache::BlockId;
+use crate::kv_cache::layout::KvLayout;
+use crate::model::config::ModelConfig;
+use crate::model::weights::ModelWeights;
+
+/// Attention blocks aimed for per launch: splitting a short batch's context over more blocks keeps the
+/// GPU's multiprocessors busy at decode (flash-decoding); a long prefill has enough blocks without it.
+const ATTENTION_BLOCKS_PER_SM: usize = 4;
+/// The fewest keys one attention split walks, so the merge stays cheap beside the work it merges.
+const MIN_KEYS_PER_SPLIT: usize = 64;
+/// Steps whose longest chunk has this many tokens run attention in query tiles (`prefill_attention`).
+const MIN_PREFILL_TILE_TOKENS: usize = 16;
+/// Most splits of one token's attention in a captured decode step (its context length is not known when
+/// the graph is captured, so the split count depends on the batch alone).
+const MAX_GRAPH_SPLITS: usize = 32;
+/// cuBLAS's workspace, given to it up front so that a captured GEMM never allocates.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+pub struct CudaBackend {
+    gpu: GpuContext,
+    kernels: Kernels,
+    config: ModelConfig,
+    layout: KvLayout,
+    num_blocks: usize,
+    weights: DeviceWeights,
+    /// `num_blocks + 1` blocks of `layout.block_floats()` bf16 values each; the last one takes the KV of the
+    /// padding rows of captured decode steps and belongs to no sequence.
+    kv_pool: CudaSlice<u16>,
+    scratch: Scratch,
+    graphs: DecodeGraphs,
+    /// Handed to cuBLAS with `cublasSetWorkspace`; kept alive as long as the handle.
+    _blas_workspace: CudaSlice<u8>,
+    /// This step's metadata, built on the host: see [`StepMeta`].
+    meta: Vec<u32>,
+    greedy_tokens: Vec<u32>,
+}
+
+/// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
+struct Scratch {
+    token_capacity: usize,
+    row_capacity: usize,
+    partial_capacity: usize,
+    meta_capacity: usize,
+    hidden: CudaSlice<f32>,
+    normed: CudaSlice<u16>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    attention: CudaSlice<u16>,
+    projected: CudaSlice<f32>,
+    gate_up: CudaSlice<f32>,
+    activated: CudaSlice<u16>,
+    partial_out: CudaSlice<f32>,
+    partial_max_sum: CudaSlice<f32>,
+    last_normed: CudaSlice<u16>,
+    logits: CudaSlice<f32>,
+    tokens: CudaSlice<u32>,
+    meta: CudaSlice<u32>,
+}
+
+/// Offsets (in u32) of the parts of the step metadata buffer, and the step's launch shape.
+struct StepMeta {
+    num_tokens: usize,
+    /// Sequences, i.e. logits rows.
+    rows: usize,
+    num_splits: usize,
+    token_ids: usize,
+    positions: usize,
+    kv_blocks: usize,
+    /// Per token: (position, offset of its sequence's block table from the start of the buffer).
+    token_meta: usize,
+    /// Per sequence: the row of its last new token.
+    last_rows: usize,
+    block_tables: usize,
+    /// Query tiles for `prefill_attention`: (offset of `num_tiles` pairs (first row, count)), when this
+    /// step's attention runs on it rather than on the split kernel.
+    prefill_tiles: Option<(usize, usize)>,
+}
+
+/// The raw device address of a buffer, for kernel arguments and cuBLAS.
+fn addr<T>(buffer: &CudaSlice<T>, gpu: &GpuContext) -> u64 {
+    // Event tracking is off (one stream), so the guard returned beside the pointer does nothing.
+    let (pointer, _guard) = buffer.device_ptr(&gpu.stream);
+    pointer
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &GpuContext,
+    len: usize,
+    what: &str,
+) -> Result<CudaSlice<T>, CudaError> {
+    gpu.stream
+        .alloc_zeros::<T>(len.max(1))
+        .during(|| format!("allocating {what} ({len} elements) on cuda:{}", gpu.ordinal))
+}
+
+impl Scratch {
+    fn sizes(config: &ModelConfig, tokens: usize, rows: usize) -> [usize; 9] {
+        let q_dim = config.q_dim();
+        [
+            tokens * config.hidden_size * 4,
+            tokens * config.hidden_size * 2,
+            tokens * (q_dim + 2 * config.kv_dim()) * 4,
+            tokens * q_dim * (4 + 2),
+            tokens * config.hidden_size * 4,
+            tokens * 2 * config.intermediate_size * 4,
+            tokens * config.intermediate_size * 2,
+            rows * config.hidden_size * 2,
+            rows * config.vocab_size * 4,
+        ]
+    }
+
+    fn bytes(config: &ModelConfig, tokens: usize, rows: usize) -> usize {
+        Self::sizes(config, tokens, rows).iter().sum()
+    }
+
+    fn new(
+        gpu: &GpuContext,
+        config: &ModelConfig,
+        tokens: usize,
+        rows: usize,
+        partial: usize,
+        meta: usize,
+    ) -> Result<Self, CudaError> {
+        let (h, q_dim, i) = (config.hidden_size, config.q_dim(), config.intermediate_size);
+        Ok(Self {
+            token_capacity: tokens,
+            row_capacity: rows,
+            partial_capacity: partial,
+            meta_capacity: meta,
+            hidden: zeros(gpu, tokens * h, "the hidden states")?,
+            normed: zeros(gpu, tokens * h, "the normed activations")?,
+            qkv: zeros(gpu, tokens * (q_dim + 2 * config.kv_dim()), "qkv")?,
+            q: zeros(gpu, tokens * q_dim, "q")?,
+            attention: zeros(gpu, tokens * q_dim, "the attention output")?,
+            projected: zeros(gpu, tokens * h, "the projections")?,
+            gate_up: zeros(gpu, tokens * 2 * i, "gate_up")?,
+            activated: zeros(gpu, tokens * i, "the MLP activations")?,
+            partial_out: zeros(gpu, partial * config.head_dim, "attention partials")?,
+            partial_max_sum: zeros(gpu, partial * 2, "attention partial sums")?,
+            last_normed: zeros(gpu, rows * h, "the final norm")?,
+            logits: zeros(gpu, rows * config.vocab_size, "the logits")?,
+            tokens: zeros(gpu, rows, "the greedy tokens")?,
+            meta: zeros(gpu, meta, "the step metadata")?,
+        })
+    }
+}
+
+impl CudaBackend {
+    /// Uploads `weights` to `cuda:{ordinal}` in bf16 and allocates a KV pool of `num_blocks` blocks of
+    /// `block_size_tokens` tokens. Fails with a clear error when there is no driver or GPU, or when the
+    /// model and the pool do not fit in the GPU's free memory.
+    pub fn new(
+        weights: &ModelWeights,
+        ordinal: usize,
+        num_blocks: usize,
+        block_size_tokens: usize,
+    ) -> Result<Self, EngineError> {
+        if num_blocks == 0 || block_size_tokens == 0 {
+            return Err(EngineError::Config(format!(
+                "need at least one block of at least one token (got {num_blocks} blocks of {block_size_tokens})"
+            )));
+        }
+        let config = weights.config.clone();
+        if config.head_dim > MAX_HEAD_DIM || !config.head_dim.is_multiple_of(2) {
+            return Err(CudaError::Unsupported(format!(
+                "head_dim {} (the kernels take even head dims up to {MAX_HEAD_DIM})",
+                config.head_dim
+            ))
+            .into());
+        }
+        let layout = KvLayout {
+            num_layers: config.num_layers,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            block_size_tokens,
+        };
+        let gpu = GpuContext::open(ordinal)?;
+
+        let initial_tokens = 256;
+        let weights_bytes = DeviceWeights::bytes(weights);
+        let kv_bytes = num_blocks * layout.block_floats() * 2;
+        let scratch_bytes = Scratch::bytes(&config, initial_tokens, 64);
+        let (free_bytes, _total) = gpu.memory()?;
+        // Headroom for cuBLAS workspaces, the module and growth of the work buffers.
+        let headroom = 512 << 20;
+        let needed = weights_bytes + kv_bytes + scratch_bytes + headroom;
+        if needed > free_bytes {
+            let mib = |bytes: usize| bytes >> 20;
+            return Err(CudaError::DoesNotFit {
+                ordinal,
+                needed_mib: mib(needed),
+                weights_mib: mib(weights_bytes),
+                kv_mib: mib(kv_bytes),
+                scratch_mib: mib(scratch_bytes + headroom),
+                free_mib: mib(free_bytes),
+            }
+            .into());
+        }
+
+        let kernels = Kernels::compile(&gpu)?;
+        let device_weights = DeviceWeights::upload(&gpu, weights)?;
+        let kv_pool = zeros(
+            &gpu,
+            (num_blocks + 1) * layout.block_floats(),
+            "the KV cache",
+        )?;
+        let blas_workspace: CudaSlice<u8> =
+            zeros(&gpu, BLAS_WORKSPACE_BYTES, "the cuBLAS workspace")?;
+        // SAFETY: the workspace is a live allocation of that size, kept in the backend beside the handle.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *gpu.blas.handle(),
+                addr(&blas_workspace, &gpu) as *mut std::ffi::c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(CudaError::Blas {
+                what: "setting the cuBLAS workspace".into(),
+                status: format!("{status:?}"),
+            }
+            .into());
+        }
+        let scratch = Scratch::new(&gpu, &config, initial_tokens, 64, 1024, 4096)?;
+        gpu.stream
+            .synchronize()
+            .during(|| format!("uploading the model to cuda:{ordinal}"))?;
+        Ok(Self {
+            gpu,
+            kernels,
+            config,
+            layout,
+            num_blocks,
+            weights: device_weights,
+            kv_pool,
+            scratch,
+            graphs: DecodeGraphs::default(),
+            _blas_workspace: blas_workspace,
+            meta: Vec::new(),
+            greedy_tokens: Vec::new(),
+        })
+    }
+
+    /// The GPU's name and ordinal, for logs and benchmark reports.
+    pub fn device_name(&self) -> String {
+        let name = self
+            .gpu
+            .context
+            .name()
+            .unwrap_or_else(|_| "unknown GPU".into());
+        format!("cuda:{} ({name})", self.gpu.ordinal)
+    }
+
+    fn check_batch(&self, batch: &[SequenceStep<'_>]) -> Result<(), EngineError> {
+        let vocab_size = self.config.vocab_size;
+        for (index, step) in batch.iter().enumerate() {
+            if step.token_ids.is_empty() {
+                return Err(EngineError::Config(format!(
+                    "batch entry {index} has no tokens"
+                )));
+            }
+            if let Some(&token_id) = step.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+                return Err(EngineError::TokenOutOfVocabulary {
+                    token_id,
+                    vocab_size,
+                });
+            }
+            let end = step.start_position + step.token_ids.len();
+            if step.block_table.len() * self.layout.block_size_tokens < end {
+                return Err(EngineError::Config(format!(
+                    "batch entry {index}: {} blocks cannot hold {end} tokens",
+                    step.block_table.len()
+                )));
+            }
+            if let Some(&block) = step
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= self.num_blocks)
+            {
+                return Err(EngineError::Config(format!(
+                    "batch entry {index}: block {block} is outside the pool"
+                )));
+            }
+        }
+        if batch.is_empty() {
+            return Err(EngineError::Config("an empty batch".into()));
+        }
+        Ok(())
+    }
+
+    /// Lays out this step's metadata in `self.meta` (one upload) and returns where each part starts.
+    fn build_meta(&mut self, batch: &[SequenceStep<'_>]) -> StepMeta {
+        let num_tokens: usize = batch.iter().map(|step| step.token_ids.len()).sum();
+        let table_words: usize = batch.iter().map(|step| step.block_table.len()).sum();
+        let max_keys = batch
+            .iter()
+            .map(|step| step.start_position + step.token_ids.len())
+            .max()
+            .unwrap_or(0);
+        let parts = StepMeta {
+            num_tokens,
+            rows: batch.len(),
+            num_splits: self.attention_splits(num_tokens, max_keys),
+            token_ids: 0,
+            positions: num_tokens,
+            kv_blocks: 2 * num_tokens,
+            token_meta: 3 * num_tokens,
+            last_rows: 5 * num_tokens,
+            block_tables: 5 * num_tokens + batch.len(),
+            prefill_tiles: None,
+        };
+        let meta = &mut self.meta;
+        meta.clear();
+        meta.resize(parts.block_tables + table_words, 0);
+        let block_size = self.layout.block_size_tokens;
+        let (mut token, mut table_offset) = (0, parts.block_tables);
+        for (row, step) in batch.iter().enumerate() {
+            meta[table_offset..table_offset + step.block_table.len()]
+                .copy_from_slice(step.block_table);
+            for (i, &token_id) in step.token_ids.iter().enumerate() {
+                let position = step.start_position + i;
+                meta[parts.token_ids + token] = token_id;
+                meta[parts.positions + token] = position as u32;
+                meta[parts.kv_blocks + token] = step.block_table[position / block_size];
+                meta[parts.token_meta + 2 * token] = position as u32;
+                meta[parts.token_meta + 2 * token + 1] = table_offset as u32;
+                token += 1;
+            }
+            meta[parts.last_rows + row] = (token - 1) as u32;
+            table_offset += step.block_table.len();
+        }
+        // A step that carries a prompt chunk runs its attention in query tiles on the tensor cores.
+        let longest_chunk = batch
+            .iter()
+            .map(|step| step.token_ids.len())
+            .max()
+            .unwrap_or(0);
+        let mut parts = parts;
+        if longest_chunk >= MIN_PREFILL_TILE_TOKENS && prefill_kernel_fits(self.config.head_dim) {
+            let tiles_start = meta.len();
+            let mut first_row = 0;
+            for step in batch {
+                let len = step.token_ids.len();
+                for tile_start in (0..len).step_by(PREFILL_TILE_TOKENS) {
+                    meta.push((first_row + tile_start) as u32);
+                    meta.push(PREFILL_TILE_TOKENS.min(len - tile_start) as u32);
+                }
+                first_row += len;
+            }
+            parts.prefill_tiles = Some((tiles_start, (meta.len() - tiles_start) / 2));
+        }
+        parts
+    }
+
+    /// Lays out a decode step (one token per sequence) padded to `bucket` rows at the fixed offsets a captured
+    /// graph reads: row `r`'s block table at `block_tables + r * capacity`. Padding rows hold token 0 at
+    /// position 0, writing into the padding block.
+    fn build_padded_meta(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        bucket: usize,
+        capacity: usize,
+    ) -> StepMeta {
+        let splits_to_fill = (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors)
+            .div_ceil(bucket * self.config.num_q_heads);
+        let parts = StepMeta {
+            num_tokens: bucket,
+            rows: bucket,
+            num_splits: splits_to_fill.clamp(1, MAX_GRAPH_SPLITS),
+            token_ids: 0,
+            positions: bucket,
+            kv_blocks: 2 * bucket,
+            token_meta: 3 * bucket,
+            last_rows: 5 * bucket,
+            block_tables: 6 * bucket,
+            prefill_tiles: None,
+        };
+        let padding_block = self.num_blocks as u32;
+        let meta = &mut self.meta;
+        meta.clear();
+        meta.resize(parts.block_tables + bucket * capacity, padding_block);
+        let block_size = self.layout.block_size_tokens;
+        for row in 0..bucket {
+            let table = parts.block_tables + row * capacity;
+            let (token_id, position, kv_block) = match batch.get(row) {
+                Some(step) => {
+                    meta[table..table + step.block_table.len()].copy_from_slice(step.block_table);
+                    let position = step.start_position;
+                    (
+                        step.token_ids[0],
+                        position,
+                        step.block_table[position / block_size],
+                    )
+                }
+                None => (0, 0, padding_block),
+            };
+            meta[parts.token_ids + row] = token_id;
+            meta[parts.positions + row] = position as u32;
+            meta[parts.kv_blocks + row] = kv_block;
+            meta[parts.token_meta + 2 * row] = position as u32;
+            meta[parts.token_meta + 2 * row + 1] = table as u32;
+            meta[parts.last_rows + row] = row as u32;
+        }
+        parts
+    }
+
+    /// How many splits the attention of this step uses: enough blocks to fill the GPU, no split of the
+    /// longest context shorter than [`MIN_KEYS_PER_SPLIT`] keys.
+    fn attention_splits(&self, num_tokens: usize, max_keys: usize) -> usize {
+        let blocks = num_tokens * self.config.num_q_heads;
+        let wanted = (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors).div_ceil(blocks.max(1));
+        wanted.min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+    }
+
+    /// Grows the work buffers to hold this step.
+    fn ensure_capacity(
+        &mut self,
+        num_tokens: usize,
+        num_rows: usize,
+        partials: usize,
+    ) -> Result<(), EngineError> {
+        let s = &self.scratch;
+        if num_tokens <= s.token_capacity
+            && num_rows <= s.row_capacity
+            && partials <= s.partial_capacity
+            && self.meta.len() <= s.meta_capacity
+        {
+            return Ok(());
+        }
+        let tokens = s.token_capacity.max(num_tokens.next_power_of_two());
+        let rows = s.row_capacity.max(num_rows.next_power_of_two());
+        let partial = s.partial_capacity.max(partials.next_power_of_two());
+        let meta = s.meta_capacity.max(self.meta.len().next_power_of_two());
+        // Free the old buffers before allocating the larger ones.
+        self.gpu
+            .stream
+            .synchronize()
+            .during(|| "waiting to grow the work buffers".into())?;
+        // Captured graphs point into the old buffers.
+        self.graphs.by_shape.clear();
+        self.scratch = Scratch::new(&self.gpu, &self.config, 1, 1, 1, 1)?;
+        self.scratch = Scratch::new(&self.gpu, &self.config, tokens, rows, partial, meta)?;
+        Ok(())
+    }
+
+    /// Runs every layer and the lm_head: leaves the logits of each sequence's last new token in the first
+    /// `batch.len()` rows of `scratch.logits`. Decode steps replay a captured graph; others launch eagerly.
+    fn run(&mut self, batch: &[SequenceStep<'_>]) -> Result<(), EngineError> {
+        self.check_batch(batch)?;
+        let decode_only = batch.iter().all(|step| step.token_ids.len() == 1);
+        match bucket_for(batch.len()).filter(|_| decode_only) {
+            Some(bucket) => {
+                let longest_table = batch
+                    .iter()
+                    .map(|step| step.block_table.len())
+                    .max()
+                    .unwrap_or(1);
+                let capacity = table_capacity(longest_table);
+                let parts = self.build_padded_meta(batch, bucket, capacity);
+                self.prepare(&parts)?;
+                let key = (bucket, capacity);
+                if let Some(graph) = self.graphs.by_shape.get(&key) {
+                    graph
+                        .graph()
+                        .launch()
+                        .during(|| format!("replaying the decode graph of batch {bucket}"))?;
+                } else {
+                    // This step runs eagerly; the capture that follows only records the same launches
+                    // (nothing runs while capturing) for the steps after it.
+                    self.launch_step(&parts)?;
+                    let graph = self.capture(&parts)?;
+                    self.graphs.by_shape.insert(key, graph);
+                }
+            }
+            None => {
+                let parts = self.build_meta(batch);
+                self.prepare(&parts)?;
+                self.launch_step(&parts)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows the work buffers for `parts` and uploads the step metadata.
+    fn prepare(&mut self, parts: &StepMeta) -> Result<(), EngineError> {
+        self.ensure_capacity(
+            parts.num_tokens,
+            parts.rows,
+            parts.num_tokens * self.config.num_q_heads * parts.num_splits,
+        )?;
+        self.gpu
+            .stream
+            .memcpy_htod(
+                &self.meta,
+                &mut self.scratch.meta.slice_mut(..self.meta.len()),
+            )
+            .during(|| "uploading the step metadata".into())?;
+        Ok(())
+    }
+
+    /// Records the launches of a step as a graph.
+    fn capture(&self, parts: &StepMeta) -> Result<DecodeGraph, EngineError> {
+        let stream = &self.gpu.stream;
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .during(|| "starting a decode graph capture".into())?;
+        let launched = self.launch_step(parts);
+        // End the capture even when a launch failed, so the stream leaves capture mode.
+        let captured = stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .during(|| format!("capturing the decode graph of batch {}", parts.rows));
+        launched?;
+        match captured? {
+            Some(graph) => Ok(DecodeGraph::new(graph)),
+            None => Err(
+                CudaError::Unsupported("the decode graph capture recorded nothing".into()).into(),
+            ),
+        }
+    }
+
+    /// Launches every kernel and GEMM of one step whose metadata is uploaded, in stream order.
+    fn launch_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
+        let num_tokens = parts.num_tokens;
+        let rows = parts.rows;
+        let num_splits = parts.num_splits;
+        let gpu = &self.gpu;
+        let s = &self.scratch;
+        let config = &self.config;
+        let (h, q_dim) = (config.hidden_size, config.q_dim());
+        let qkv_width = q_dim + 2 * config.kv_dim();
+        let intermediate = config.intermediate_size;
+        let eps = config.rms_norm_eps;
+        let k = &self.kernels;
+        let w = &self.weights;
+        let meta = addr(&s.meta, gpu);
+        let at = |offset: usize| meta + 4 * offset as u64;
+        let (hidden, normed, qkv, q) = (
+            addr(&s.hidden, gpu),
+            addr(&s.normed, gpu),
+            addr(&s.qkv, gpu),
+            addr(&s.q, gpu),
+        );
+        let (attention, projected, gate_up, activated) = (
+            addr(&s.attention, gpu),
+            addr(&s.projected, gpu),
+            addr(&s.gate_up, gpu),
+            addr(&s.activated, gpu),
+        );
+        let (partial_out, partial_max_sum) =
+            (addr(&s.partial_out, gpu), addr(&s.partial_max_sum, gpu));
+        let kv_pool = addr(&self.kv_pool, gpu);
+        let blas = &gpu.blas;
+
+        k.embed(
+            hidden,
+            addr(&w.embed_tokens, gpu),
+            at(parts.token_ids),
+            num_tokens,
+            h,
+        )?;
+        k.add_rms_norm(
+            hidden,
+            0,
+            addr(&w.layers[0].input_norm, gpu),
+            normed,
+            0,
+            num_tokens,
+            h,
+            eps,
+        )?;
+        for (layer_index, layer) in w.layers.iter().enumerate() {
+            matmul_bf16(
+                blas,
+                normed,
+                num_tokens,
+                h,
+                addr(&layer.qkv_proj, gpu),
+                qkv_width,
+                qkv,
+                "qkv_proj",
+            )?;
+            let shape = AttentionShape {
+                num_tokens,
+                num_q_heads: config.num_q_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+                layer: layer_index,
+                block_size: self.layout.block_size_tokens,
+                block_elems: self.layout.block_floats(),
+                num_splits,
+            };
+            k.qk_norm_rope_store(
+                qkv,
+                q,
+                kv_pool,
+                addr(&layer.q_norm, gpu),
+                addr(&layer.k_norm, gpu),
+                addr(&w.rope_inverse_frequencies, gpu),
+                at(parts.positions),
+                at(parts.kv_blocks),
+                &shape,
+                eps,
+            )?;
+            // Block-table offsets in token_meta count from the start of the metadata buffer.
+            match parts.prefill_tiles {
+                Some((tiles, num_tiles)) => k.prefill_attention(
+                    q,
+                    kv_pool,
+                    meta,
+                    at(parts.token_meta),
+                    at(tiles),
+                    num_tiles,
+                    attention,
+                    &shape,
+                )?,
+                None => k.attention(
+                    q,
+                    kv_pool,
+                    meta,
+                    at(parts.token_meta),
+                    partial_out,
+                    partial_max_sum,
+                    attention,
+                    &shape,
+                )?,
+            }
+            matmul_bf16(
+                blas,
+                attention,
+                num_tokens,
+                q_dim,
+                addr(&layer.o_proj, gpu),
+                h,
+                projected,
+                "o_proj",
+            )?;
+            k.add_rms_norm(
+                hidden,
+                projected,
+                addr(&layer.post_attention_norm, gpu),
+                normed,
+                0,
+                num_tokens,
+                h,
+                eps,
+            )?;
+            matmul_bf16(
+                blas,
+                normed,
+                num_tokens,
+                h,
+                addr(&layer.gate_up_proj, gpu),
+                2 * intermediate,
+                gate_up,
+                "gate_up_proj",
+            )?;
+            k.swiglu(gate_up, activated, num_tokens, intermediate)?;
+            matmul_bf16(
+                blas,
+                activated,
+                num_tokens,
+                intermediate,
+                addr(&layer.down_proj, gpu),
+                h,
+                projected,
+                "down_proj",
+            )?;
+            // The residual add is fused with the next norm: the next layer's input norm, or after the last
+            // layer the final norm of only the rows whose logits are wanted.
+            match w.layers.get(layer_index + 1) {
+                Some(next) => k.add_rms_norm(
+                    hidden,
+                    projected,
+                    addr(&next.input_norm, gpu),
+                    normed,
+                    0,
+                    num_tokens,
+                    h,
+                    eps,
+                )?,
+                None => k.add_rms_norm(
+                    hidden,
+                    projected,
+                    addr(&w.final_norm, gpu),
+                    addr(&s.last_normed, gpu),
+                    at(parts.last_rows),
+                    rows,
+                    h,
+                    eps,
+                )?,
+            }
+        }
+        matmul_bf16(
+            blas,
+            addr(&s.last_normed, gpu),
+            rows,
+            h,
+            addr(w.lm_head(), gpu),
+            config.vocab_size,
+            addr(&s.logits, gpu),
+            "lm_head",
+        )?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn forward(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        self.run(batch)?;
+        let len = batch.len() * self.config.vocab_size;
+        logits.clear();
+        logits.resize(len, 0.0);
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_dtoh(&self.scratch.logits.slice(..len), &mut logits[..])
+            .during(|| "copying the logits to the host".into())?;
+        stream
+            .synchronize()
+            .during(|| "running a forward step".into())?;
+        Ok(())
+    }
+
+    fn forward_greedy(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        tokens: &mut Vec<u32>,
+    ) -> Result<(), EngineError> {
+        self.run(batch)?;
+        let gpu = &self.gpu;
+        let s = &self.scratch;
+        self.kernels.argmax_rows(
+            addr(&s.logits, gpu),
+            addr(&s.tokens, gpu),
+            batch.len(),
+            self.config.vocab_size,
+        )?;
+        self.greedy_tokens.clear();
+        self.greedy_tokens.resize(batch.len(), 0);
+        gpu.stream
+            .memcpy_dtoh(&s.tokens.slice(..batch.len()), &mut self.greedy_tokens[..])
+            .during(|| "copying the greedy tokens to the host".into())?;
+        gpu.stream
+            .synchronize()
+            .during(|| "running a greedy forward step".into())?;
+        tokens.clear();
+        tokens.extend_from_slice(&self.greedy_tokens);
+        Ok(())
+    }
+
+    fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
+        let elems = self.layout.block_floats();
+        let start = block as usize * elems;
+        let mut values = vec![0u16; elems];
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_dtoh(&self.kv_pool.slice(start..start + elems), &mut values[..])
+            .during(|| format!("reading KV block {block}"))?;
+        stream
+            .synchronize()
+            .during(|| format!("reading KV block {block}"))?;
+        out.par_chunks_mut(4 << 10)
+            .zip(values.par_chunks(1 << 10))
+            .for_each(|(bytes, values)| {
+                for (b, &v) in bytes.chunks_exact_mut(4).zip(values) {
+                    b.copy_from_slice(&half::bf16::from_bits(v).to_f32().to_le_bytes());
+                }
+            });
+        Ok(())
+    }
+
+    fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
+        let elems = self.layout.block_floats();
+        let start = block as usize * elems;
+        let values: Vec<u16> = bytes
+            .par_chunks_exact(4)
+            .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_bits())
+            .collect();
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_htod(&values, &mut self.kv_pool.slice_mut(start..start + elems))
+            .during(|| format!("writing KV block {block}"))?;
+        stream
+            .synchronize()
+            .during(|| format!("writing KV block {block}"))?;
+        Ok(())
+    }
+}
