@@ -2,6 +2,7 @@
 
 mod bench_log;
 mod bench_pd;
+mod bench_routing;
 mod generate;
 mod replay_cli;
 mod role_http;
@@ -53,6 +54,8 @@ enum BenchCommand {
     KvTransfer(bench_pd::KvTransferArgs),
     /// Time to first token, aggregated vs disaggregated prefill, at a few prompt lengths.
     Ttft(bench_pd::TtftArgs),
+    /// KV-aware routing against round-robin on a shared-prefix workload: prefix-cache hit rate and TTFT.
+    Routing(bench_routing::RoutingArgs),
     /// Rebuilding a projection from a synthetic log of --events events (goal: 1M in ≤ 10 s).
     Replay(replay_cli::BenchReplayArgs),
 }
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Engine(args)) => generate::bench_engine(args),
         Command::Bench(BenchCommand::KvTransfer(args)) => bench_pd::kv_transfer(args),
         Command::Bench(BenchCommand::Ttft(args)) => bench_pd::ttft_bench(args),
+        Command::Bench(BenchCommand::Routing(args)) => bench_routing::run(args),
         Command::Bench(BenchCommand::Replay(args)) => replay_cli::bench(args),
     };
     match result {

@@ -70,8 +70,32 @@ pub struct Control {
     /// Routings taken and not yet on the projection: request → (worker, KV blocks).
     routed_in_flight: HashMap<String, (String, u32)>,
     previous_round_robin: Option<String>,
+    /// Prompt block hashes (and prompt block count) of the requests being routed or held, by request.
+    prompt_hashes: HashMap<String, (u32, Arc<Vec<u64>>, u32)>,
     /// Workers whose heartbeat this scheduler found missing, and since when.
     heartbeat_missing_since: HashMap<String, Instant>,
+}
+
+/// A prompt's full-block hashes and its block count (the last block may be partial).
+type PromptBlocks = (Arc<Vec<u64>>, u32);
+
+/// A candidate decode worker and the KV blocks its live requests hold: full prompt blocks by hash (requests sharing
+/// a prefix share those blocks in its prefix cache, so they count once, as the worker's allocator counts them) and
+/// the rest (partial prompt blocks, generated tokens) per request.
+struct Load {
+    candidate: Candidate,
+    block_size: u32,
+    prompt_blocks_in_use: HashSet<u64>,
+    other_blocks_in_use: u32,
+}
+
+impl Load {
+    fn hold(&mut self, prompt_hashes: &[u64], kv_blocks: u32) {
+        self.prompt_blocks_in_use
+            .extend(prompt_hashes.iter().copied());
+        self.other_blocks_in_use += kv_blocks.saturating_sub(prompt_hashes.len() as u32);
+        self.candidate.active_sequences += 1;
+    }
 }
 
 /// What one tick decided, for logs and tests.
@@ -120,6 +144,7 @@ impl Control {
             routed_in_flight: HashMap::new(),
             previous_round_robin: None,
             heartbeat_missing_since: HashMap::new(),
+            prompt_hashes: HashMap::new(),
         }
     }
 
@@ -276,82 +301,105 @@ impl Control {
     ) -> Result<(), ControlError> {
         let unrouted = reader.unrouted()?;
         if unrouted.is_empty() {
+            self.prompt_hashes.clear();
             return Ok(());
         }
-        let mut candidates: Vec<(Candidate, u32)> = workers
+        let mut candidates: Vec<Load> = workers
             .iter()
             .filter(|(worker_id, record)| {
                 record.role == "decode"
                     && !departed.contains_key(worker_id)
                     && live_heartbeats.contains(worker_id)
             })
-            .map(|(worker_id, record)| {
-                (
-                    Candidate {
-                        worker_id: worker_id.clone(),
-                        cached_prefix_blocks: 0,
-                        active_decode_blocks: 0,
-                        active_sequences: 0,
-                        total_blocks: record.total_blocks,
-                    },
-                    record.block_size_tokens.max(1),
-                )
+            .map(|(worker_id, record)| Load {
+                candidate: Candidate {
+                    worker_id: worker_id.clone(),
+                    cached_prefix_blocks: 0,
+                    active_decode_blocks: 0,
+                    active_sequences: 0,
+                    total_blocks: record.total_blocks,
+                },
+                block_size: record.block_size_tokens.max(1),
+                prompt_blocks_in_use: HashSet::new(),
+                other_blocks_in_use: 0,
             })
             .collect();
-        let load = active
+        if candidates.is_empty() {
+            summary.waiting_for_a_worker += unrouted.len();
+            return Ok(());
+        }
+        // The fleet's block size (workers of one model share it); a worker with another size is still a candidate,
+        // its load counted in its own blocks, but it shares no hashes with the others.
+        let block_size = candidates[0].block_size;
+        let mut still_needed: HashSet<String> = HashSet::new();
+        let in_flight: Vec<(String, String)> = self
+            .routed_in_flight
             .iter()
-            .map(|a| (&a.decode_worker_id, a.kv_blocks))
+            .map(|(request_id, (worker_id, _))| (request_id.clone(), worker_id.clone()))
+            .collect();
+        let holding = active
+            .iter()
+            .map(|a| {
+                (
+                    a.request_id.clone(),
+                    a.decode_worker_id.clone(),
+                    Some(a.kv_blocks),
+                )
+            })
             .chain(
-                self.routed_in_flight
-                    .values()
-                    .map(|(worker_id, blocks)| (worker_id, *blocks)),
+                in_flight
+                    .into_iter()
+                    .map(|(request, worker)| (request, worker, None)),
             );
-        for (worker_id, blocks) in load {
-            if let Some((candidate, _)) = candidates
+        for (request_id, worker_id, kv_blocks) in holding {
+            let Some(load) = candidates
                 .iter_mut()
-                .find(|(candidate, _)| &candidate.worker_id == worker_id)
-            {
-                candidate.active_decode_blocks += blocks;
-                candidate.active_sequences += 1;
-            }
+                .find(|load| load.candidate.worker_id == worker_id)
+            else {
+                continue;
+            };
+            let Some((hashes, blocks)) = self.prompt_hashes_of(reader, &request_id, block_size)?
+            else {
+                continue;
+            };
+            still_needed.insert(request_id);
+            let kv_blocks = kv_blocks.unwrap_or(blocks);
+            load.hold(&hashes, kv_blocks);
         }
         for (request_id, attempt) in unrouted {
             if self.already_taken(EventKind::Routed, &request_id, attempt) {
                 continue;
             }
-            if candidates.is_empty() {
-                summary.waiting_for_a_worker += 1;
-                continue;
-            }
             let Some(record) = reader.request(&request_id)? else {
                 continue;
             };
-            let received = self.received_or(reader, &request_id, &record)?;
-            let prompt: &[u32] = match received.body() {
-                Body::Received(received) => &received.prompt_token_ids,
-                _ => &[],
+            let Some((hashes, prompt_blocks)) =
+                self.prompt_hashes_of(reader, &request_id, block_size)?
+            else {
+                continue;
             };
-            // Workers of one fleet share a block size; hashes are computed once per size present.
-            let mut overlaps_by_block_size: HashMap<u32, HashMap<String, u32>> = HashMap::new();
-            for (_, block_size) in &candidates {
-                if !overlaps_by_block_size.contains_key(block_size) {
-                    let hashes = block_hashes(prompt, *block_size as usize);
-                    overlaps_by_block_size
-                        .insert(*block_size, reader.cached_prefix_blocks(&hashes)?);
-                }
-            }
-            let prompt_tokens = record.prompt_tokens.max(prompt.len() as u32);
-            let block_size = candidates[0].1;
-            let prompt_blocks = prompt_tokens.div_ceil(block_size);
+            still_needed.insert(request_id.clone());
+            // Who holds each block: cached (announced by the worker), or about to be (a prompt it is already
+            // serving or was just sent shares the block).
+            let cached_holders = reader.prefix_holders(&hashes)?;
             let scored: Vec<Candidate> = candidates
                 .iter()
-                .map(|(candidate, block_size)| {
-                    let mut candidate = candidate.clone();
-                    candidate.cached_prefix_blocks = overlaps_by_block_size
-                        .get(block_size)
-                        .and_then(|overlaps| overlaps.get(&candidate.worker_id))
-                        .copied()
-                        .unwrap_or(0);
+                .map(|load| {
+                    let mut candidate = load.candidate.clone();
+                    candidate.cached_prefix_blocks = if load.block_size == block_size {
+                        hashes
+                            .iter()
+                            .zip(&cached_holders)
+                            .take_while(|(hash, holders)| {
+                                holders.contains(&candidate.worker_id)
+                                    || load.prompt_blocks_in_use.contains(hash)
+                            })
+                            .count() as u32
+                    } else {
+                        0
+                    };
+                    candidate.active_decode_blocks =
+                        load.prompt_blocks_in_use.len() as u32 + load.other_blocks_in_use;
                     candidate
                 })
                 .collect();
@@ -364,6 +412,7 @@ impl Control {
             ) else {
                 continue;
             };
+            let received = self.received_or(reader, &request_id, &record)?;
             let routed = Event::new(
                 request_id.as_str(),
                 self.config.scheduler_id.as_str(),
@@ -379,19 +428,57 @@ impl Control {
             .with_trace_from(&received);
             self.take(routed, attempt).await?;
             summary.routed += 1;
-            let blocks = (prompt_tokens + record.tokens_checkpointed).div_ceil(block_size);
-            if let Some((candidate, _)) = candidates
+            let blocks = (record.prompt_tokens + record.tokens_checkpointed).div_ceil(block_size);
+            if let Some(load) = candidates
                 .iter_mut()
-                .find(|(candidate, _)| candidate.worker_id == choice.worker_id)
+                .find(|load| load.candidate.worker_id == choice.worker_id)
             {
-                candidate.active_decode_blocks += blocks;
-                candidate.active_sequences += 1;
+                load.hold(&hashes, blocks);
             }
             self.routed_in_flight
                 .insert(request_id, (choice.worker_id.clone(), blocks));
             self.previous_round_robin = Some(choice.worker_id);
         }
+        self.prompt_hashes
+            .retain(|request_id, _| still_needed.contains(request_id));
         Ok(())
+    }
+
+    /// The chained hashes of a request's full prompt blocks and its prompt's block count, computed once per
+    /// request from its `Received` on the projection.
+    fn prompt_hashes_of(
+        &mut self,
+        reader: &ProjectionReader,
+        request_id: &str,
+        block_size: u32,
+    ) -> Result<Option<PromptBlocks>, ControlError> {
+        if let Some((size, hashes, blocks)) = self.prompt_hashes.get(request_id)
+            && *size == block_size
+        {
+            return Ok(Some((Arc::clone(hashes), *blocks)));
+        }
+        let Some(record) = reader.request(request_id)? else {
+            return Ok(None);
+        };
+        let Some(received) = reader.request_event(request_id, record.received_sequence)? else {
+            return Ok(None);
+        };
+        let Body::Received(received) = received.body() else {
+            return Ok(None);
+        };
+        let hashes = Arc::new(block_hashes(
+            &received.prompt_token_ids,
+            block_size as usize,
+        ));
+        let prompt_tokens = record
+            .prompt_tokens
+            .max(received.prompt_token_ids.len() as u32);
+        let blocks = prompt_tokens.div_ceil(block_size);
+        self.prompt_hashes.insert(
+            request_id.to_string(),
+            (block_size, Arc::clone(&hashes), blocks),
+        );
+        Ok(Some((hashes, blocks)))
     }
 
     async fn fail_stuck(

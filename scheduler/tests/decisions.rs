@@ -118,6 +118,20 @@ async fn start(
 }
 
 impl Running {
+    /// Stops once the scheduler has projected everything on the log so far.
+    async fn stop_caught_up(mut self, log: &dyn EventLog) {
+        let last = log.last_sequence().await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            self.status
+                .wait_for(|status| status.last_applied_sequence >= last),
+        )
+        .await
+        .expect("the scheduler catches up")
+        .unwrap();
+        self.stop().await;
+    }
+
     async fn stop(self) {
         self.stop.send(true).unwrap();
         self.task.await.unwrap();
@@ -187,7 +201,7 @@ async fn kv_aware_routing_follows_the_announced_prefix_and_records_its_scores() 
     assert_eq!(score_of("decode-a").overlap_blocks, 1);
     assert!(score_of("decode-b").cost < score_of("decode-a").cost);
     assert!(routed.reason.contains("4 of 6"), "{}", routed.reason);
-    running.stop().await;
+    running.stop_caught_up(log.as_ref()).await;
 
     // The projection's prefix index is what the events say, and a rebuild agrees.
     let projection = Projection::open(&dir.path().join("scheduler-kv.redb")).unwrap();
@@ -270,7 +284,7 @@ async fn a_lost_worker_is_marked_and_its_requests_migrate_with_their_checkpoints
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(events_of(log.as_ref(), EventKind::Routed).await.len(), 2);
     assert_eq!(events_of(log.as_ref(), EventKind::Migrated).await.len(), 1);
-    running.stop().await;
+    running.stop_caught_up(log.as_ref()).await;
     let projection = Projection::open(&dir.path().join("scheduler-lost.redb")).unwrap();
     let record = projection.request("req-1").unwrap().unwrap();
     assert_eq!(record.state, "Routed");
@@ -314,7 +328,7 @@ async fn a_request_stuck_in_a_phase_fails_with_its_reason_and_the_client_hears_i
     };
     assert_eq!(failed.reason, "queue_timeout");
     assert!(events_of(log.as_ref(), EventKind::Routed).await.is_empty());
-    running.stop().await;
+    running.stop_caught_up(log.as_ref()).await;
     let projection = Projection::open(&dir.path().join("scheduler-timeouts.redb")).unwrap();
     assert_eq!(
         projection.request("req-waiting").unwrap().unwrap().state,
@@ -378,7 +392,7 @@ async fn only_the_lease_holder_decides_and_a_standby_takes_over() {
         .filter(|event| event.envelope().emitter == "scheduler-2")
         .count();
     assert_eq!(by_second, 10);
-    second.stop().await;
+    second.stop_caught_up(log.as_ref()).await;
     // Both replicas projected the same log into the same state.
     let one = Projection::open(&dir.path().join("scheduler-1.redb"))
         .unwrap()

@@ -612,6 +612,37 @@ impl ProjectionReader {
         Ok(overlaps)
     }
 
+    /// For each of `block_hashes`, the decode workers that announced it cached (in order; empty where none did).
+    pub fn prefix_holders(
+        &self,
+        block_hashes: &[u64],
+    ) -> Result<Vec<Vec<String>>, ProjectionError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| self.storage("begin read", e))?;
+        let prefix_index = txn
+            .open_table(PREFIX_INDEX)
+            .map_err(|e| self.storage("open prefix_index", e))?;
+        let mut holders = Vec::with_capacity(block_hashes.len());
+        for &hash in block_hashes {
+            let mut workers = Vec::new();
+            for row in prefix_index
+                .range((hash, "")..)
+                .map_err(|e| self.storage("read prefix_index", e))?
+            {
+                let (key, _) = row.map_err(|e| self.storage("read prefix_index", e))?;
+                let (row_hash, worker_id) = key.value();
+                if row_hash != hash {
+                    break;
+                }
+                workers.push(worker_id.to_string());
+            }
+            holders.push(workers);
+        }
+        Ok(holders)
+    }
+
     /// Blocks each decode worker has announced as cached, by worker id.
     pub fn cached_block_counts(&self) -> Result<HashMap<String, u64>, ProjectionError> {
         let mut counts: HashMap<String, u64> = HashMap::new();
