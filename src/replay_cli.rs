@@ -68,10 +68,16 @@ enum ReplayCommand {
     Timeline {
         /// The request id (as in the response's `id`, without `chatcmpl-`/`cmpl-`).
         id: String,
-        #[arg(long, value_enum, default_value = "table")]
+        /// `table` for people, `json` for scripts.
+        #[arg(
+            long,
+            value_enum,
+            env = "TANDEM_REPLAY_FORMAT",
+            default_value = "table"
+        )]
         format: Format,
         /// Also draw the phases as a Gantt chart: an SVG file, or an HTML page when FILE ends in `.html`.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "TANDEM_REPLAY_SVG")]
         svg: Option<PathBuf>,
     },
     /// Rebuild the projection from the log and check every request; exits 1 when it finds errors.
@@ -83,15 +89,27 @@ enum ReplayCommand {
         /// A live request with no event for this long before the end of the log is stuck.
         #[arg(long, env = "TANDEM_REPLAY_STUCK_AFTER", default_value = "5m")]
         stuck_after: String,
-        #[arg(long, value_enum, default_value = "table")]
+        /// `table` for people, `json` for scripts.
+        #[arg(
+            long,
+            value_enum,
+            env = "TANDEM_REPLAY_FORMAT",
+            default_value = "table"
+        )]
         format: Format,
     },
     /// Latency percentiles per phase, prefill split, queue depth, worker load, failures.
     Stats {
-        #[arg(long, value_enum, default_value = "table")]
+        /// `table` for people, `json` for scripts.
+        #[arg(
+            long,
+            value_enum,
+            env = "TANDEM_REPLAY_FORMAT",
+            default_value = "table"
+        )]
         format: Format,
         /// Rows of the queue-depth table.
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, env = "TANDEM_REPLAY_DEPTH_ROWS", default_value_t = 12)]
         depth_rows: usize,
     },
     /// Write the raw events (of the window and filters) to a compressed, self-describing file.
@@ -112,7 +130,13 @@ enum ReplayCommand {
         /// Tokens per KV block.
         #[arg(long, env = "TANDEM_KV_BLOCK_TOKENS", default_value_t = 16)]
         kv_block_tokens: usize,
-        #[arg(long, value_enum, default_value = "table")]
+        /// `table` for people, `json` for scripts.
+        #[arg(
+            long,
+            value_enum,
+            env = "TANDEM_REPLAY_FORMAT",
+            default_value = "table"
+        )]
         format: Format,
     },
 }
