@@ -207,7 +207,11 @@ async fn open_source(flags: &SourceFlags) -> Result<Source> {
         // The error names the file already.
         return Source::file(file).context("reading the export given by --file");
     }
-    if let Some(dir) = &flags.data_dir {
+    // A scheduler pod has TANDEM_DATA_DIR (for its projection) and TANDEM_NATS both set: a data dir without an
+    // embedded log then defers to the stream.
+    if let Some(dir) = &flags.data_dir
+        && (dir.join("events.redb").is_file() || flags.nats.is_none())
+    {
         return Source::data_dir(dir)
             .with_context(|| format!("opening the embedded log in {}", dir.display()));
     }
