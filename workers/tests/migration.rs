@@ -862,3 +862,101 @@ async fn a_request_migrated_after_its_last_token_completes_without_computing() {
     });
     assert_eq!(completed.map(|c| c.completion_tokens), Some(TOKENS));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_declared_lost_but_alive_stops_and_takes_the_request_back_when_routed_again() {
+    let prompt = prompt(9200, 20);
+    let sampling = SamplingParams {
+        max_tokens: MAX_TOKENS,
+        ..Default::default()
+    };
+    let reference_fleet = Fleet::new();
+    let reference_worker = reference_fleet.worker("decode-ref", 256).await;
+    let (mut stream, received_sequence) = reference_fleet
+        .receive("REQBACK", &prompt, sampling.clone())
+        .await;
+    reference_fleet
+        .route("REQBACK", "decode-ref", 1, received_sequence)
+        .await;
+    let reference = by_index(&collect_to_end(&mut stream).await);
+    reference_worker.shutdown().await;
+
+    let fleet = Fleet::new();
+    let worker = fleet.worker("decode-x", 256).await;
+    let (mut stream, received_sequence) = fleet.receive("REQBACK", &prompt, sampling).await;
+    fleet
+        .route("REQBACK", "decode-x", 1, received_sequence)
+        .await;
+    let mut updates = Vec::new();
+    while updates
+        .last()
+        .is_none_or(|u: &TokenUpdate| u.start_index < 20)
+    {
+        updates.push(
+            next_update(&mut stream, Duration::from_secs(60))
+                .await
+                .expect("decode-x streams"),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while fleet.tokens_checkpointed("REQBACK").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tokens_generated = fleet.tokens_checkpointed("REQBACK").await;
+    let migrated = Event::new(
+        "REQBACK",
+        "scheduler-test",
+        Body::Migrated(Migrated {
+            from_worker_id: "decode-x".into(),
+            reason: "heartbeat_lost".into(),
+            tokens_generated,
+        }),
+    );
+    fleet.log.append_event(&migrated, 1).await.unwrap();
+    // The first attempt stops: the stream goes quiet before it would have ended.
+    while let Some(update) = next_update(&mut stream, Duration::from_secs(1)).await {
+        assert!(
+            update.finish_reason.is_none(),
+            "the first attempt was stopped"
+        );
+        updates.push(update);
+    }
+    // Its heartbeat came back: the scheduler routes the request to it again.
+    fleet
+        .route("REQBACK", "decode-x", 2, received_sequence)
+        .await;
+    let resumed = collect_to_end(&mut stream).await;
+    worker.shutdown().await;
+    assert_eq!(
+        resumed.first().map(|u| u.start_index),
+        Some(tokens_generated)
+    );
+    updates.extend(resumed);
+    for update in &updates {
+        assert_eq!(
+            Some(&(
+                update.token_ids.clone(),
+                update.text.clone(),
+                update.finish_reason.clone()
+            )),
+            reference.get(&update.start_index),
+            "index {}",
+            update.start_index
+        );
+    }
+    let completed: Vec<u32> = fleet
+        .events_of("REQBACK")
+        .await
+        .iter()
+        .filter_map(|e| match e.body() {
+            Body::Completed(c) => Some(c.completion_tokens),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        completed,
+        vec![MAX_TOKENS],
+        "completed once, by the second attempt"
+    );
+}

@@ -313,19 +313,34 @@ async fn intake_routings(
         for delivery in deliveries {
             match job_for(&delivery, log.as_ref()).await {
                 Ok(job) => {
-                    let already_running = {
+                    // `Some(delivery)` back when a routing of this request is running here already.
+                    let not_taken = {
                         let mut in_flight = in_flight
                             .lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner());
-                        let known = in_flight.contains_key(&job.request_id);
-                        if !known {
-                            in_flight.insert(job.request_id.clone(), Arc::new(delivery));
+                        match in_flight.get(&job.request_id) {
+                            Some(running) => Some((running.message.sequence, delivery)),
+                            None => {
+                                in_flight.insert(job.request_id.clone(), Arc::new(delivery));
+                                None
+                            }
                         }
-                        known
                     };
-                    // A redelivery of a request still running here (a slow ack) must not run it twice.
-                    if !already_running && commands.send(BatchCommand::Start(job)).is_err() {
-                        return;
+                    match not_taken {
+                        None => {
+                            if commands.send(BatchCommand::Start(job)).is_err() {
+                                return;
+                            }
+                        }
+                        // A redelivery of a request still running here (a slow ack) must not run it twice.
+                        Some((running, delivery)) if running == delivery.message.sequence => {}
+                        // Routed back here after a migration while the attempt it superseded is still being
+                        // stopped: take it again shortly, once that one is gone.
+                        Some((_, delivery)) => {
+                            if let Err(error) = delivery.nak(Some(Duration::from_secs(1))).await {
+                                tracing::warn!(%error, "could not put back a routing");
+                            }
+                        }
                     }
                 }
                 Err(problem) => {
