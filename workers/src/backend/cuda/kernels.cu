@@ -440,3 +440,14 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
         }
     }
 }
+
+// KV blocks to and from the f32 layout of KV_LAYOUT.md, on the GPU, so a block crosses to the host as one copy.
+extern "C" __global__ void bf16_to_f32(const bf16_t* src, float* dst, size_t count) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = bf2f(src[i]);
+}
+
+extern "C" __global__ void f32_to_bf16(const float* src, bf16_t* dst, size_t count) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = f2bf(src[i]);
+}

@@ -33,6 +33,8 @@ pub(crate) struct Kernels {
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
     argmax_rows: CudaFunction,
+    bf16_to_f32: CudaFunction,
+    f32_to_bf16: CudaFunction,
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -103,6 +105,8 @@ impl Kernels {
             prefill_attention: load("prefill_attention")?,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
+            bf16_to_f32: load("bf16_to_f32")?,
+            f32_to_bf16: load("f32_to_bf16")?,
         })
     }
 
@@ -352,6 +356,29 @@ impl Kernels {
         unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
             .map(drop)
             .during(|| "launching swiglu".into())
+    }
+
+    /// Converts `count` values between bf16 (`to_f32`: from `source` to `target`) and f32 (the other way).
+    pub(crate) fn convert(
+        &self,
+        to_f32: bool,
+        source: u64,
+        target: u64,
+        count: usize,
+    ) -> Result<(), CudaError> {
+        let function = if to_f32 {
+            &self.bf16_to_f32
+        } else {
+            &self.f32_to_bf16
+        };
+        let total = count as u64;
+        let mut launch = self.stream.launch_builder(function);
+        launch.arg(&source).arg(&target).arg(&total);
+        let blocks = count.div_ceil(256).clamp(1, 4096);
+        // SAFETY: matches `bf16_to_f32` / `f32_to_bf16`; both buffers hold `count` elements.
+        unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
+            .map(drop)
+            .during(|| "launching a KV block conversion".into())
     }
 
     pub(crate) fn argmax_rows(

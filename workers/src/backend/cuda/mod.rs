@@ -15,7 +15,6 @@ mod kernels;
 mod weights;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
-use rayon::prelude::*;
 
 pub use ceilings::{Ceilings, measure_ceilings};
 pub use device::{CudaError, Device, cuda_driver_present};
@@ -57,6 +56,8 @@ pub struct CudaBackend {
     kv_pool: CudaSlice<u16>,
     scratch: Scratch,
     graphs: DecodeGraphs,
+    /// One block in f32, where `read_block`/`write_block` convert on the GPU so a block crosses as one copy.
+    kv_staging: CudaSlice<f32>,
     /// Handed to cuBLAS with `cublasSetWorkspace`; kept alive as long as the handle.
     _blas_workspace: CudaSlice<u8>,
     /// This step's metadata, built on the host: see [`StepMeta`].
@@ -251,6 +252,7 @@ impl CudaBackend {
             .into());
         }
         let scratch = Scratch::new(&gpu, &config, initial_tokens, 64, 1024, 4096)?;
+        let kv_staging = zeros(&gpu, layout.block_floats(), "the KV staging block")?;
         gpu.stream
             .synchronize()
             .during(|| format!("uploading the model to cuda:{ordinal}"))?;
@@ -264,6 +266,7 @@ impl CudaBackend {
             kv_pool,
             scratch,
             graphs: DecodeGraphs::default(),
+            kv_staging,
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
             greedy_tokens: Vec::new(),
@@ -796,36 +799,35 @@ impl Backend for CudaBackend {
 
     fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let start = block as usize * elems;
-        let mut values = vec![0u16; elems];
+        let source = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let staging = addr(&self.kv_staging, &self.gpu);
+        self.kernels.convert(true, source, staging, elems)?;
+        // SAFETY: the staging buffer holds `elems` f32, i.e. `4 * elems` initialized bytes (little-endian,
+        // the byte order of the wire layout).
+        let bytes = unsafe { self.kv_staging.transmute::<u8>(4 * elems) }
+            .ok_or_else(|| CudaError::Unsupported("the KV staging block is too small".into()))?;
         let stream = &self.gpu.stream;
         stream
-            .memcpy_dtoh(&self.kv_pool.slice(start..start + elems), &mut values[..])
+            .memcpy_dtoh(&bytes, out)
             .during(|| format!("reading KV block {block}"))?;
         stream
             .synchronize()
             .during(|| format!("reading KV block {block}"))?;
-        out.par_chunks_mut(4 << 10)
-            .zip(values.par_chunks(1 << 10))
-            .for_each(|(bytes, values)| {
-                for (b, &v) in bytes.chunks_exact_mut(4).zip(values) {
-                    b.copy_from_slice(&half::bf16::from_bits(v).to_f32().to_le_bytes());
-                }
-            });
         Ok(())
     }
 
     fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let start = block as usize * elems;
-        let values: Vec<u16> = bytes
-            .par_chunks_exact(4)
-            .map(|b| half::bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_bits())
-            .collect();
+        let target = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let staging = addr(&self.kv_staging, &self.gpu);
         let stream = &self.gpu.stream;
+        // SAFETY: as in `read_block`; any bytes are valid f32 bit patterns.
+        let mut staged = unsafe { self.kv_staging.transmute_mut::<u8>(4 * elems) }
+            .ok_or_else(|| CudaError::Unsupported("the KV staging block is too small".into()))?;
         stream
-            .memcpy_htod(&values, &mut self.kv_pool.slice_mut(start..start + elems))
+            .memcpy_htod(bytes, &mut staged)
             .during(|| format!("writing KV block {block}"))?;
+        self.kernels.convert(false, staging, target, elems)?;
         stream
             .synchronize()
             .during(|| format!("writing KV block {block}"))?;
