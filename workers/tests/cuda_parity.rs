@@ -20,7 +20,8 @@ mod common;
 
 use common::{FIXTURES, load_fixture, log_softmax, reference};
 use tandem_workers::{
-    Engine, EngineConfig, ModelWeights, cuda_driver_present, qwen3_shape, random_model,
+    Engine, EngineConfig, ModelWeights, cuda_device_count, cuda_driver_present, qwen3_shape,
+    random_model,
 };
 
 const DECODE_STEPS: usize = 64;
@@ -260,11 +261,15 @@ fn check(name: &str, comparison: &Comparison) {
 }
 
 fn driver_or_skip(test: &str) -> bool {
-    if cuda_driver_present() {
-        return true;
+    if !cuda_driver_present() {
+        eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
+        return false;
     }
-    eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
-    false
+    if cuda_device_count() == 0 {
+        eprintln!("skipping {test}: the CUDA driver loads but sees no GPU");
+        return false;
+    }
+    true
 }
 
 #[test]

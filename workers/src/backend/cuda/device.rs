@@ -98,6 +98,17 @@ pub fn cuda_driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// How many GPUs the driver sees: 0 where no driver loads or it fails to start (a driver without a GPU).
+pub fn cuda_device_count() -> usize {
+    if !cuda_driver_present() {
+        return 0;
+    }
+    CudaContext::device_count()
+        .ok()
+        .and_then(|count| usize::try_from(count).ok())
+        .unwrap_or(0)
+}
+
 /// One GPU: its context, the one stream every step runs on, and a cuBLAS handle bound to that stream.
 pub(crate) struct GpuContext {
     pub(crate) ordinal: usize,
@@ -120,7 +131,9 @@ impl GpuContext {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(CudaError::MissingLibrary { library: "NVRTC" });
         }
-        let count = CudaContext::device_count().during(|| "counting CUDA devices".into())?;
+        let count = CudaContext::device_count().during(|| {
+            "the CUDA driver loads but could not start (is a GPU visible to this process?)".into()
+        })?;
         let count = usize::try_from(count).unwrap_or(0);
         if ordinal >= count {
             return Err(CudaError::NoSuchDevice { ordinal, count });

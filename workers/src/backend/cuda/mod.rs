@@ -17,7 +17,7 @@ mod weights;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 pub use ceilings::{Ceilings, measure_ceilings};
-pub use device::{CudaError, Device, cuda_driver_present};
+pub use device::{CudaError, Device, cuda_device_count, cuda_driver_present};
 use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
