@@ -136,6 +136,20 @@ fn stream_completion(port: u16, prompt_index: usize, prompt: &[u32]) -> Outcome 
     }
 }
 
+/// The greedy reference, then the clients started; returns once `FAULT_AFTER_COMPLETED` requests have finished
+/// (with about `CLIENTS` others streaming), for the test to strike.
+fn start_clients_until_the_fault_point(
+    fleet: &Fleet,
+) -> (Vec<String>, std::thread::JoinHandle<Vec<Outcome>>) {
+    let reference = reference_texts(fleet.dir.path());
+    let completed = Arc::new(AtomicUsize::new(0));
+    let clients = run_clients(fleet.gateway_port, Arc::clone(&completed));
+    wait_until("the fault point", Duration::from_secs(300), || {
+        completed.load(Ordering::SeqCst) >= FAULT_AFTER_COMPLETED
+    });
+    (reference, clients)
+}
+
 /// `REQUESTS` streaming requests from `CLIENTS` threads; `completed` counts the finished ones as they finish.
 fn run_clients(port: u16, completed: Arc<AtomicUsize>) -> std::thread::JoinHandle<Vec<Outcome>> {
     std::thread::spawn(move || {
@@ -420,14 +434,8 @@ fn count_kind(messages: &[LogMessage], kind: EventKind) -> usize {
 
 #[test]
 fn a_decode_worker_killed_mid_stream_hands_its_requests_over() {
-    let fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
-    let reference = reference_texts(fleet.dir.path());
-    let completed = Arc::new(AtomicUsize::new(0));
-    let clients = run_clients(fleet.gateway_port, Arc::clone(&completed));
-    wait_until("the fault point", Duration::from_secs(300), || {
-        completed.load(Ordering::SeqCst) >= FAULT_AFTER_COMPLETED
-    });
-    let mut fleet = fleet;
+    let mut fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
+    let (reference, clients) = start_clients_until_the_fault_point(&fleet);
     fleet.decode[0].kill_9();
     let outcomes = clients.join().expect("clients");
     assert_every_client_read_the_reference(&outcomes, &reference);
@@ -451,14 +459,8 @@ fn a_decode_worker_killed_mid_stream_hands_its_requests_over() {
 
 #[test]
 fn a_scheduler_killed_and_restarted_resumes_its_projection() {
-    let fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
-    let reference = reference_texts(fleet.dir.path());
-    let completed = Arc::new(AtomicUsize::new(0));
-    let clients = run_clients(fleet.gateway_port, Arc::clone(&completed));
-    wait_until("the fault point", Duration::from_secs(300), || {
-        completed.load(Ordering::SeqCst) >= FAULT_AFTER_COMPLETED
-    });
-    let mut fleet = fleet;
+    let mut fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
+    let (reference, clients) = start_clients_until_the_fault_point(&fleet);
     fleet.scheduler.kill_9();
     std::thread::sleep(Duration::from_millis(1500));
     fleet.scheduler = spawn_scheduler(&fleet.nats.url(), fleet.dir.path(), fleet.scheduler_port);
@@ -470,14 +472,8 @@ fn a_scheduler_killed_and_restarted_resumes_its_projection() {
 
 #[test]
 fn nats_server_killed_and_restarted_with_its_store_loses_nothing() {
-    let fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
-    let reference = reference_texts(fleet.dir.path());
-    let completed = Arc::new(AtomicUsize::new(0));
-    let clients = run_clients(fleet.gateway_port, Arc::clone(&completed));
-    wait_until("the fault point", Duration::from_secs(300), || {
-        completed.load(Ordering::SeqCst) >= FAULT_AFTER_COMPLETED
-    });
-    let mut fleet = fleet;
+    let mut fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
+    let (reference, clients) = start_clients_until_the_fault_point(&fleet);
     fleet.nats.kill().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     fleet.nats.restart().unwrap();
@@ -522,7 +518,7 @@ fn nats_server_killed_and_restarted_with_its_store_loses_nothing() {
 #[test]
 fn a_prefill_worker_killed_mid_job_leaves_it_to_the_other() {
     // Every prompt with a token not in the decode worker's prefix cache goes to the prefill queue.
-    let fleet = Fleet::start(
+    let mut fleet = Fleet::start(
         &["decode-a", "decode-b"],
         &["prefill-a", "prefill-b"],
         &[
@@ -532,13 +528,7 @@ fn a_prefill_worker_killed_mid_job_leaves_it_to_the_other() {
             "1000",
         ],
     );
-    let reference = reference_texts(fleet.dir.path());
-    let completed = Arc::new(AtomicUsize::new(0));
-    let clients = run_clients(fleet.gateway_port, Arc::clone(&completed));
-    wait_until("the fault point", Duration::from_secs(300), || {
-        completed.load(Ordering::SeqCst) >= FAULT_AFTER_COMPLETED
-    });
-    let mut fleet = fleet;
+    let (reference, clients) = start_clients_until_the_fault_point(&fleet);
     fleet.prefill[0].kill_9();
     let outcomes = clients.join().expect("clients");
     assert_every_client_read_the_reference(&outcomes, &reference);

@@ -572,42 +572,26 @@ impl ProjectionReader {
         &self,
         block_hashes: &[u64],
     ) -> Result<HashMap<String, u32>, ProjectionError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| self.storage("begin read", e))?;
-        let prefix_index = txn
-            .open_table(PREFIX_INDEX)
-            .map_err(|e| self.storage("open prefix_index", e))?;
         let mut overlaps: HashMap<String, u32> = HashMap::new();
         // Workers that held every block so far; a chained hash covers its whole prefix, so a worker missing block
         // i cannot use blocks after it.
         let mut still_matching: Option<Vec<String>> = None;
-        for (position, &hash) in block_hashes.iter().enumerate() {
-            let mut holders = Vec::new();
-            for row in prefix_index
-                .range((hash, "")..)
-                .map_err(|e| self.storage("read prefix_index", e))?
-            {
-                let (key, _) = row.map_err(|e| self.storage("read prefix_index", e))?;
-                let (row_hash, worker_id) = key.value();
-                if row_hash != hash {
-                    break;
-                }
-                if still_matching
-                    .as_ref()
-                    .is_none_or(|matching| matching.iter().any(|w| w == worker_id))
-                {
-                    holders.push(worker_id.to_string());
-                }
-            }
-            if holders.is_empty() {
+        for (position, holders) in self.prefix_holders(block_hashes)?.into_iter().enumerate() {
+            let matching: Vec<String> = holders
+                .into_iter()
+                .filter(|worker_id| {
+                    still_matching
+                        .as_ref()
+                        .is_none_or(|matching| matching.contains(worker_id))
+                })
+                .collect();
+            if matching.is_empty() {
                 break;
             }
-            for worker_id in &holders {
+            for worker_id in &matching {
                 overlaps.insert(worker_id.clone(), position as u32 + 1);
             }
-            still_matching = Some(holders);
+            still_matching = Some(matching);
         }
         Ok(overlaps)
     }
