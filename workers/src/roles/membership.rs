@@ -56,13 +56,9 @@ pub(crate) async fn beat(heartbeats: &dyn KvBucket, worker_id: &str, role: &'sta
     }
 }
 
-/// Removes the heartbeat and appends `WorkerLeft`.
+/// Appends `WorkerLeft` and removes the heartbeat.
 pub(crate) async fn leave(log: &dyn EventLog, heartbeats: Option<&dyn KvBucket>, worker_id: &str) {
-    if let Some(heartbeats) = heartbeats
-        && let Err(error) = heartbeats.delete(worker_id).await
-    {
-        tracing::warn!(%error, worker_id, "could not remove the heartbeat");
-    }
+    // `WorkerLeft` first: a scheduler that sees the heartbeat gone before the event would call the worker lost.
     let left = Event::new(
         worker_id,
         worker_id,
@@ -72,6 +68,11 @@ pub(crate) async fn leave(log: &dyn EventLog, heartbeats: Option<&dyn KvBucket>,
     );
     if let Err(error) = log.append_event(&left, 1).await {
         tracing::warn!(%error, worker_id, "could not append WorkerLeft");
+    }
+    if let Some(heartbeats) = heartbeats
+        && let Err(error) = heartbeats.delete(worker_id).await
+    {
+        tracing::warn!(%error, worker_id, "could not remove the heartbeat");
     }
     tracing::info!(worker_id, "worker left");
 }
