@@ -343,6 +343,13 @@ async fn intake_routings(
                         }
                     }
                 }
+                Err(problem) if problem.is_transient() => {
+                    // The log could not be read (nats-server restarting): the routing is fine, try it again.
+                    tracing::warn!(%problem, sequence = delivery.message.sequence, "routing put back until the log can be read");
+                    if let Err(error) = delivery.nak(Some(Duration::from_millis(500))).await {
+                        tracing::warn!(%error, "could not put back a routing");
+                    }
+                }
                 Err(problem) => {
                     tracing::warn!(%problem, sequence = delivery.message.sequence, "routing cannot be served");
                     if let Some(request_id) = problem.request_id() {
@@ -384,6 +391,14 @@ enum RoutingProblem {
 }
 
 impl RoutingProblem {
+    /// A failed read of the log, which a retry may get past; the others will never change.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RoutingProblem::ReadFailed { .. } | RoutingProblem::ResumeReadFailed { .. }
+        )
+    }
+
     fn request_id(&self) -> Option<String> {
         match self {
             RoutingProblem::ReceivedMissing { request_id }
