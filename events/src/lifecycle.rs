@@ -110,6 +110,9 @@ pub enum Applied {
     /// Work of an attempt that a migration superseded (its decode worker was declared lost but was still running)
     /// landed after the `Migrated`; recorded, nothing changed.
     AfterMigration,
+    /// A cancellation (the client gone, or the gateway giving up on a stream whose updates were lost) that raced the
+    /// request's own end and landed after it; recorded, nothing changed.
+    LateCancellation,
 }
 
 /// One request's lifecycle: its state plus what the rules need to remember.
@@ -186,6 +189,9 @@ impl RequestLifecycle {
                 if self.state == RequestState::Cancelled && is_pipeline_work(body.kind()) =>
             {
                 return Ok(Applied::AfterCancellation);
+            }
+            Err(ViolationReason::AfterTerminal) if matches!(body, Body::Cancelled(_)) => {
+                return Ok(Applied::LateCancellation);
             }
             Err(_)
                 if self.migrations > 0

@@ -371,11 +371,9 @@ fn nothing_new_after_a_terminal_event() {
     let mut after = base.to_vec();
     after.push(tokens(0, &[9]));
     assert_eq!(violation(&after), (5, ViolationReason::AfterTerminal));
+    // A cancellation racing the end is late, not a violation: the gateway cannot know the request just ended.
     let failed_then_cancelled = [received(), failed(), cancelled()];
-    assert_eq!(
-        violation(&failed_then_cancelled),
-        (2, ViolationReason::AfterTerminal)
-    );
+    assert_eq!(final_state(&failed_then_cancelled), RequestState::Failed);
 }
 
 #[test]
@@ -665,4 +663,39 @@ fn the_scheduler_can_fail_a_request_in_any_live_state_even_naming_a_lost_worker(
         path.push(scheduler_failed.clone());
         assert_eq!(final_state(&path), RequestState::Failed);
     }
+}
+
+#[test]
+fn a_cancellation_racing_the_end_lands_late_and_changes_nothing() {
+    let path = [
+        received(),
+        routed("decode-1", 1),
+        local(),
+        decode_started(),
+        tokens(0, &[5, 6]),
+        completed(),
+        cancelled(),
+    ];
+    assert_eq!(final_state(&path), RequestState::Completed);
+    let mut lifecycle = tandem_events::lifecycle::RequestLifecycle::default();
+    for body in &path[..6] {
+        lifecycle.apply(body).unwrap();
+    }
+    assert_eq!(
+        lifecycle.apply(&cancelled()),
+        Ok(tandem_events::lifecycle::Applied::LateCancellation)
+    );
+    // Other work after the end is still a violation.
+    assert_eq!(
+        violation(&[
+            received(),
+            routed("decode-1", 1),
+            local(),
+            decode_started(),
+            completed(),
+            tokens(0, &[5])
+        ])
+        .1,
+        ViolationReason::AfterTerminal
+    );
 }
