@@ -471,7 +471,6 @@ fn a_scheduler_killed_and_restarted_resumes_its_projection() {
 }
 
 #[test]
-#[ignore = "races under the nats-server outage are still being fixed (issue #6): run with --run-ignored all"]
 fn nats_server_killed_and_restarted_with_its_store_loses_nothing() {
     let mut fleet = Fleet::start(&["decode-a", "decode-b"], &[], &[]);
     let (reference, clients) = start_clients_until_the_fault_point(&fleet);

@@ -349,6 +349,18 @@ impl Drop for TandemRole {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failing test's temporary folder goes with it: the end of each role's log is the only trace left.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} lines of {}'s log ---\n{}",
+                tail.len(),
+                self.name,
+                tail.join("\n")
+            );
+        }
     }
 }
 

@@ -45,6 +45,9 @@ pub struct JetStreamLog {
     options: JetStreamOptions,
 }
 
+/// How long a read or a fetch waits for the next message of a batch the server should already be answering.
+const READ_STALL_LIMIT: Duration = Duration::from_secs(10);
+
 fn js_error(operation: &'static str, error: impl std::fmt::Display) -> LogError {
     LogError::JetStream {
         operation,
@@ -262,7 +265,20 @@ impl EventLog for JetStreamLog {
                 .await
                 .map_err(|error| js_error("read", error))?;
             let before = messages.len();
-            while let Some(message) = batch.next().await {
+            loop {
+                // A fetch asked with no_wait has no client-side timer: if its request or answer is lost (the
+                // server restarting), the batch would wait forever, and with it a gateway's stall check or a
+                // worker's loop.
+                let next = tokio::time::timeout(READ_STALL_LIMIT, batch.next())
+                    .await
+                    .map_err(|_elapsed| LogError::JetStream {
+                        operation: "read",
+                        reason: format!(
+                            "no answer from the server for {} s (it may be restarting)",
+                            READ_STALL_LIMIT.as_secs()
+                        ),
+                    })?;
+                let Some(message) = next else { break };
                 let message = message.map_err(|error| js_error("read", error))?;
                 let message = log_message(&message)?;
                 let reached_end = message.sequence >= last_sequence;
@@ -337,7 +353,18 @@ impl JetStreamConsumer {
         into: &mut Vec<Delivery>,
     ) -> Result<(), LogError> {
         futures::pin_mut!(batch);
-        while let Some(message) = batch.next().await {
+        loop {
+            // Same lost-fetch hazard as in `read`; what did come is real work, so it is kept (anything still in
+            // flight is redelivered after the ack wait).
+            let Ok(next) = tokio::time::timeout(READ_STALL_LIMIT, batch.next()).await else {
+                tracing::warn!(
+                    collected = into.len(),
+                    "a fetch got no answer from the server for {} s (it may be restarting)",
+                    READ_STALL_LIMIT.as_secs()
+                );
+                break;
+            };
+            let Some(message) = next else { break };
             let message = message.map_err(|error| js_error("fetch", error))?;
             let log_message = log_message(&message)?;
             let info = message
