@@ -478,19 +478,18 @@ fn nats_server_killed_and_restarted_with_its_store_loses_nothing() {
     std::thread::sleep(Duration::from_millis(1000));
     fleet.nats.restart().unwrap();
     let outcomes = clients.join().expect("clients");
-    // Token updates ride NATS core, which keeps nothing while the server is down: a stream cut by the outage may
-    // end in an explicit error, never in wrong text.
-    let mut failed = 0;
-    for outcome in &outcomes {
-        match &outcome.error {
-            None => assert_eq!(
-                outcome.text, reference[outcome.prompt_index],
-                "{}",
-                outcome.request_id
-            ),
-            Some(_) => failed += 1,
-        }
-    }
+    // Token updates ride NATS core, which keeps nothing while the server is down: the gateway finishes a stream
+    // that lost some from the request's checkpoints on the log, so every client still reads the whole answer.
+    assert_every_client_read_the_reference(&outcomes, &reference);
+    let gateway_log = fleet.gateway.log();
+    let finished_from_the_log = gateway_log
+        .lines()
+        .filter(|line| {
+            line.contains("following the request on the log")
+                || line.contains("ended on the log but its last token updates never came")
+        })
+        .count();
+    eprintln!("nats-server killed: {finished_from_the_log} streams were finished from the log");
     let messages = fleet.stop_and_check();
     let accepted: Vec<String> = messages
         .iter()
@@ -509,10 +508,6 @@ fn nats_server_killed_and_restarted_with_its_store_loses_nothing() {
             outcome.request_id
         );
     }
-    eprintln!(
-        "nats-server killed: {} of {REQUESTS} streams completed, {failed} ended in an explicit error",
-        REQUESTS - failed
-    );
 }
 
 #[test]

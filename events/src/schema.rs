@@ -285,6 +285,10 @@ pub struct TokensDecoded {
     pub token_ids: Vec<u32>,
     #[prost(float, repeated, tag = "4")]
     pub logprobs: Vec<f32>,
+    /// The text the token updates for these tokens carried (after detokenizing and stop strings), so a gateway
+    /// that lost updates on the token bus can finish the stream from the log. `None` from workers that predate it.
+    #[prost(string, optional, tag = "5")]
+    pub text: Option<String>,
 }
 
 /// The request moves to another decode worker, carrying the tokens already checkpointed.

@@ -539,6 +539,7 @@ async fn malformed_payloads(harness: Box<dyn Harness>) {
             start_index: 0,
             token_ids: vec![5, 6, 7],
             logprobs: vec![],
+            text: None,
         }),
     );
     log.append_event(&checkpoint, 1).await.unwrap();

@@ -25,6 +25,7 @@ fn checkpoint(index: u32) -> Event {
             // Big enough that a write in flight spans several pages.
             token_ids: (0..2048).map(|t| t ^ index).collect(),
             logprobs: vec![],
+            text: None,
         }),
     )
 }

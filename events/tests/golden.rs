@@ -116,6 +116,7 @@ fn v1_envelopes() -> Vec<Envelope> {
             start_index: 16,
             token_ids: vec![11, 12, 13],
             logprobs: vec![-0.5, -1.25, -0.125],
+            text: None,
         }),
         Body::Migrated(Migrated {
             from_worker_id: "decode-0".into(),

@@ -1,6 +1,8 @@
 //! One request's life on the log and the token bus: subscribe to its tokens, append `Received`, read its token
 //! updates (dropping token indices already sent), and append `Cancelled` when the client goes away or the deadline
-//! passes. The gateway never detokenizes: the decode worker's text is passed on as it comes.
+//! passes. The gateway never detokenizes: the decode worker's text is passed on as it comes. When updates are lost on
+//! the token bus (it keeps nothing while nats-server restarts), the stream is finished from the request's
+//! `TokensDecoded` checkpoints on the log, which carry the same tokens and text.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tandem_events::log::{EventLog, StartAt};
-use tandem_events::schema::{Cancelled, Received};
+use tandem_events::schema::{Cancelled, Received, TokensDecoded};
 use tandem_events::tokens::{TokenBus, TokenLogprob, TokenStream, TokenUpdate};
 use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
@@ -103,6 +105,11 @@ pub async fn submit(
         finished: false,
         received_sequence,
         ended_seen_on_the_log: false,
+        // Checkpoints carry each token's sampled logprob but not the alternatives a client asked for.
+        recoverable: request.sampling.logprobs.is_none(),
+        following_the_log: false,
+        short_completion_reads: 0,
+        last_log_read: None,
     })
 }
 
@@ -120,10 +127,28 @@ pub struct Generation {
     received_sequence: u64,
     /// A stall check found the request's terminal event on the log.
     ended_seen_on_the_log: bool,
+    /// Whether the log's checkpoints hold all the client needs (not so when it asked for logprobs).
+    recoverable: bool,
+    /// Updates were lost: the tokens come from the log's checkpoints (and from updates that still fit).
+    following_the_log: bool,
+    /// Reads of the log that found `Completed` before checkpoints of all its tokens.
+    short_completion_reads: u32,
+    /// When the log was last read for checkpoints (at most once per `LOG_POLL`, however fast updates come).
+    last_log_read: Option<Instant>,
 }
 
 /// With no update for this long, the log is asked whether the request already ended (its last updates lost).
 const STALL_CHECK: Duration = Duration::from_secs(3);
+
+/// While following the log, how often it is read for new checkpoints.
+const LOG_POLL: Duration = Duration::from_millis(250);
+
+/// Reads of a `Completed` whose tokens are not all checkpointed before the stream gives up: the last checkpoint
+/// is appended before `Completed`, so only a checkpoint still in flight can be missing.
+const MAX_SHORT_COMPLETION_READS: u32 = 8;
+
+/// The most events of one request read back when following the log (a checkpoint holds 16 tokens).
+const MAX_REQUEST_EVENTS: usize = 100_000;
 
 impl Generation {
     /// The request id (a ULID), also the suffix of the response id.
@@ -162,25 +187,39 @@ impl Generation {
             return Ok(None);
         }
         loop {
-            let wait_until = self.deadline.min(Instant::now() + STALL_CHECK);
+            let log_read_due = self
+                .last_log_read
+                .is_none_or(|last_read| last_read.elapsed() >= LOG_POLL);
+            if self.following_the_log
+                && log_read_due
+                && let Some(progress) = self.catch_up_from_the_log().await?
+            {
+                if progress.finish_reason.is_some() {
+                    self.finish();
+                }
+                return Ok(Some(progress));
+            }
+            let wait = if self.following_the_log {
+                LOG_POLL
+            } else {
+                STALL_CHECK
+            };
+            let wait_until = self.deadline.min(Instant::now() + wait);
             let update = match tokio::time::timeout_at(wait_until, self.updates.next()).await {
                 Err(_elapsed) if Instant::now() < self.deadline => {
-                    let log = Arc::clone(&self.guard.log);
-                    let ended =
-                        ended_on_the_log(log, &self.request_id, self.received_sequence).await;
-                    // Failed only at the second look in a row: a last update slower than the terminal event
-                    // still comes through.
-                    if let Some(ended) = ended
-                        && std::mem::replace(&mut self.ended_seen_on_the_log, true)
-                    {
-                        self.finish();
-                        return Err(ApiError::generation_failed(&ended));
+                    if !self.following_the_log {
+                        self.check_for_a_stall().await?;
                     }
                     continue;
                 }
                 Err(_elapsed) => {
                     self.cancel("deadline").await;
                     return Err(ApiError::deadline(self.request_timeout.as_secs()));
+                }
+                Ok(None) if self.following_the_log => {
+                    // The log has the rest; nothing more will come this way.
+                    self.updates = Box::pin(futures::stream::pending());
+                    continue;
                 }
                 Ok(None) => {
                     self.cancel("token_stream_closed").await;
@@ -197,12 +236,19 @@ impl Generation {
                     self.finish();
                     return Err(ApiError::generation_failed(&reason));
                 }
+                // Already filling the gap from the log; this update is used once the gap is closed.
+                Accepted::Lost { .. } if self.following_the_log => continue,
+                Accepted::Lost { expected, got } if self.recoverable => {
+                    tracing::warn!(request_id = %self.request_id, expected, got, "token updates were lost on the token bus; following the request on the log");
+                    self.following_the_log = true;
+                }
                 Accepted::Lost { expected, got } => {
                     tracing::warn!(request_id = %self.request_id, expected, got, "token updates were lost on the token bus");
                     self.cancel("token_updates_lost").await;
                     return Err(ApiError::generation_failed(&format!(
                         "the updates for tokens {expected}..{got} were lost on the way from the decode worker (the \
-                         message bus was unavailable); the request was stopped rather than send incomplete text"
+                         message bus was unavailable), and the log cannot replace the logprobs asked for; the \
+                         request was stopped rather than send incomplete output"
                     )));
                 }
                 Accepted::Progress(progress) => {
@@ -219,6 +265,136 @@ impl Generation {
                 }
             }
         }
+    }
+
+    /// No update for a while: has the request ended on the log with its last updates lost? A completed request is
+    /// then finished from the log; a failed or cancelled one ends in its error at the second look in a row (a last
+    /// update slower than the terminal event still comes through).
+    async fn check_for_a_stall(&mut self) -> Result<(), ApiError> {
+        let log = Arc::clone(&self.guard.log);
+        let Some(ended) = ended_on_the_log(log, &self.request_id, self.received_sequence).await
+        else {
+            return Ok(());
+        };
+        if ended.kind == EventKind::Completed && self.recoverable {
+            self.following_the_log = true;
+            return Ok(());
+        }
+        if std::mem::replace(&mut self.ended_seen_on_the_log, true) {
+            self.finish();
+            return Err(ApiError::generation_failed(&ended.message));
+        }
+        Ok(())
+    }
+
+    /// Feeds the request's checkpoints on the log to the tracker and returns what they add, with the finish
+    /// reason once the log shows the request completed and every one of its tokens is accounted for.
+    async fn catch_up_from_the_log(&mut self) -> Result<Option<Progress>, ApiError> {
+        self.last_log_read = Some(Instant::now());
+        let subjects: Vec<String> = [
+            EventKind::TokensDecoded,
+            EventKind::Completed,
+            EventKind::Failed,
+            EventKind::Cancelled,
+        ]
+        .into_iter()
+        .filter_map(|kind| subjects::event_subject(kind, &self.request_id).ok())
+        .collect();
+        let read = self
+            .guard
+            .log
+            .read(
+                StartAt::Sequence(self.received_sequence),
+                &subjects,
+                MAX_REQUEST_EVENTS,
+            )
+            .await;
+        let messages = match read {
+            Ok(messages) => messages,
+            Err(error) => {
+                // The log is still coming back; the next poll tries again (the deadline bounds it all).
+                tracing::debug!(request_id = %self.request_id, %error, "could not read the request's checkpoints");
+                return Ok(None);
+            }
+        };
+        let mut checkpoints: Vec<TokensDecoded> = Vec::new();
+        let mut end: Option<Body> = None;
+        for message in &messages {
+            let event = match message.event() {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(request_id = %self.request_id, sequence = message.sequence, %error, "malformed event skipped");
+                    continue;
+                }
+            };
+            match event.body() {
+                Body::TokensDecoded(checkpoint) => checkpoints.push(checkpoint.clone()),
+                body @ (Body::Completed(_) | Body::Failed(_) | Body::Cancelled(_)) => {
+                    end.get_or_insert_with(|| body.clone());
+                }
+                _ => {}
+            }
+        }
+        // A superseded attempt's checkpoints repeat indices; the tracker drops what was sent.
+        checkpoints.sort_by_key(|checkpoint| checkpoint.start_index);
+        let mut added = Progress::default();
+        for checkpoint in checkpoints {
+            let Some(text) = checkpoint.text else {
+                self.cancel("token_updates_lost").await;
+                return Err(ApiError::generation_failed(
+                    "token updates were lost on the way from the decode worker, and its checkpoints on the log \
+                     carry no text to replace them (an older worker); the request was stopped rather than send \
+                     incomplete text",
+                ));
+            };
+            let update = TokenUpdate {
+                start_index: checkpoint.start_index,
+                token_ids: checkpoint.token_ids,
+                text,
+                ..TokenUpdate::default()
+            };
+            match self.tracker.accept(update) {
+                Accepted::Progress(progress) => {
+                    added.token_ids.extend(progress.token_ids);
+                    added.text.push_str(&progress.text);
+                }
+                Accepted::Nothing | Accepted::Failed(_) => {}
+                // Tokens past a checkpoint not on the log yet: the next read gets further.
+                Accepted::Lost { .. } => break,
+            }
+        }
+        match end {
+            Some(Body::Completed(completed)) => {
+                if self.tracker.next_index >= completed.completion_tokens {
+                    added.finish_reason = Some(completed.finish_reason);
+                } else {
+                    self.short_completion_reads += 1;
+                    if self.short_completion_reads >= MAX_SHORT_COMPLETION_READS {
+                        self.finish();
+                        return Err(ApiError::generation_failed(&format!(
+                            "the request completed with {} tokens, but only {} reached the gateway or the log's \
+                             checkpoints",
+                            completed.completion_tokens, self.tracker.next_index
+                        )));
+                    }
+                }
+            }
+            Some(Body::Failed(failed)) => {
+                self.finish();
+                return Err(ApiError::generation_failed(&failed.message));
+            }
+            Some(Body::Cancelled(cancelled)) => {
+                self.finish();
+                return Err(ApiError::generation_failed(&format!(
+                    "the request was cancelled ({})",
+                    cancelled.reason
+                )));
+            }
+            _ => {}
+        }
+        let nothing_new =
+            added.token_ids.is_empty() && added.text.is_empty() && added.finish_reason.is_none();
+        Ok((!nothing_new).then_some(added))
     }
 
     fn finish(&mut self) {
@@ -297,11 +473,18 @@ impl Drop for CancelOnDrop {
 
 /// Whether the log already holds the request's end although its last updates never came (the token bus lost
 /// them): then the stream cannot finish, and the answer is an error naming what the log says.
+/// A request's end as the log holds it.
+struct Ended {
+    kind: EventKind,
+    /// What to tell the client, should the stream end in an error.
+    message: String,
+}
+
 async fn ended_on_the_log(
     log: Arc<dyn EventLog>,
     request_id: &str,
     received_sequence: u64,
-) -> Option<String> {
+) -> Option<Ended> {
     let subjects: Vec<String> = [
         EventKind::Completed,
         EventKind::Failed,
@@ -322,12 +505,16 @@ async fn ended_on_the_log(
     };
     let event = message.event().ok()?;
     tracing::warn!(request_id = %request_id, kind = %event.kind(), "the request ended on the log but its last token updates never came");
-    Some(match event.body() {
+    let message = match event.body() {
         Body::Failed(failed) => failed.message.clone(),
         Body::Cancelled(cancelled) => format!("the request was cancelled ({})", cancelled.reason),
         _ => "the request completed, but its last tokens were lost on the way from the decode worker (the \
               message bus was unavailable)"
             .to_string(),
+    };
+    Some(Ended {
+        kind: event.kind(),
+        message,
     })
 }
 

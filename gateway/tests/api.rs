@@ -616,16 +616,52 @@ async fn worker_failure_is_a_server_error() {
 }
 
 #[tokio::test]
-async fn a_request_whose_last_update_is_lost_ends_with_an_error_from_the_log() {
+async fn a_request_whose_last_update_is_lost_is_finished_from_the_log() {
     let behaviour = DecoderBehaviour {
         lose_last_update: true,
         ..Default::default()
     };
     let gateway = TestGateway::start_with(behaviour, |_| {}).await;
+    let mut request = seed_request();
+    request["stream"] = json!(true);
+    request["stream_options"] = json!({"include_usage": true});
+    let (status, events) = gateway.post_stream("/v1/chat/completions", &request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|event| serde_json::from_str(event).unwrap())
+        .collect();
+    assert!(
+        chunks.iter().all(|chunk| chunk.get("error").is_none()),
+        "{chunks:?}"
+    );
+    let content: String = chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Hello from the echo decoder.");
+    let finish = chunks
+        .iter()
+        .find_map(|chunk| chunk["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("stop"));
+    let usage = chunks.last().unwrap()["usage"].clone();
+    assert_eq!(usage["completion_tokens"], CHAT_COMPLETION_TOKENS);
+}
+
+#[tokio::test]
+async fn a_lost_last_update_of_a_request_with_logprobs_ends_with_an_error_from_the_log() {
+    let behaviour = DecoderBehaviour {
+        lose_last_update: true,
+        ..Default::default()
+    };
+    let gateway = TestGateway::start_with(behaviour, |_| {}).await;
+    let mut request = seed_request();
+    // The log's checkpoints keep the sampled logprob, not the alternatives asked for.
+    request["logprobs"] = json!(true);
+    request["top_logprobs"] = json!(2);
     let started = std::time::Instant::now();
-    let (status, body) = gateway
-        .post_json("/v1/chat/completions", &seed_request())
-        .await;
+    let (status, body) = gateway.post_json("/v1/chat/completions", &request).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let message = error_of(&body)["message"].as_str().unwrap();
     assert!(message.contains("last tokens were lost"), "{message}");

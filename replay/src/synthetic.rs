@@ -226,6 +226,7 @@ pub fn request_flow(request_id: &str, start_ns: u64, seed: u64) -> Vec<Event> {
                 start_index: generated,
                 token_ids: (generated..generated + count).map(|i| 2000 + i).collect(),
                 logprobs: Vec::new(),
+                text: None,
             }),
         ));
         generated += count;

@@ -247,6 +247,7 @@ async fn a_lost_worker_is_marked_and_its_requests_migrate_with_their_checkpoints
             start_index: 0,
             token_ids: (0..16).collect(),
             logprobs: Vec::new(),
+            text: None,
         }),
     ]
     .into_iter()

@@ -138,6 +138,7 @@ fn tokens(decode: &str, start_index: u32, count: u32) -> Body {
         start_index,
         token_ids: (start_index..start_index + count).collect(),
         logprobs: vec![],
+        text: None,
     })
 }
 

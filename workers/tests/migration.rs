@@ -488,6 +488,23 @@ async fn migrate_mid_stream(sampling: SamplingParams, remotely: bool) {
         .map(|(&index, sent)| (index, sent.0[0]))
         .collect();
     assert_eq!(checkpointed, expected);
+    // Each checkpoint's text is what the updates for its tokens carried in the unmigrated run (so a gateway that
+    // lost updates can finish the stream from the log), on both sides of the migration.
+    for body in &bodies {
+        if let Body::TokensDecoded(checkpoint) = body {
+            let end = checkpoint.start_index + checkpoint.token_ids.len() as u32;
+            let streamed: String = (checkpoint.start_index..end)
+                .map(|index| reference[&index].1.as_str())
+                .collect();
+            assert_eq!(
+                checkpoint.text.as_deref(),
+                Some(streamed.as_str()),
+                "text of {}'s checkpoint at {}",
+                checkpoint.decode_worker_id,
+                checkpoint.start_index
+            );
+        }
+    }
     let b_kinds: Vec<EventKind> = events
         .iter()
         .filter(|e| e.envelope().emitter == "decode-b")
@@ -819,6 +836,7 @@ async fn a_request_migrated_after_its_last_token_completes_without_computing() {
                 start_index: 0,
                 token_ids: generated.clone(),
                 logprobs: Vec::new(),
+                text: None,
             }),
             0,
         ),

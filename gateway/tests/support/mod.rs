@@ -15,7 +15,7 @@ use axum::http::{Request, StatusCode};
 use serde_json::Value;
 use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::log::{ConsumerConfig, EventLog, StartAt};
-use tandem_events::schema::{Completed, Received};
+use tandem_events::schema::{Completed, Received, TokensDecoded};
 use tandem_events::subjects::{ALL_EVENTS, kind_filter};
 use tandem_events::tokens::{InProcessTokenBus, TokenBus, TokenLogprob, TokenUpdate, TopLogprob};
 use tandem_events::{Body as EventBody, Event, EventKind};
@@ -69,7 +69,8 @@ pub struct DecoderBehaviour {
     pub resend_after_tokens: Option<u32>,
     /// Fail instead of answering, with this reason.
     pub fail_with: Option<String>,
-    /// Append `Completed` to the log but never publish the last update (as when the token bus drops it).
+    /// Append a checkpoint of every token (with its text) and `Completed` to the log, as a decode worker does, but
+    /// never publish the last update (as when the token bus drops it).
     pub lose_last_update: bool,
 }
 
@@ -117,6 +118,8 @@ async fn play(
     };
     let mut index = 0u32;
     let mut resent = false;
+    // What each generated index carried, for the checkpoint.
+    let mut played: Vec<(u32, String)> = Vec::new();
     loop {
         if let Some(after) = behaviour.resend_after_tokens
             && index == after
@@ -147,11 +150,14 @@ async fn play(
                     .collect(),
             }],
         };
+        // A stop token's text is never shown.
+        let text = if is_stop { String::new() } else { text };
+        played.truncate(index as usize);
+        played.push((token_id, text.clone()));
         let update = TokenUpdate {
             start_index: index,
             token_ids: vec![token_id],
-            // A stop token's text is never shown.
-            text: if is_stop { String::new() } else { text },
+            text,
             logprobs,
             finish_reason: finish_reason.clone(),
             error: None,
@@ -159,6 +165,18 @@ async fn play(
             worker_id: "echo-decoder".into(),
         };
         if finish_reason.is_some() && behaviour.lose_last_update {
+            let checkpoint = Event::new(
+                request_id.as_str(),
+                "echo-decoder",
+                EventBody::TokensDecoded(TokensDecoded {
+                    decode_worker_id: "echo-decoder".into(),
+                    start_index: 0,
+                    token_ids: played.iter().map(|(token_id, _)| *token_id).collect(),
+                    logprobs: Vec::new(),
+                    text: Some(played.iter().map(|(_, text)| text.as_str()).collect()),
+                }),
+            );
+            let _ = log.append_event(&checkpoint, 1).await;
             let completed = Event::new(
                 request_id.as_str(),
                 "echo-decoder",

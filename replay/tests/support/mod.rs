@@ -150,6 +150,7 @@ pub fn tokens(worker: &str, start: u32, count: u32) -> Body {
         start_index: start,
         token_ids: (start..start + count).map(|i| 9000 + i).collect(),
         logprobs: Vec::new(),
+        text: None,
     })
 }
 

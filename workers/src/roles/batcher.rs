@@ -177,6 +177,8 @@ struct Running {
     generated_logprobs: Vec<f32>,
     /// Generated tokens already covered by a `TokensDecoded` checkpoint.
     checkpointed_tokens: usize,
+    /// The text the updates since the last checkpoint carried; it goes into the next one.
+    uncheckpointed_text: String,
     max_tokens: usize,
     /// Set when the last sampled token ended generation: `stop` or `length`.
     finish_reason: Option<&'static str>,
@@ -397,6 +399,7 @@ impl Batcher<'_> {
             generated_token_ids: Vec::new(),
             generated_logprobs: Vec::new(),
             checkpointed_tokens: 0,
+            uncheckpointed_text: String::new(),
             max_tokens,
             finish_reason: None,
         });
@@ -518,6 +521,8 @@ impl Batcher<'_> {
         run.job.resumed_token_ids = resumed;
         run.job.resumed_logprobs = resumed_logprobs;
         run.checkpointed_tokens = run.generated_token_ids.len();
+        // Their text is on the log already, in the checkpoints this resumed from.
+        run.uncheckpointed_text.clear();
         ended
     }
 
@@ -781,6 +786,7 @@ impl Batcher<'_> {
             text.push_str(&run.stop_matcher.finish());
         }
         run.finish_reason = finish_reason;
+        run.uncheckpointed_text.push_str(&text);
         let update = TokenUpdate {
             start_index,
             token_ids: vec![token_id],
@@ -810,6 +816,7 @@ impl Batcher<'_> {
                 .get(start..)
                 .map(<[f32]>::to_vec)
                 .unwrap_or_default(),
+            text: Some(std::mem::take(&mut run.uncheckpointed_text)),
         });
         run.checkpointed_tokens = run.generated_token_ids.len();
         let occurrence = checkpoint_occurrence(run.job.routed_attempt, start as u32);

@@ -894,6 +894,7 @@ mod tests {
             start_index,
             token_ids: token_ids.to_vec(),
             logprobs: token_ids.iter().map(|&t| -(t as f32)).collect(),
+            text: None,
         })
     }
 
@@ -944,6 +945,7 @@ mod tests {
             start_index: 2,
             token_ids: vec![3, 4],
             logprobs: Vec::new(),
+            text: None,
         });
         let (resumed, _) = tokens_to_resume(&no_logprobs).unwrap();
         assert_eq!(resumed.token_ids, vec![1, 2, 3, 4, 5]);
