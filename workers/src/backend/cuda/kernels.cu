@@ -451,3 +451,29 @@ extern "C" __global__ void f32_to_bf16(const float* src, bf16_t* dst, size_t cou
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
         dst[i] = f2bf(src[i]);
 }
+
+// One layer's part of `num_blocks` pool blocks to and from a contiguous f32 chunk (the KV transfer's layer
+// payload): chunk block b is pool block block_ids[b], from element `layer_offset` for `layer_elems` elements,
+// ordered [k, v][kv_head][slot][dim]. Gathering zeroes the slots of the last block from `last_used_slots`
+// on, so nothing past the sequence leaves the GPU. grid: (x over the layer's elements, y = chunk block).
+extern "C" __global__ void gather_layer_f32(const bf16_t* kv_pool, const unsigned* block_ids, float* chunk,
+                                            size_t block_elems, size_t layer_offset, int layer_elems,
+                                            int head_dim, int block_size, int last_used_slots) {
+    const int b = blockIdx.y;
+    const bool last = b == (int)gridDim.y - 1;
+    const bf16_t* src = kv_pool + (size_t)block_ids[b] * block_elems + layer_offset;
+    float* dst = chunk + (size_t)b * layer_elems;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < layer_elems; i += gridDim.x * blockDim.x) {
+        const int slot = (i / head_dim) % block_size;
+        dst[i] = (last && slot >= last_used_slots) ? 0.0f : bf2f(src[i]);
+    }
+}
+
+extern "C" __global__ void scatter_layer_f32(const float* chunk, const unsigned* block_ids, bf16_t* kv_pool,
+                                             size_t block_elems, size_t layer_offset, int layer_elems) {
+    const int b = blockIdx.y;
+    bf16_t* dst = kv_pool + (size_t)block_ids[b] * block_elems + layer_offset;
+    const float* src = chunk + (size_t)b * layer_elems;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < layer_elems; i += gridDim.x * blockDim.x)
+        dst[i] = f2bf(src[i]);
+}

@@ -35,6 +35,20 @@ pub(crate) struct Kernels {
     argmax_rows: CudaFunction,
     bf16_to_f32: CudaFunction,
     f32_to_bf16: CudaFunction,
+    gather_layer_f32: CudaFunction,
+    scatter_layer_f32: CudaFunction,
+}
+
+/// Where one layer's part of pool blocks lies, for `gather_layer` / `scatter_layer`.
+pub(crate) struct LayerSlice {
+    /// Elements of one pool block (every layer).
+    pub(crate) block_elems: usize,
+    /// Where the layer starts inside a block, in elements.
+    pub(crate) layer_offset: usize,
+    /// Elements of the layer's part of one block.
+    pub(crate) layer_elems: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) block_size: usize,
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -107,6 +121,8 @@ impl Kernels {
             argmax_rows: load("argmax_rows")?,
             bf16_to_f32: load("bf16_to_f32")?,
             f32_to_bf16: load("f32_to_bf16")?,
+            gather_layer_f32: load("gather_layer_f32")?,
+            scatter_layer_f32: load("scatter_layer_f32")?,
         })
     }
 
@@ -379,6 +395,69 @@ impl Kernels {
         unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
             .map(drop)
             .during(|| "launching a KV block conversion".into())
+    }
+
+    /// One layer of the `num_blocks` pool blocks listed at `block_ids` into the f32 `chunk`, slots of the
+    /// last block from `last_used_slots` on zeroed.
+    pub(crate) fn gather_layer(
+        &self,
+        kv_pool: u64,
+        block_ids: u64,
+        num_blocks: usize,
+        chunk: u64,
+        slice: &LayerSlice,
+        last_used_slots: usize,
+    ) -> Result<(), CudaError> {
+        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
+        let (layer_elems, head_dim, block_size, used) = (
+            slice.layer_elems as i32,
+            slice.head_dim as i32,
+            slice.block_size as i32,
+            last_used_slots as i32,
+        );
+        let mut launch = self.stream.launch_builder(&self.gather_layer_f32);
+        launch
+            .arg(&kv_pool)
+            .arg(&block_ids)
+            .arg(&chunk)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&layer_elems)
+            .arg(&head_dim)
+            .arg(&block_size)
+            .arg(&used);
+        let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
+        // SAFETY: matches `gather_layer_f32`; `block_ids` holds `num_blocks` ids inside the pool and `chunk`
+        // has room for `num_blocks * layer_elems` floats.
+        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
+            .map(drop)
+            .during(|| "launching gather_layer_f32".into())
+    }
+
+    /// The f32 `chunk` of `num_blocks` blocks into one layer of the pool blocks listed at `block_ids`.
+    pub(crate) fn scatter_layer(
+        &self,
+        chunk: u64,
+        block_ids: u64,
+        num_blocks: usize,
+        kv_pool: u64,
+        slice: &LayerSlice,
+    ) -> Result<(), CudaError> {
+        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
+        let layer_elems = slice.layer_elems as i32;
+        let mut launch = self.stream.launch_builder(&self.scatter_layer_f32);
+        launch
+            .arg(&chunk)
+            .arg(&block_ids)
+            .arg(&kv_pool)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&layer_elems);
+        let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
+        // SAFETY: matches `scatter_layer_f32`; as in `gather_layer`.
+        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
+            .map(drop)
+            .during(|| "launching scatter_layer_f32".into())
     }
 
     pub(crate) fn argmax_rows(

@@ -12,7 +12,10 @@ mod device;
 mod gemm;
 mod graphs;
 mod kernels;
+mod kv_io;
 mod weights;
+
+use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
@@ -21,7 +24,11 @@ pub use device::{CudaError, Device, cuda_device_count, cuda_driver_present};
 use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
-use kernels::{AttentionShape, Kernels, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, prefill_kernel_fits};
+use kernels::{
+    AttentionShape, Kernels, LayerSlice, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, prefill_kernel_fits,
+};
+use kv_io::{DeviceDestinations, DevicePool, KvStaging};
+pub use kv_io::{DeviceKvHandle, DevicePath};
 use weights::DeviceWeights;
 
 use super::{Backend, SequenceStep};
@@ -53,11 +60,17 @@ pub struct CudaBackend {
     weights: DeviceWeights,
     /// `num_blocks + 1` blocks of `layout.block_floats()` bf16 values each; the last one takes the KV of the
     /// padding rows of captured decode steps and belongs to no sequence.
-    kv_pool: CudaSlice<u16>,
+    /// From plain `cuMemAlloc`, so another process can open it through a CUDA IPC handle.
+    kv_pool: DevicePool,
     scratch: Scratch,
     graphs: DecodeGraphs,
     /// One block in f32, where `read_block`/`write_block` convert on the GPU so a block crosses as one copy.
     kv_staging: CudaSlice<f32>,
+    /// Whole layers of many blocks to and from the host (`read_layer`, `write_layers`); behind a lock
+    /// because reads take `&self`.
+    layer_staging: Mutex<KvStaging>,
+    /// Other GPUs' pools this backend has pushed KV into.
+    destinations: DeviceDestinations,
     /// Handed to cuBLAS with `cublasSetWorkspace`; kept alive as long as the handle.
     _blas_workspace: CudaSlice<u8>,
     /// This step's metadata, built on the host: see [`StepMeta`].
@@ -229,11 +242,7 @@ impl CudaBackend {
 
         let kernels = Kernels::compile(&gpu)?;
         let device_weights = DeviceWeights::upload(&gpu, weights)?;
-        let kv_pool = zeros(
-            &gpu,
-            (num_blocks + 1) * layout.block_floats(),
-            "the KV cache",
-        )?;
+        let kv_pool = DevicePool::new(&gpu, (num_blocks + 1) * layout.block_floats() * 2)?;
         let blas_workspace: CudaSlice<u8> =
             zeros(&gpu, BLAS_WORKSPACE_BYTES, "the cuBLAS workspace")?;
         // SAFETY: the workspace is a live allocation of that size, kept in the backend beside the handle.
@@ -267,6 +276,8 @@ impl CudaBackend {
             scratch,
             graphs: DecodeGraphs::default(),
             kv_staging,
+            layer_staging: Mutex::new(KvStaging::new()),
+            destinations: DeviceDestinations::default(),
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
             greedy_tokens: Vec::new(),
@@ -582,7 +593,7 @@ impl CudaBackend {
         );
         let (partial_out, partial_max_sum) =
             (addr(&s.partial_out, gpu), addr(&s.partial_max_sum, gpu));
-        let kv_pool = addr(&self.kv_pool, gpu);
+        let kv_pool = self.kv_pool.address;
         let blas = &gpu.blas;
 
         k.embed(
@@ -799,7 +810,7 @@ impl Backend for CudaBackend {
 
     fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let source = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let source = self.kv_pool.address + (block as usize * elems * 2) as u64;
         let staging = addr(&self.kv_staging, &self.gpu);
         self.kernels.convert(true, source, staging, elems)?;
         // SAFETY: the staging buffer holds `elems` f32, i.e. `4 * elems` initialized bytes (little-endian,
@@ -818,7 +829,7 @@ impl Backend for CudaBackend {
 
     fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let target = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let target = self.kv_pool.address + (block as usize * elems * 2) as u64;
         let staging = addr(&self.kv_staging, &self.gpu);
         let stream = &self.gpu.stream;
         // SAFETY: as in `read_block`; any bytes are valid f32 bit patterns.
@@ -832,5 +843,183 @@ impl Backend for CudaBackend {
             .synchronize()
             .during(|| format!("writing KV block {block}"))?;
         Ok(())
+    }
+
+    fn read_layer(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        out: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let slice = self.layer_slice(layer);
+        let floats = blocks.len() * slice.layer_elems;
+        if out.len() != 4 * floats || blocks.is_empty() {
+            return Err(EngineError::KvImport(format!(
+                "reading layer {layer} of {} blocks needs {} bytes, got {}",
+                blocks.len(),
+                4 * floats,
+                out.len()
+            )));
+        }
+        self.check_blocks(blocks)?;
+        let gpu = &self.gpu;
+        let mut staging = self
+            .layer_staging
+            .lock()
+            .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
+        let (ids, chunk, pinned) = staging.ensure(gpu, blocks.len(), floats)?;
+        gpu.stream
+            .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
+            .during(|| "uploading the block ids of a KV layer".into())?;
+        self.kernels.gather_layer(
+            self.kv_pool.address,
+            addr(ids, gpu),
+            blocks.len(),
+            addr(chunk, gpu),
+            &slice,
+            last_used_slots,
+        )?;
+        let host = pinned
+            .as_mut_ptr()
+            .during(|| "waiting for the pinned KV buffer".into())?;
+        // SAFETY: the pinned buffer and the device chunk both hold at least `floats` f32; the stream is
+        // synchronized before the host reads.
+        unsafe {
+            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                host.cast(),
+                addr(chunk, gpu),
+                4 * floats,
+                gpu.stream.cu_stream(),
+            )
+        }
+        .result()
+        .during(|| format!("copying KV layer {layer} to the host"))?;
+        gpu.stream
+            .synchronize()
+            .during(|| format!("reading KV layer {layer}"))?;
+        // SAFETY: `floats` f32 just written by the copy above; bytes of f32 are plain data.
+        out.copy_from_slice(unsafe { std::slice::from_raw_parts(host.cast::<u8>(), 4 * floats) });
+        Ok(())
+    }
+
+    fn write_layers(&mut self, blocks: &[BlockId], layers: &[&[u8]]) -> Result<(), EngineError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.check_blocks(blocks)?;
+        let gpu = &self.gpu;
+        let mut staging = self
+            .layer_staging
+            .lock()
+            .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
+        let layer_elems = self.layout.block_floats() / self.layout.num_layers;
+        let floats = blocks.len() * layer_elems;
+        let (ids, chunk, pinned) = staging.ensure(gpu, blocks.len(), floats)?;
+        gpu.stream
+            .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
+            .during(|| "uploading the block ids of a KV import".into())?;
+        for (layer, bytes) in layers.iter().enumerate() {
+            if bytes.len() != 4 * floats {
+                return Err(EngineError::KvImport(format!(
+                    "layer {layer}: {} bytes for {} blocks, {} expected",
+                    bytes.len(),
+                    blocks.len(),
+                    4 * floats
+                )));
+            }
+            // The previous layer's copy out of the pinned buffer must be done before it is refilled.
+            gpu.stream
+                .synchronize()
+                .during(|| format!("writing KV layer {layer}"))?;
+            let host = pinned
+                .as_mut_ptr()
+                .during(|| "waiting for the pinned KV buffer".into())?;
+            // SAFETY: the pinned buffer holds at least `floats` f32 and no copy reads it now (synchronized).
+            unsafe { std::slice::from_raw_parts_mut(host.cast::<u8>(), 4 * floats) }
+                .copy_from_slice(bytes);
+            // SAFETY: both buffers hold at least `floats` f32.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    addr(chunk, gpu),
+                    host.cast(),
+                    4 * floats,
+                    gpu.stream.cu_stream(),
+                )
+            }
+            .result()
+            .during(|| format!("copying KV layer {layer} to the GPU"))?;
+            self.kernels.scatter_layer(
+                addr(chunk, gpu),
+                addr(ids, gpu),
+                blocks.len(),
+                self.kv_pool.address,
+                &self.layer_slice(layer),
+            )?;
+        }
+        gpu.stream
+            .synchronize()
+            .during(|| "writing KV layers".into())?;
+        Ok(())
+    }
+
+    fn device_kv_handle(&self) -> Result<Option<String>, EngineError> {
+        let handle =
+            self.kv_pool
+                .handle(&self.gpu, self.num_blocks, self.layout.block_floats() * 2)?;
+        Ok(Some(handle.to_string()))
+    }
+
+    fn push_blocks(
+        &mut self,
+        target: &str,
+        source: &[BlockId],
+        destination: &[BlockId],
+    ) -> Result<(u64, &'static str), EngineError> {
+        self.check_blocks(source)?;
+        let (bytes, path) = self.destinations.push(
+            &self.gpu,
+            self.kv_pool.address,
+            self.layout.block_floats() * 2,
+            target,
+            source,
+            destination,
+        )?;
+        Ok((bytes, path.as_str()))
+    }
+}
+
+impl CudaBackend {
+    /// Where layer `layer` lies inside a pool block.
+    fn layer_slice(&self, layer: usize) -> LayerSlice {
+        let layer_elems = self.layout.block_floats() / self.layout.num_layers;
+        LayerSlice {
+            block_elems: self.layout.block_floats(),
+            layer_offset: layer * layer_elems,
+            layer_elems,
+            head_dim: self.layout.head_dim,
+            block_size: self.layout.block_size_tokens,
+        }
+    }
+
+    fn check_blocks(&self, blocks: &[BlockId]) -> Result<(), EngineError> {
+        match blocks
+            .iter()
+            .find(|&&block| block as usize >= self.num_blocks)
+        {
+            Some(block) => Err(EngineError::Config(format!(
+                "block {block} is outside the pool of {} blocks",
+                self.num_blocks
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.gpu.context.bind_to_thread().is_ok() {
+            self.destinations.close();
+        }
     }
 }
