@@ -510,6 +510,17 @@ impl Engine {
         layer: usize,
         from_token: usize,
     ) -> Result<Vec<u8>, EngineError> {
+        Ok(self.export_kv_layer_bytes(id, layer, from_token)?.to_vec())
+    }
+
+    /// [`Engine::export_kv_layer`] into a buffer the backend picks: on a GPU, pinned host memory the copy went
+    /// straight into, which the TCP transport then sends from.
+    pub fn export_kv_layer_bytes(
+        &self,
+        id: SequenceId,
+        layer: usize,
+        from_token: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
         let sequence = self.sequence(id)?;
         let layout = self.kv_layout();
         let block_size = layout.block_size_tokens;
@@ -533,15 +544,13 @@ impl Engine {
         let layer_bytes = layout.block_bytes() / layout.num_layers;
         let first_block = from_token / block_size;
         let end_block = num_tokens.div_ceil(block_size);
-        let mut out = vec![0u8; (end_block - first_block) * layer_bytes];
         let last_used_slots = num_tokens - (end_block - 1) * block_size;
-        self.backend.read_layer(
+        self.backend.read_layer_bytes(
             &sequence.block_table.blocks[first_block..end_block],
             layer,
             last_used_slots,
-            &mut out,
-        )?;
-        Ok(out)
+            (end_block - first_block) * layer_bytes,
+        )
     }
 
     /// Text naming this engine's KV pool on its GPU, for a prefill engine on this host to write a prompt's

@@ -95,6 +95,20 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// [`Backend::read_layer`] into a buffer of its own: a GPU backend hands out pinned host memory the copy
+    /// went straight into (and the TCP transport sends from).
+    fn read_layer_bytes(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        len: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
+        let mut out = vec![0u8; len];
+        self.read_layer(blocks, layer, last_used_slots, &mut out)?;
+        Ok(out.into())
+    }
+
     /// Overwrites every layer of `blocks` from one chunk per layer in the form [`Backend::read_layer`] gives.
     fn write_layers(&mut self, blocks: &[BlockId], layers: &[&[u8]]) -> Result<(), EngineError> {
         let layout = self.kv_layout();

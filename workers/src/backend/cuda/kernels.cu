@@ -112,14 +112,19 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
 
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
 #define ATTENTION_WARPS 4
+#define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
 
 // Causal attention over the paged cache, split over the context: block (token, q_head, split) covers the
 // split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
 // length, so the launch shape depends only on the batch), one key per warp at a time with an online
-// softmax, and writes its unnormalized output with its running max and sum for attention_combine.
+// softmax, and writes its unnormalized output with its running max and sum. The last split of a
+// (token, q_head) to finish (split_counters counts them, and is left at 0 again for the next launch) merges
+// all splits and writes the normalized output in bf16 for o_proj: no separate combine launch, whose chain of
+// dependent loads cost more than the merge itself.
 // token_meta[t] = (position, offset of its sequence's block table from block_tables).
 extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
                                              const unsigned* token_meta, float* partial_out, float* partial_max_sum,
+                                             unsigned* split_counters, bf16_t* out,
                                              int num_q_heads, int num_kv_heads, int head_dim, int layer,
                                              int block_size, size_t block_elems, float scale) {
     const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
@@ -190,29 +195,50 @@ extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_po
         partial_max_sum[2 * slot] = block_max;
         partial_max_sum[2 * slot + 1] = total;
     }
-}
 
-// Merges the splits of each (token, q_head) and writes the normalized output in bf16 for o_proj.
-extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max_sum, bf16_t* out,
-                                             int num_q_heads, int head_dim, int num_splits) {
-    const int token = blockIdx.x, head = blockIdx.y;
-    const size_t first = ((size_t)token * num_q_heads + head) * num_splits;
-    float global_max = NEG_INFINITY;
-    for (int s = 0; s < num_splits; ++s)
-        if (partial_max_sum[2 * (first + s) + 1] > 0.0f) global_max = fmaxf(global_max, partial_max_sum[2 * (first + s)]);
-    float total = 0.0f;
-    for (int s = 0; s < num_splits; ++s) {
-        const float sum = partial_max_sum[2 * (first + s) + 1];
-        if (sum > 0.0f) total += sum * expf(partial_max_sum[2 * (first + s)] - global_max);
+    // Publish this split, then let the last one to arrive merge them all.
+    __shared__ bool merges;
+    __threadfence();
+    __syncthreads();
+    const size_t pair = (size_t)token * num_q_heads + head;
+    if (threadIdx.x == 0) {
+        const unsigned arrived = atomicAdd(&split_counters[pair], 1u);
+        merges = arrived == (unsigned)num_splits - 1;
+        if (merges) split_counters[pair] = 0;
     }
-    const float inverse_total = 1.0f / total;
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    // Every split's weight once, all loads in flight together (L2 reads: other blocks wrote them).
+    __shared__ float split_weight[MAX_MERGED_SPLITS];
+    __shared__ float merged_max, merged_inverse_total;
+    const size_t first = pair * num_splits;
+    if (threadIdx.x < 32) {
+        float m = NEG_INFINITY;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float sum = __ldcg(&partial_max_sum[2 * (first + s) + 1]);
+            if (sum > 0.0f) m = fmaxf(m, __ldcg(&partial_max_sum[2 * (first + s)]));
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        float t = 0.0f;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float sum = __ldcg(&partial_max_sum[2 * (first + s) + 1]);
+            const float w = sum > 0.0f ? expf(__ldcg(&partial_max_sum[2 * (first + s)]) - m) : 0.0f;
+            split_weight[s] = w;
+            t += sum * w;
+        }
+        t = warp_sum(t);
+        if (lane == 0) {
+            merged_max = m;
+            merged_inverse_total = 1.0f / t;
+        }
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float value = 0.0f;
-        for (int s = 0; s < num_splits; ++s) {
-            const float sum = partial_max_sum[2 * (first + s) + 1];
-            if (sum > 0.0f) value += partial_out[(first + s) * head_dim + d] * expf(partial_max_sum[2 * (first + s)] - global_max);
-        }
-        out[((size_t)token * num_q_heads + head) * head_dim + d] = f2bf(value * inverse_total);
+        for (int s = 0; s < num_splits; ++s)
+            if (split_weight[s] != 0.0f) value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
+        out[pair * head_dim + d] = f2bf(value * merged_inverse_total);
     }
 }
 
@@ -232,11 +258,37 @@ extern "C" __global__ void argmax_rows(const float* logits, unsigned* tokens, in
     const float* row = logits + (size_t)blockIdx.x * vocab_size;
     float best = NEG_INFINITY;
     unsigned best_index = 0xffffffffu;
-    for (int i = threadIdx.x; i < vocab_size; i += blockDim.x) {
-        const float v = row[i];
-        if (v > best || best_index == 0xffffffffu) {
-            best = v;
-            best_index = i;
+    // Each thread visits its indices in increasing order, so `>` keeps the lowest among its equal maxima.
+    // Rows of a multiple of 4 floats go as 16-byte loads, 4 in flight per thread (one block per row walks the
+    // whole vocabulary, so it is bound by how many loads are in flight, not by bandwidth).
+    if ((vocab_size & 3) == 0) {
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        const int quads = vocab_size >> 2, stride = blockDim.x;
+        for (int base = threadIdx.x; base < quads; base += 4 * stride) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (base + u * stride < quads) v[u] = row4[base + u * stride];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (base + u * stride >= quads) continue;
+                const unsigned i = 4u * (base + u * stride);
+                const float values[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    if (values[c] > best || best_index == 0xffffffffu) {
+                        best = values[c];
+                        best_index = i + c;
+                    }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab_size; i += blockDim.x) {
+            const float v = row[i];
+            if (v > best || best_index == 0xffffffffu) {
+                best = v;
+                best_index = i;
+            }
         }
     }
     best_values[threadIdx.x] = best;

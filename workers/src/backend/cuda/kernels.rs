@@ -13,6 +13,9 @@ const SOURCE: &str = include_str!("kernels.cu");
 
 /// Threads per block of the attention kernel (4 warps, `ATTENTION_WARPS` in the source).
 const ATTENTION_THREADS: u32 = 128;
+/// Most splits of one token's attention (`MAX_MERGED_SPLITS` in the source: the merging block keeps one
+/// weight per split in shared memory).
+pub(crate) const MAX_ATTENTION_SPLITS: usize = 1024;
 /// The widest head the attention kernel holds in registers (`MAX_DIMS_PER_LANE * 32`).
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Query tokens per block of `prefill_attention` (`PREFILL_TILE_Q`).
@@ -29,7 +32,6 @@ pub(crate) struct Kernels {
     add_rms_norm: CudaFunction,
     qk_norm_rope_store: CudaFunction,
     attention_partial: CudaFunction,
-    attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
     argmax_rows: CudaFunction,
@@ -115,7 +117,6 @@ impl Kernels {
             add_rms_norm: load("add_rms_norm")?,
             qk_norm_rope_store: load("qk_norm_rope_store")?,
             attention_partial: load("attention_partial")?,
-            attention_combine: load("attention_combine")?,
             prefill_attention: load("prefill_attention")?,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
@@ -242,6 +243,7 @@ impl Kernels {
         token_meta: u64,
         partial_out: u64,
         partial_max_sum: u64,
+        split_counters: u64,
         out: u64,
         shape: &AttentionShape,
     ) -> Result<(), CudaError> {
@@ -255,7 +257,6 @@ impl Kernels {
             shape.block_size as i32,
             shape.block_elems as u64,
         );
-        let num_splits = shape.num_splits as i32;
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let mut launch = self.stream.launch_builder(&self.attention_partial);
         launch
@@ -265,6 +266,8 @@ impl Kernels {
             .arg(&token_meta)
             .arg(&partial_out)
             .arg(&partial_max_sum)
+            .arg(&split_counters)
+            .arg(&out)
             .arg(&num_q_heads)
             .arg(&num_kv_heads)
             .arg(&head_dim)
@@ -273,7 +276,8 @@ impl Kernels {
             .arg(&block_elems)
             .arg(&scale);
         // SAFETY: matches `attention_partial`; the partial buffers hold num_tokens * heads * splits entries,
-        // and every block table covers its token's position (checked by the backend).
+        // `split_counters` num_tokens * heads zeroed counters, `out` num_tokens * q_dim bf16, splits are at most
+        // MAX_ATTENTION_SPLITS, and every block table covers its token's position (checked by the backend).
         unsafe {
             launch.launch(grid(
                 shape.num_tokens,
@@ -283,26 +287,7 @@ impl Kernels {
             ))
         }
         .map(drop)
-        .during(|| "launching attention_partial".into())?;
-        let mut launch = self.stream.launch_builder(&self.attention_combine);
-        launch
-            .arg(&partial_out)
-            .arg(&partial_max_sum)
-            .arg(&out)
-            .arg(&num_q_heads)
-            .arg(&head_dim)
-            .arg(&num_splits);
-        // SAFETY: matches `attention_combine`; `out` holds num_tokens * q_dim bf16.
-        unsafe {
-            launch.launch(grid(
-                shape.num_tokens,
-                shape.num_q_heads,
-                1,
-                threads_for(shape.head_dim).min(256),
-            ))
-        }
-        .map(drop)
-        .during(|| "launching attention_combine".into())
+        .during(|| "launching attention_partial".into())
     }
 
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.

@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaSlice, PinnedHostSlice, result};
 
@@ -72,6 +73,7 @@ impl DevicePool {
             || "getting a CUDA IPC handle of the KV cache".into(),
         )?;
         Ok(DeviceKvHandle {
+            host_id: host_id(),
             pci_bus_id: pci_bus_id(gpu)?,
             process_id: std::process::id(),
             address: self.address,
@@ -106,11 +108,31 @@ fn pci_bus_id(gpu: &GpuContext) -> Result<String, CudaError> {
         .into_owned())
 }
 
+/// This machine's identity for device handles: the kernel's boot id (another host, or this one rebooted,
+/// cannot open a handle made here). `unknown` where it cannot be read, which no other host matches.
+fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().replace('-', ""))
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Whether a prefill worker here can push KV straight into the device pool `handle` names: it parses and
+/// was made on this host (the same process, or another one through CUDA IPC).
+pub fn device_pool_reachable(handle: &str) -> bool {
+    handle
+        .parse::<DeviceKvHandle>()
+        .is_ok_and(|handle| handle.host_id != "unknown" && handle.host_id == host_id())
+}
+
 /// Names a KV pool on a GPU of this host, for a sender to write destination blocks into it directly.
 /// Text form (one line, no spaces):
-/// `cudakv1:<pci bus id>:<process id>:<pool address hex>:<blocks>:<block bytes>:<IPC handle, 128 hex>`.
+/// `cudakv1:<host id>:<pci bus id>:<process id>:<pool address hex>:<blocks>:<block bytes>:<IPC handle, 128 hex>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceKvHandle {
+    /// The boot id of the host the pool is on.
+    pub host_id: String,
     pub pci_bus_id: String,
     pub process_id: u32,
     /// The pool's device address in its owner's process (used only by senders in that same process).
@@ -128,7 +150,8 @@ impl std::fmt::Display for DeviceKvHandle {
         // A bus id holds colons, which separate the fields here: they travel as '-' (never in a bus id).
         write!(
             f,
-            "{HANDLE_PREFIX}:{}:{}:{:x}:{}:{}:",
+            "{HANDLE_PREFIX}:{}:{}:{}:{:x}:{}:{}:",
+            self.host_id,
             self.pci_bus_id.replace(':', "-"),
             self.process_id,
             self.address,
@@ -148,9 +171,12 @@ impl std::str::FromStr for DeviceKvHandle {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = |what: &str| format!("device KV handle {text:?}: {what}");
         let parts: Vec<&str> = text.split(':').collect();
-        let [prefix, bus, pid, address, blocks, block_bytes, ipc] = parts[..] else {
-            return Err(bad("expected 7 fields separated by ':'"));
+        let [prefix, host, bus, pid, address, blocks, block_bytes, ipc] = parts[..] else {
+            return Err(bad("expected 8 fields separated by ':'"));
         };
+        if host.is_empty() || host.len() > 64 || !host.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(bad("bad host id"));
+        }
         if prefix != HANDLE_PREFIX {
             return Err(bad("not a cudakv1 handle"));
         }
@@ -171,6 +197,7 @@ impl std::str::FromStr for DeviceKvHandle {
                 .map_err(|_| bad("the IPC handle is not hex"))?;
         }
         Ok(Self {
+            host_id: host.to_owned(),
             pci_bus_id: bus.replace('-', ":"),
             process_id: pid.parse().map_err(|_| bad("bad process id"))?,
             address: u64::from_str_radix(address, 16).map_err(|_| bad("bad address"))?,
@@ -392,6 +419,98 @@ fn open(gpu: &GpuContext, handle: &DeviceKvHandle) -> Result<OpenDestination, Cu
     })
 }
 
+/// Page-locked host buffers that exported layers are copied into and handed out as [`Bytes`] (sent from
+/// there by the TCP transport), taken back when the last `Bytes` of one is dropped. Pinned allocation is
+/// slow (the pages are locked one by one), so up to [`PINNED_RETAINED_BYTES`] stay for reuse.
+pub(crate) struct PinnedPool {
+    context: Arc<CudaContext>,
+    free: Mutex<Vec<PinnedHostSlice<u8>>>,
+}
+
+/// Pinned memory kept for reuse once free: a long prompt's layers of a small model, all in flight at once.
+const PINNED_RETAINED_BYTES: usize = 2 << 30;
+/// Pinned buffers are sized in steps of this, so layers of similar prompts reuse them.
+const PINNED_GRANULE: usize = 1 << 20;
+
+impl PinnedPool {
+    pub(crate) fn new(context: &Arc<CudaContext>) -> Arc<Self> {
+        Arc::new(Self {
+            context: Arc::clone(context),
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A pinned buffer of at least `len` bytes: a free one that fits, or a new one.
+    pub(crate) fn take(&self, len: usize) -> Result<PinnedHostSlice<u8>, CudaError> {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(index) = free.iter().position(|buffer| buffer.len() >= len) {
+            return Ok(free.swap_remove(index));
+        }
+        drop(free);
+        let size = len.div_ceil(PINNED_GRANULE).max(1) * PINNED_GRANULE;
+        // Plain page-locked memory: write-combined memory (cudarc's default) is slow for the host to read.
+        // SAFETY: every byte handed out is written by a device copy first.
+        unsafe { self.context.alloc_pinned_with_flags::<u8>(size, 0) }
+            .during(|| format!("allocating {} MiB of pinned host memory", size >> 20))
+    }
+
+    fn give_back(&self, buffer: PinnedHostSlice<u8>) {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let retained: usize = free.iter().map(PinnedHostSlice::len).sum();
+        if retained + buffer.len() <= PINNED_RETAINED_BYTES {
+            free.push(buffer);
+        }
+    }
+
+    /// The first `len` bytes of `buffer` (written by a finished device copy) as [`Bytes`].
+    pub(crate) fn into_bytes(
+        self: &Arc<Self>,
+        mut buffer: PinnedHostSlice<u8>,
+        len: usize,
+    ) -> Result<Bytes, CudaError> {
+        let address = buffer
+            .as_mut_ptr()
+            .during(|| "reading a pinned buffer".into())? as usize;
+        Ok(Bytes::from_owner(PinnedChunk {
+            buffer: Some(buffer),
+            address,
+            len,
+            pool: Arc::clone(self),
+        }))
+    }
+}
+
+/// A filled pinned buffer lent out as the contents of a [`Bytes`].
+struct PinnedChunk {
+    buffer: Option<PinnedHostSlice<u8>>,
+    /// The buffer's host address (kept as a number: the buffer itself is what owns it).
+    address: usize,
+    len: usize,
+    pool: Arc<PinnedPool>,
+}
+
+impl AsRef<[u8]> for PinnedChunk {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `address` is the start of `buffer`, alive as long as self, of at least `len` bytes that a
+        // finished copy wrote; nothing writes them while lent.
+        unsafe { std::slice::from_raw_parts(self.address as *const u8, self.len) }
+    }
+}
+
+impl Drop for PinnedChunk {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            self.pool.give_back(buffer);
+        }
+    }
+}
+
 /// Device and pinned host buffers for moving one layer of many blocks, grown on demand.
 pub(crate) struct KvStaging {
     capacity_floats: usize,
@@ -460,5 +579,53 @@ impl KvStaging {
                 "the KV staging buffers are missing".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_handle_round_trips_through_its_text() {
+        let handle = DeviceKvHandle {
+            host_id: "0f3c9a1e22d84b7c9d5e6f7a8b9c0d1e".into(),
+            pci_bus_id: "00000000:3B:00.0".into(),
+            process_id: 4242,
+            address: 0x7f00_1234_0000,
+            num_blocks: 1024,
+            block_bytes: 1_835_008,
+            ipc_handle: std::array::from_fn(|index| (index * 37) as u8),
+        };
+        let text = handle.to_string();
+        assert!(!text.contains(' '));
+        assert_eq!(text.parse::<DeviceKvHandle>(), Ok(handle));
+    }
+
+    #[test]
+    fn a_malformed_device_handle_is_an_error() {
+        let good = DeviceKvHandle {
+            host_id: host_id(),
+            pci_bus_id: "0000:01:00.0".into(),
+            process_id: 1,
+            address: 1,
+            num_blocks: 1,
+            block_bytes: 1,
+            ipc_handle: [7; 64],
+        }
+        .to_string();
+        for bad in [
+            "",
+            "cudakv1",
+            &good.replacen("cudakv1", "cudakv2", 1),
+            &good[..good.len() - 2],
+            &good.replace(":1:", ":x:"),
+            &format!("{good}:extra"),
+        ] {
+            assert!(bad.parse::<DeviceKvHandle>().is_err(), "{bad:?} parsed");
+        }
+        assert!(device_pool_reachable(&good) == (host_id() != "unknown"));
+        let elsewhere = good.replacen(&host_id(), "abcdef", 1);
+        assert!(!device_pool_reachable(&elsewhere));
     }
 }

@@ -25,10 +25,11 @@ use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
-    AttentionShape, Kernels, LayerSlice, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, prefill_kernel_fits,
+    AttentionShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS,
+    prefill_kernel_fits,
 };
-use kv_io::{DeviceDestinations, DevicePool, KvStaging};
-pub use kv_io::{DeviceKvHandle, DevicePath};
+use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool};
+pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use weights::DeviceWeights;
 
 use super::{Backend, SequenceStep};
@@ -69,6 +70,8 @@ pub struct CudaBackend {
     /// Whole layers of many blocks to and from the host (`read_layer`, `write_layers`); behind a lock
     /// because reads take `&self`.
     layer_staging: Mutex<KvStaging>,
+    /// Pinned host buffers exported layers are copied into and sent from.
+    pinned: std::sync::Arc<PinnedPool>,
     /// Other GPUs' pools this backend has pushed KV into.
     destinations: DeviceDestinations,
     /// Handed to cuBLAS with `cublasSetWorkspace`; kept alive as long as the handle.
@@ -94,6 +97,8 @@ struct Scratch {
     activated: CudaSlice<u16>,
     partial_out: CudaSlice<f32>,
     partial_max_sum: CudaSlice<f32>,
+    /// Per (token, q_head): splits of its attention done so far in this launch (back to 0 after each).
+    split_counters: CudaSlice<u32>,
     last_normed: CudaSlice<u16>,
     logits: CudaSlice<f32>,
     tokens: CudaSlice<u32>,
@@ -180,6 +185,7 @@ impl Scratch {
             activated: zeros(gpu, tokens * i, "the MLP activations")?,
             partial_out: zeros(gpu, partial * config.head_dim, "attention partials")?,
             partial_max_sum: zeros(gpu, partial * 2, "attention partial sums")?,
+            split_counters: zeros(gpu, tokens * config.num_q_heads, "attention split counters")?,
             last_normed: zeros(gpu, rows * h, "the final norm")?,
             logits: zeros(gpu, rows * config.vocab_size, "the logits")?,
             tokens: zeros(gpu, rows, "the greedy tokens")?,
@@ -265,6 +271,7 @@ impl CudaBackend {
         gpu.stream
             .synchronize()
             .during(|| format!("uploading the model to cuda:{ordinal}"))?;
+        let pinned = PinnedPool::new(&gpu.context);
         Ok(Self {
             gpu,
             kernels,
@@ -277,6 +284,7 @@ impl CudaBackend {
             graphs: DecodeGraphs::default(),
             kv_staging,
             layer_staging: Mutex::new(KvStaging::new()),
+            pinned,
             destinations: DeviceDestinations::default(),
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
@@ -452,7 +460,9 @@ impl CudaBackend {
     fn attention_splits(&self, num_tokens: usize, max_keys: usize) -> usize {
         let blocks = num_tokens * self.config.num_q_heads;
         let wanted = (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors).div_ceil(blocks.max(1));
-        wanted.min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+        wanted
+            .min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT))
+            .clamp(1, MAX_ATTENTION_SPLITS)
     }
 
     /// Grows the work buffers to hold this step.
@@ -665,6 +675,7 @@ impl CudaBackend {
                     at(parts.token_meta),
                     partial_out,
                     partial_max_sum,
+                    addr(&s.split_counters, gpu),
                     attention,
                     &shape,
                 )?,
@@ -852,55 +863,67 @@ impl Backend for CudaBackend {
         last_used_slots: usize,
         out: &mut [u8],
     ) -> Result<(), EngineError> {
+        let bytes = self.read_layer_bytes(blocks, layer, last_used_slots, out.len())?;
+        out.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn read_layer_bytes(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        len: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
         let slice = self.layer_slice(layer);
         let floats = blocks.len() * slice.layer_elems;
-        if out.len() != 4 * floats || blocks.is_empty() {
+        if len != 4 * floats || blocks.is_empty() || layer >= self.layout.num_layers {
             return Err(EngineError::KvImport(format!(
-                "reading layer {layer} of {} blocks needs {} bytes, got {}",
+                "reading layer {layer} of {} blocks needs {} bytes, got {len}",
                 blocks.len(),
                 4 * floats,
-                out.len()
             )));
         }
         self.check_blocks(blocks)?;
         let gpu = &self.gpu;
-        let mut staging = self
-            .layer_staging
-            .lock()
-            .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
-        let (ids, chunk, pinned) = staging.ensure(gpu, blocks.len(), floats)?;
-        gpu.stream
-            .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
-            .during(|| "uploading the block ids of a KV layer".into())?;
-        self.kernels.gather_layer(
-            self.kv_pool.address,
-            addr(ids, gpu),
-            blocks.len(),
-            addr(chunk, gpu),
-            &slice,
-            last_used_slots,
-        )?;
-        let host = pinned
+        let mut buffer = self.pinned.take(len)?;
+        let host = buffer
             .as_mut_ptr()
-            .during(|| "waiting for the pinned KV buffer".into())?;
-        // SAFETY: the pinned buffer and the device chunk both hold at least `floats` f32; the stream is
-        // synchronized before the host reads.
-        unsafe {
-            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
-                host.cast(),
+            .during(|| "waiting for a pinned KV buffer".into())?;
+        {
+            let mut staging = self
+                .layer_staging
+                .lock()
+                .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
+            let (ids, chunk, _) = staging.ensure(gpu, blocks.len(), floats)?;
+            gpu.stream
+                .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
+                .during(|| "uploading the block ids of a KV layer".into())?;
+            self.kernels.gather_layer(
+                self.kv_pool.address,
+                addr(ids, gpu),
+                blocks.len(),
                 addr(chunk, gpu),
-                4 * floats,
-                gpu.stream.cu_stream(),
-            )
+                &slice,
+                last_used_slots,
+            )?;
+            // SAFETY: the pinned buffer holds at least `len` bytes and the device chunk `floats` f32; the
+            // stream is synchronized before anything reads the buffer.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                    host.cast(),
+                    addr(chunk, gpu),
+                    len,
+                    gpu.stream.cu_stream(),
+                )
+            }
+            .result()
+            .during(|| format!("copying KV layer {layer} to the host"))?;
+            gpu.stream
+                .synchronize()
+                .during(|| format!("reading KV layer {layer}"))?;
         }
-        .result()
-        .during(|| format!("copying KV layer {layer} to the host"))?;
-        gpu.stream
-            .synchronize()
-            .during(|| format!("reading KV layer {layer}"))?;
-        // SAFETY: `floats` f32 just written by the copy above; bytes of f32 are plain data.
-        out.copy_from_slice(unsafe { std::slice::from_raw_parts(host.cast::<u8>(), 4 * floats) });
-        Ok(())
+        Ok(self.pinned.into_bytes(buffer, len)?)
     }
 
     fn write_layers(&mut self, blocks: &[BlockId], layers: &[&[u8]]) -> Result<(), EngineError> {
