@@ -281,7 +281,8 @@ fn push_through_cuda_ipc_to_another_process() {
     let mut next_line = |prefix: &str| -> String {
         for line in lines.by_ref() {
             let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix(prefix) {
+            // The test harness's "test ipc_receiving_process ... " has no line end: a line may start with it.
+            if let Some((_, rest)) = line.split_once(prefix) {
                 return rest.to_owned();
             }
         }
@@ -329,4 +330,72 @@ fn push_through_cuda_ipc_to_another_process() {
         .iter()
         .fold(0u64, |acc, x| acc.rotate_left(5) ^ x.to_bits() as u64);
     assert_eq!(logits, checksum.to_string());
+}
+
+/// The prefill -> decode push as the roles run it when both ends are GPUs: the decode side offers its pool
+/// in its TCP endpoint, the sender's header says `DevicePush`, the copy goes between the accepted header
+/// and the empty layer frames, and `import_received` marks the prompt computed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_push_through_the_transfer_protocol() {
+    use tandem_workers::transfer::engine_io::import_received;
+    use tandem_workers::transfer::{
+        ExpectedTransfer, KvDtype, KvTransport, OutgoingTransfer, TcpTransport, TransferHeader,
+        TransferTimeouts, split_device_pool,
+    };
+    if !driver_or_skip("device_push_through_the_transfer_protocol") {
+        return;
+    }
+    let weights = weights();
+    let (mut source, mut target) = (engine(&weights, 0), engine(&weights, 0));
+    let len = 300;
+    let (id, first) = prefill(&mut source, len);
+    let target_id = target.add_sequence(&prompt(len)).unwrap();
+
+    let transport = TcpTransport::new(TransferTimeouts::default());
+    let mut receiver = transport.listen("127.0.0.1:0").await.unwrap();
+    receiver.offer_device_pool(&target.device_kv_handle().unwrap().unwrap());
+    let expected = ExpectedTransfer::for_sequence(&target, target_id, "req-push", 7).unwrap();
+    let pending = receiver
+        .expect(expected.clone(), std::time::Duration::from_secs(30))
+        .unwrap();
+
+    let endpoint = receiver.endpoint().to_owned();
+    let pool = split_device_pool(&endpoint)
+        .1
+        .expect("the endpoint names a pool");
+    assert!(tandem_workers::device_pool_reachable(pool));
+    let mut header = TransferHeader::for_sequence(
+        &source,
+        id,
+        "req-push",
+        7,
+        0,
+        expected.block_ids.clone(),
+        "",
+    )
+    .unwrap();
+    header.dtype = KvDtype::DevicePush;
+    let layers = header.layout.num_layers;
+    let mut outgoing = transport.connect(&endpoint, header).await.unwrap();
+    let (bytes, path) = source
+        .push_kv_to_device(id, 0, pool, &expected.block_ids)
+        .unwrap();
+    assert_eq!(path, "cuda_same_device");
+    assert_eq!(
+        bytes,
+        (expected.block_ids.len() * target.kv_layout().block_bytes() / 2) as u64
+    );
+    for _ in 0..layers {
+        outgoing.send_layer(bytes::Bytes::new()).await.unwrap();
+    }
+    outgoing.finish(Some(first)).await.unwrap();
+    let received = pending.wait().await.unwrap();
+    assert_eq!(received.first_token_id, Some(first));
+    import_received(&mut target, target_id, &received).unwrap();
+
+    let expected_continuation = continue_greedy(&mut source, id, first);
+    assert_eq!(
+        continue_greedy(&mut target, target_id, first),
+        expected_continuation
+    );
 }

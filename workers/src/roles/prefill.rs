@@ -428,10 +428,13 @@ fn run_compute(
     model_fingerprint: u64,
     jobs: std::sync::mpsc::Receiver<EngineJob>,
 ) {
+    // Device pools a push failed to reach (e.g. CUDA IPC not permitted between these processes): later
+    // transfers to them take the host path.
+    let mut unreachable_pools = std::collections::HashSet::new();
     while let Ok(job) = jobs.recv() {
         match job {
             EngineJob::Compute(job) => {
-                let result = compute(&mut engine, model_fingerprint, &job);
+                let result = compute(&mut engine, model_fingerprint, &job, &unreachable_pools);
                 let _ = job.reply.send(result);
             }
             EngineJob::Push {
@@ -444,6 +447,10 @@ fn run_compute(
                 let result = engine
                     .push_kv_to_device(sequence_id, from_token, &pool, &block_ids)
                     .map_err(|error| format!("pushing the KV device to device: {error}"));
+                if let Err(error) = &result {
+                    tracing::warn!(%error, "a device push failed; this pool gets the KV through the host from now on");
+                    unreachable_pools.insert(pool);
+                }
                 let _ = reply.send(result);
             }
             EngineJob::Release(sequence_id) => {
@@ -459,6 +466,7 @@ fn compute(
     engine: &mut Engine,
     model_fingerprint: u64,
     job: &ComputeJob,
+    unreachable_pools: &std::collections::HashSet<String>,
 ) -> Result<Computed, String> {
     let destination = job
         .job
@@ -495,7 +503,7 @@ fn compute(
         // Device to device where the decode worker offers its GPU pool and this engine can reach it.
         let pool = split_device_pool(&destination.endpoint)
             .1
-            .filter(|pool| crate::device_pool_reachable(pool))
+            .filter(|pool| crate::device_pool_reachable(pool) && !unreachable_pools.contains(*pool))
             .filter(|_| matches!(engine.device_kv_handle(), Ok(Some(_))));
         let (layers, device_push) = match pool {
             Some(pool) => {

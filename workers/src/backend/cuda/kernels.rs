@@ -13,6 +13,10 @@ const SOURCE: &str = include_str!("kernels.cu");
 
 /// Threads per block of the attention kernel (4 warps, `ATTENTION_WARPS` in the source).
 const ATTENTION_THREADS: u32 = 128;
+/// Steps of at most this many tokens merge their attention splits in the last split's block
+/// (`attention_partial_merged`): it saves a launch per layer, which pays where launches bound the step (batch
+/// 1: 1.77 -> 1.60 ms on the H100), while the same change at batch 8 and 64 measured slower (PERF.md).
+const MERGE_IN_PLACE_MAX_TOKENS: usize = 2;
 /// Most splits of one token's attention (`MAX_MERGED_SPLITS` in the source: the merging block keeps one
 /// weight per split in shared memory).
 pub(crate) const MAX_ATTENTION_SPLITS: usize = 1024;
@@ -32,6 +36,8 @@ pub(crate) struct Kernels {
     add_rms_norm: CudaFunction,
     qk_norm_rope_store: CudaFunction,
     attention_partial: CudaFunction,
+    attention_partial_merged: CudaFunction,
+    attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
     argmax_rows: CudaFunction,
@@ -117,6 +123,8 @@ impl Kernels {
             add_rms_norm: load("add_rms_norm")?,
             qk_norm_rope_store: load("qk_norm_rope_store")?,
             attention_partial: load("attention_partial")?,
+            attention_partial_merged: load("attention_partial_merged")?,
+            attention_combine: load("attention_combine")?,
             prefill_attention: load("prefill_attention")?,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
@@ -258,6 +266,39 @@ impl Kernels {
             shape.block_elems as u64,
         );
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let num_splits = shape.num_splits as i32;
+        let launch_shape = grid(
+            shape.num_tokens,
+            shape.num_q_heads,
+            shape.num_splits,
+            ATTENTION_THREADS,
+        );
+        if shape.num_splits > 1 && shape.num_tokens <= MERGE_IN_PLACE_MAX_TOKENS {
+            let mut launch = self.stream.launch_builder(&self.attention_partial_merged);
+            launch
+                .arg(&q)
+                .arg(&kv_pool)
+                .arg(&block_tables)
+                .arg(&token_meta)
+                .arg(&partial_out)
+                .arg(&partial_max_sum)
+                .arg(&split_counters)
+                .arg(&out)
+                .arg(&num_q_heads)
+                .arg(&num_kv_heads)
+                .arg(&head_dim)
+                .arg(&layer)
+                .arg(&block_size)
+                .arg(&block_elems)
+                .arg(&scale);
+            // SAFETY: matches `attention_partial_merged`; the partial buffers hold num_tokens * heads * splits
+            // entries, `split_counters` num_tokens * heads counters left at 0 by every launch, `out` num_tokens *
+            // q_dim bf16, splits are at most MAX_ATTENTION_SPLITS, and every block table covers its token's
+            // position (checked by the backend).
+            return unsafe { launch.launch(launch_shape) }
+                .map(drop)
+                .during(|| "launching attention_partial_merged".into());
+        }
         let mut launch = self.stream.launch_builder(&self.attention_partial);
         launch
             .arg(&q)
@@ -266,8 +307,6 @@ impl Kernels {
             .arg(&token_meta)
             .arg(&partial_out)
             .arg(&partial_max_sum)
-            .arg(&split_counters)
-            .arg(&out)
             .arg(&num_q_heads)
             .arg(&num_kv_heads)
             .arg(&head_dim)
@@ -276,18 +315,29 @@ impl Kernels {
             .arg(&block_elems)
             .arg(&scale);
         // SAFETY: matches `attention_partial`; the partial buffers hold num_tokens * heads * splits entries,
-        // `split_counters` num_tokens * heads zeroed counters, `out` num_tokens * q_dim bf16, splits are at most
-        // MAX_ATTENTION_SPLITS, and every block table covers its token's position (checked by the backend).
+        // and every block table covers its token's position (checked by the backend).
+        unsafe { launch.launch(launch_shape) }
+            .map(drop)
+            .during(|| "launching attention_partial".into())?;
+        let mut launch = self.stream.launch_builder(&self.attention_combine);
+        launch
+            .arg(&partial_out)
+            .arg(&partial_max_sum)
+            .arg(&out)
+            .arg(&num_q_heads)
+            .arg(&head_dim)
+            .arg(&num_splits);
+        // SAFETY: matches `attention_combine`; `out` holds num_tokens * q_dim bf16.
         unsafe {
             launch.launch(grid(
                 shape.num_tokens,
                 shape.num_q_heads,
-                shape.num_splits,
-                ATTENTION_THREADS,
+                1,
+                threads_for(shape.head_dim).min(256),
             ))
         }
         .map(drop)
-        .during(|| "launching attention_partial".into())
+        .during(|| "launching attention_combine".into())
     }
 
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.
