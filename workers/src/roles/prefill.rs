@@ -67,7 +67,7 @@ struct DevicePush {
 
 /// Work for the engine thread.
 enum EngineJob {
-    Compute(ComputeJob),
+    Compute(Box<ComputeJob>),
     /// Copies the held sequence's KV into the destination pool's blocks named in the header.
     Push {
         sequence_id: SequenceId,
@@ -279,12 +279,12 @@ impl<T: KvTransport> Worker<T> {
             .unwrap_or_default();
         let (reply, answer) = oneshot::channel();
         self.compute
-            .send(EngineJob::Compute(ComputeJob {
+            .send(EngineJob::Compute(Box::new(ComputeJob {
                 request_id: request_id.to_string(),
                 job,
                 trace_context,
                 reply,
-            }))
+            })))
             .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
         let computed = answer
             .await

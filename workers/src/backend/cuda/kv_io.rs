@@ -511,6 +511,15 @@ impl Drop for PinnedChunk {
     }
 }
 
+/// The staging buffers, sized for one layer of a transfer.
+pub(crate) struct Staged<'a> {
+    pub(crate) block_ids: &'a mut CudaSlice<u32>,
+    /// One layer of every block, f32, on the device.
+    pub(crate) chunk: &'a mut CudaSlice<f32>,
+    /// The same in pinned host memory.
+    pub(crate) pinned: &'a mut PinnedHostSlice<f32>,
+}
+
 /// Device and pinned host buffers for moving one layer of many blocks, grown on demand.
 pub(crate) struct KvStaging {
     capacity_floats: usize,
@@ -531,21 +540,13 @@ impl KvStaging {
         }
     }
 
-    /// Makes room for `num_blocks` ids and `floats` f32 on the device and in pinned host memory; returns
-    /// (block ids, device chunk, pinned host chunk).
+    /// Makes room for `num_blocks` ids and `floats` f32 on the device and in pinned host memory.
     pub(crate) fn ensure(
         &mut self,
         gpu: &GpuContext,
         num_blocks: usize,
         floats: usize,
-    ) -> Result<
-        (
-            &mut CudaSlice<u32>,
-            &mut CudaSlice<f32>,
-            &mut PinnedHostSlice<f32>,
-        ),
-        CudaError,
-    > {
+    ) -> Result<Staged<'_>, CudaError> {
         if num_blocks > self.capacity_blocks || self.block_ids.is_none() {
             let capacity = num_blocks.next_power_of_two().max(64);
             self.block_ids = Some(
@@ -574,7 +575,11 @@ impl KvStaging {
             self.capacity_floats = capacity;
         }
         match (&mut self.block_ids, &mut self.chunk, &mut self.pinned) {
-            (Some(ids), Some(chunk), Some(pinned)) => Ok((ids, chunk, pinned)),
+            (Some(block_ids), Some(chunk), Some(pinned)) => Ok(Staged {
+                block_ids,
+                chunk,
+                pinned,
+            }),
             _ => Err(CudaError::Unsupported(
                 "the KV staging buffers are missing".into(),
             )),

@@ -28,7 +28,7 @@ use kernels::{
     AttentionShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS,
     prefill_kernel_fits,
 };
-use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool};
+use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use weights::DeviceWeights;
 
@@ -895,7 +895,11 @@ impl Backend for CudaBackend {
                 .layer_staging
                 .lock()
                 .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
-            let (ids, chunk, _) = staging.ensure(gpu, blocks.len(), floats)?;
+            let Staged {
+                block_ids: ids,
+                chunk,
+                ..
+            } = staging.ensure(gpu, blocks.len(), floats)?;
             gpu.stream
                 .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
                 .during(|| "uploading the block ids of a KV layer".into())?;
@@ -938,7 +942,11 @@ impl Backend for CudaBackend {
             .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
         let layer_elems = self.layout.block_floats() / self.layout.num_layers;
         let floats = blocks.len() * layer_elems;
-        let (ids, chunk, pinned) = staging.ensure(gpu, blocks.len(), floats)?;
+        let Staged {
+            block_ids: ids,
+            chunk,
+            pinned,
+        } = staging.ensure(gpu, blocks.len(), floats)?;
         gpu.stream
             .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
             .during(|| "uploading the block ids of a KV import".into())?;
