@@ -76,6 +76,7 @@ impl DevicePool {
             host_id: host_id(),
             pci_bus_id: pci_bus_id(gpu)?,
             process_id: std::process::id(),
+            process_nonce: process_nonce(),
             address: self.address,
             num_blocks: num_blocks as u32,
             block_bytes: block_bytes as u64,
@@ -118,6 +119,15 @@ fn host_id() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// A random number drawn once per process: tells this process from another with the same process id (two
+/// containers of one host each have a process 1), which must never take the same-process path.
+fn process_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE
+        .get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(std::process::id()))
+}
+
 /// Whether a prefill worker here can push KV straight into the device pool `handle` names: it parses and
 /// was made on this host (the same process, or another one through CUDA IPC).
 pub fn device_pool_reachable(handle: &str) -> bool {
@@ -128,13 +138,16 @@ pub fn device_pool_reachable(handle: &str) -> bool {
 
 /// Names a KV pool on a GPU of this host, for a sender to write destination blocks into it directly.
 /// Text form (one line, no spaces):
-/// `cudakv1:<host id>:<pci bus id>:<process id>:<pool address hex>:<blocks>:<block bytes>:<IPC handle, 128 hex>`.
+/// `cudakv1:<host id>:<pci bus id>:<process id>:<process nonce hex>:<pool address hex>:<blocks>:<block bytes>:<IPC
+/// handle, 128 hex>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceKvHandle {
     /// The boot id of the host the pool is on.
     pub host_id: String,
     pub pci_bus_id: String,
     pub process_id: u32,
+    /// The owner process's random nonce: the pool is in this process only if it equals ours.
+    pub process_nonce: u64,
     /// The pool's device address in its owner's process (used only by senders in that same process).
     pub address: u64,
     pub num_blocks: u32,
@@ -150,10 +163,11 @@ impl std::fmt::Display for DeviceKvHandle {
         // A bus id holds colons, which separate the fields here: they travel as '-' (never in a bus id).
         write!(
             f,
-            "{HANDLE_PREFIX}:{}:{}:{}:{:x}:{}:{}:",
+            "{HANDLE_PREFIX}:{}:{}:{}:{:x}:{:x}:{}:{}:",
             self.host_id,
             self.pci_bus_id.replace(':', "-"),
             self.process_id,
+            self.process_nonce,
             self.address,
             self.num_blocks,
             self.block_bytes
@@ -171,8 +185,19 @@ impl std::str::FromStr for DeviceKvHandle {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = |what: &str| format!("device KV handle {text:?}: {what}");
         let parts: Vec<&str> = text.split(':').collect();
-        let [prefix, host, bus, pid, address, blocks, block_bytes, ipc] = parts[..] else {
-            return Err(bad("expected 8 fields separated by ':'"));
+        let [
+            prefix,
+            host,
+            bus,
+            pid,
+            nonce,
+            address,
+            blocks,
+            block_bytes,
+            ipc,
+        ] = parts[..]
+        else {
+            return Err(bad("expected 9 fields separated by ':'"));
         };
         if host.is_empty() || host.len() > 64 || !host.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(bad("bad host id"));
@@ -200,6 +225,7 @@ impl std::str::FromStr for DeviceKvHandle {
             host_id: host.to_owned(),
             pci_bus_id: bus.replace('-', ":"),
             process_id: pid.parse().map_err(|_| bad("bad process id"))?,
+            process_nonce: u64::from_str_radix(nonce, 16).map_err(|_| bad("bad process nonce"))?,
             address: u64::from_str_radix(address, 16).map_err(|_| bad("bad address"))?,
             num_blocks: blocks.parse().map_err(|_| bad("bad block count"))?,
             block_bytes: block_bytes.parse().map_err(|_| bad("bad block size"))?,
@@ -282,6 +308,7 @@ impl DeviceDestinations {
         gpu.context
             .bind_to_thread()
             .during(|| format!("binding cuda:{}", gpu.ordinal))?;
+        self.close_pools_of_ended_processes();
         if !self.open.contains_key(target) {
             let opened = open(gpu, &handle)?;
             self.open.insert(target.to_owned(), opened);
@@ -330,6 +357,29 @@ impl DeviceDestinations {
         Ok(((source_blocks.len() * block_bytes) as u64, destination.path))
     }
 
+    /// Closes the IPC mappings of pools whose process has ended: the driver keeps an exported allocation alive
+    /// while another process maps it, so a mapping left open would hold a restarted decode worker's old KV pool
+    /// on its GPU. (Linux: a process is alive while `/proc/<pid>` exists.)
+    fn close_pools_of_ended_processes(&mut self) {
+        let ended: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, destination)| destination.path == DevicePath::Ipc)
+            .filter(|(text, _)| {
+                text.parse::<DeviceKvHandle>().is_ok_and(|handle| {
+                    !std::path::Path::new(&format!("/proc/{}", handle.process_id)).exists()
+                })
+            })
+            .map(|(text, _)| text.clone())
+            .collect();
+        for text in ended {
+            if let Some(destination) = self.open.remove(&text) {
+                // SAFETY: opened by `cuIpcOpenMemHandle` in this (bound) context, closed once.
+                let _ = unsafe { sys::cuIpcCloseMemHandle(destination.base) };
+            }
+        }
+    }
+
     /// Closes the IPC mappings (the backend's context must be bound).
     pub(crate) fn close(&mut self) {
         for (_, destination) in self.open.drain() {
@@ -344,7 +394,7 @@ impl DeviceDestinations {
 fn open(gpu: &GpuContext, handle: &DeviceKvHandle) -> Result<OpenDestination, CudaError> {
     let ours = pci_bus_id(gpu)?;
     let same_device = handle.pci_bus_id.eq_ignore_ascii_case(&ours);
-    if handle.process_id == std::process::id() {
+    if handle.process_id == std::process::id() && handle.process_nonce == process_nonce() {
         if same_device {
             return Ok(OpenDestination {
                 base: handle.address,
@@ -597,6 +647,7 @@ mod tests {
             host_id: "0f3c9a1e22d84b7c9d5e6f7a8b9c0d1e".into(),
             pci_bus_id: "00000000:3B:00.0".into(),
             process_id: 4242,
+            process_nonce: 0xdead_beef_1234,
             address: 0x7f00_1234_0000,
             num_blocks: 1024,
             block_bytes: 1_835_008,
@@ -613,6 +664,7 @@ mod tests {
             host_id: host_id(),
             pci_bus_id: "0000:01:00.0".into(),
             process_id: 1,
+            process_nonce: 2,
             address: 1,
             num_blocks: 1,
             block_bytes: 1,
