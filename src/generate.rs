@@ -361,8 +361,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let mut engine_flags = engine_config(&args.engine, tokens_needed);
     engine_flags.prefix_caching = false;
     engine_flags.prefill_chunk_tokens = engine_flags.prefill_chunk_tokens.max(max_prefill);
-    let mut engine = Engine::cuda(&weights, engine_flags, ordinal)?;
-    drop(weights);
+    let mut engine = Engine::cuda(&weights, engine_flags.clone(), ordinal)?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let model_label = args
         .shape
@@ -415,7 +414,6 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let kv_bytes_per_token = 2.0 * (config.num_layers * 2 * config.kv_dim()) as f64;
     let weight_bytes = decode_weight_bytes(&config);
     let mut decode_results = Vec::new();
-    let mut kv_export = None;
     for &batch in &args.batch {
         let mut ids = Vec::with_capacity(batch);
         let mut next_tokens = Vec::with_capacity(batch);
@@ -459,26 +457,21 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             "tokens_per_s": (batch * args.decode_steps) as f64 / seconds,
             "bytes_per_step": bytes, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms_per_step,
         }));
-        if kv_export.is_none() {
-            // The first hop of a KV transfer that leaves the GPU: the sequence's KV to host memory in the f32
-            // layout of KV_LAYOUT.md.
-            let started = Instant::now();
-            let bytes = engine.export_kv(ids[0])?.len();
-            let seconds = started.elapsed().as_secs_f64();
-            println!(
-                "kv export (device -> host, f32 layout, {} tokens): {:.1} MB in {:.2} ms = {:.2} GB/s (pinned device->host ceiling {:.1} GB/s)",
-                args.prompt_len + warmup_steps + args.decode_steps,
-                bytes as f64 / 1e6,
-                seconds * 1e3,
-                bytes as f64 / seconds / 1e9,
-                ceilings.device_to_host_bytes_per_s / 1e9
-            );
-            kv_export = Some(json!({"bytes": bytes, "seconds": seconds}));
-        }
         for id in ids {
             engine.remove_sequence(id)?;
         }
     }
+    // The KV of the longest prompt measured, moved by every transfer path.
+    println!("kv transfer of a {max_prefill}-token prompt:");
+    let kv_transfer = crate::bench_kv_cuda::bench_kv_transfer(
+        &mut engine,
+        &weights,
+        &engine_flags,
+        ordinal,
+        &ceilings,
+        &bench_prompt(7, max_prefill, vocab_size),
+    )?;
+    drop(weights);
     if args.json {
         let report = json!({
             "device": args.device, "model": model_label, "parameters": parameters,
@@ -488,7 +481,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
                 "host_to_device_bytes_per_s": ceilings.host_to_device_bytes_per_s,
                 "device_to_host_bytes_per_s": ceilings.device_to_host_bytes_per_s,
             },
-            "prefill": prefill_results, "decode": decode_results, "kv_export": kv_export,
+            "prefill": prefill_results, "decode": decode_results, "kv_transfer": kv_transfer,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

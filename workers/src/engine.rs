@@ -510,6 +510,17 @@ impl Engine {
         layer: usize,
         from_token: usize,
     ) -> Result<Vec<u8>, EngineError> {
+        Ok(self.export_kv_layer_bytes(id, layer, from_token)?.to_vec())
+    }
+
+    /// [`Engine::export_kv_layer`] into a buffer the backend picks: on a GPU, pinned host memory the copy went
+    /// straight into, which the TCP transport then sends from.
+    pub fn export_kv_layer_bytes(
+        &self,
+        id: SequenceId,
+        layer: usize,
+        from_token: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
         let sequence = self.sequence(id)?;
         let layout = self.kv_layout();
         let block_size = layout.block_size_tokens;
@@ -533,16 +544,81 @@ impl Engine {
         let layer_bytes = layout.block_bytes() / layout.num_layers;
         let first_block = from_token / block_size;
         let end_block = num_tokens.div_ceil(block_size);
-        let mut block = vec![0u8; layout.block_bytes()];
-        let mut out = Vec::with_capacity((end_block - first_block) * layer_bytes);
-        for index in first_block..end_block {
-            self.backend
-                .read_block(sequence.block_table.blocks[index], &mut block)?;
-            let used_slots = (num_tokens - index * block_size).min(block_size);
-            layout.zero_unused_slots(&mut block, used_slots);
-            out.extend_from_slice(&block[layer * layer_bytes..(layer + 1) * layer_bytes]);
+        let last_used_slots = num_tokens - (end_block - 1) * block_size;
+        self.backend.read_layer_bytes(
+            &sequence.block_table.blocks[first_block..end_block],
+            layer,
+            last_used_slots,
+            (end_block - first_block) * layer_bytes,
+        )
+    }
+
+    /// Text naming this engine's KV pool on its GPU, for a prefill engine on this host to write a prompt's
+    /// KV straight into it ([`Engine::push_kv_to_device`]); `None` on the CPU backend.
+    pub fn device_kv_handle(&self) -> Result<Option<String>, EngineError> {
+        self.backend.device_kv_handle()
+    }
+
+    /// Copies the computed KV of `id` from `from_token` on (a multiple of the block size) straight into the
+    /// blocks `destination_blocks` of the device pool `target` names ([`Engine::device_kv_handle`] of the
+    /// decode engine): one device copy on the same GPU, a peer copy to another GPU of this process, or
+    /// through CUDA IPC into another process on this host. Slots past the computed tokens of the last block
+    /// are copied as they are (attention never reads them). Returns the bytes moved and the path taken.
+    pub fn push_kv_to_device(
+        &mut self,
+        id: SequenceId,
+        from_token: usize,
+        target: &str,
+        destination_blocks: &[crate::kv_cache::BlockId],
+    ) -> Result<(u64, &'static str), EngineError> {
+        let sequence = self.sequence(id)?;
+        let block_size = self.kv_layout().block_size_tokens;
+        let num_tokens = sequence.num_computed_tokens;
+        if num_tokens == 0 || !from_token.is_multiple_of(block_size) || from_token >= num_tokens {
+            return Err(EngineError::KvImport(format!(
+                "cannot push the KV of sequence {id} from token {from_token}: blocks hold {block_size} tokens and {num_tokens} tokens are computed"
+            )));
         }
-        Ok(out)
+        let source =
+            &sequence.block_table.blocks[from_token / block_size..num_tokens.div_ceil(block_size)];
+        if source.len() != destination_blocks.len() {
+            return Err(EngineError::KvImport(format!(
+                "sequence {id} fills {} blocks from token {from_token}, the destination names {}",
+                source.len(),
+                destination_blocks.len()
+            )));
+        }
+        let source = source.to_vec();
+        self.backend
+            .push_blocks(target, &source, destination_blocks)
+    }
+
+    /// Marks the prompt of `id` computed from `from_token` on after a prefill engine pushed its KV straight
+    /// into the reserved blocks ([`Engine::push_kv_to_device`]); the next call for `id` is [`Engine::decode`].
+    /// The same conditions as [`Engine::import_kv_layers`] hold.
+    pub fn accept_pushed_kv(
+        &mut self,
+        id: SequenceId,
+        from_token: usize,
+    ) -> Result<(), EngineError> {
+        let sequence = self
+            .sequences
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let num_tokens = sequence.token_ids.len();
+        if sequence.num_computed_tokens != from_token || from_token >= num_tokens {
+            return Err(EngineError::KvImport(format!(
+                "sequence {id} holds {} of its {num_tokens} prompt tokens; the KV pushed starts at token {from_token}",
+                sequence.num_computed_tokens
+            )));
+        }
+        sequence.num_computed_tokens = num_tokens;
+        self.kv_cache.register_full_blocks(
+            &mut sequence.block_table,
+            &sequence.token_ids,
+            num_tokens,
+        );
+        Ok(())
     }
 
     /// Writes the K and V of every layer (each in the form [`Engine::export_kv_layer`] gives) for the prompt
@@ -591,16 +667,11 @@ impl Engine {
                 bytes.as_ref().len()
             )));
         }
-        let mut block = vec![0u8; layout.block_bytes()];
-        for (position, index) in (first_block..end_block).enumerate() {
-            for (layer, bytes) in layers.iter().enumerate() {
-                block[layer * layer_bytes..(layer + 1) * layer_bytes].copy_from_slice(
-                    &bytes.as_ref()[position * layer_bytes..(position + 1) * layer_bytes],
-                );
-            }
-            self.backend
-                .write_block(sequence.block_table.blocks[index], &block)?;
-        }
+        let layers: Vec<&[u8]> = layers.iter().map(|bytes| bytes.as_ref()).collect();
+        self.backend.write_layers(
+            &sequence.block_table.blocks[first_block..end_block],
+            &layers,
+        )?;
         sequence.num_computed_tokens = num_tokens;
         self.kv_cache.register_full_blocks(
             &mut sequence.block_table,

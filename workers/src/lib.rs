@@ -21,8 +21,8 @@ pub mod transfer;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::cuda::{
-    Ceilings, CudaBackend, CudaError, Device, cuda_device_count, cuda_driver_present,
-    measure_ceilings,
+    Ceilings, CudaBackend, CudaError, Device, DeviceKvHandle, DevicePath, cuda_device_count,
+    cuda_driver_present, device_pool_reachable, measure_ceilings,
 };
 pub use backend::{Backend, SequenceStep};
 pub use engine::{Engine, EngineConfig, FinishReason, Generation, SequenceId};

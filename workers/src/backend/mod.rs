@@ -66,4 +66,83 @@ pub trait Backend: Send {
 
     /// Overwrites one block from bytes in the layout of [`KvLayout`].
     fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError>;
+
+    /// Copies layer `layer` of `blocks` out, block after block, each as its `[k, v][kv_head][slot][dim]`
+    /// little-endian f32 part of the block layout, with the slots of the last block from `last_used_slots`
+    /// on zero; `out.len()` is `blocks.len()` times a layer's part of a block. A GPU backend overrides this
+    /// to move the whole layer in one copy.
+    fn read_layer(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        out: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let layout = self.kv_layout();
+        let layer_bytes = layout.block_bytes() / layout.num_layers;
+        let mut block_bytes = vec![0u8; layout.block_bytes()];
+        for (index, (&block, part)) in blocks
+            .iter()
+            .zip(out.chunks_exact_mut(layer_bytes))
+            .enumerate()
+        {
+            self.read_block(block, &mut block_bytes)?;
+            if index + 1 == blocks.len() {
+                layout.zero_unused_slots(&mut block_bytes, last_used_slots);
+            }
+            part.copy_from_slice(&block_bytes[layer * layer_bytes..(layer + 1) * layer_bytes]);
+        }
+        Ok(())
+    }
+
+    /// [`Backend::read_layer`] into a buffer of its own: a GPU backend hands out pinned host memory the copy
+    /// went straight into (and the TCP transport sends from).
+    fn read_layer_bytes(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        len: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
+        let mut out = vec![0u8; len];
+        self.read_layer(blocks, layer, last_used_slots, &mut out)?;
+        Ok(out.into())
+    }
+
+    /// Overwrites every layer of `blocks` from one chunk per layer in the form [`Backend::read_layer`] gives.
+    fn write_layers(&mut self, blocks: &[BlockId], layers: &[&[u8]]) -> Result<(), EngineError> {
+        let layout = self.kv_layout();
+        let layer_bytes = layout.block_bytes() / layout.num_layers;
+        let mut block_bytes = vec![0u8; layout.block_bytes()];
+        for (position, &block) in blocks.iter().enumerate() {
+            for (layer, bytes) in layers.iter().enumerate() {
+                block_bytes[layer * layer_bytes..(layer + 1) * layer_bytes]
+                    .copy_from_slice(&bytes[position * layer_bytes..(position + 1) * layer_bytes]);
+            }
+            self.write_block(block, &block_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Text naming this backend's KV pool for device-to-device transfers
+    /// ([`crate::backend::cuda::DeviceKvHandle`]), or `None` where its KV lives in host memory.
+    fn device_kv_handle(&self) -> Result<Option<String>, EngineError> {
+        Ok(None)
+    }
+
+    /// Copies pool blocks `source[i]` into blocks `destination[i]` of the device pool `target` names (a
+    /// [`Backend::device_kv_handle`] of another backend, in this process or another on this host), waits
+    /// for the copies, and returns the bytes moved and the path taken (`cuda_same_device`, `cuda_peer`,
+    /// `cuda_ipc`).
+    fn push_blocks(
+        &mut self,
+        target: &str,
+        source: &[BlockId],
+        destination: &[BlockId],
+    ) -> Result<(u64, &'static str), EngineError> {
+        let _ = (target, source, destination);
+        Err(EngineError::Config(
+            "this backend's KV is in host memory: it cannot push blocks to a GPU".into(),
+        ))
+    }
 }

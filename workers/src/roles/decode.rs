@@ -101,10 +101,21 @@ impl DecodeWorker {
         tokenizer: Tokenizer,
         log: Arc<dyn EventLog>,
         tokens: Arc<dyn TokenBus>,
-        remote_prefill: Option<RemotePrefill>,
+        mut remote_prefill: Option<RemotePrefill>,
     ) -> Result<DecodeWorker, RoleError> {
         subjects::check_token(&config.worker_id)
             .map_err(|error| RoleError::Config(error.to_string()))?;
+        // A GPU engine offers its KV pool: a prefill worker on this host with a GPU engine then copies the
+        // KV device to device (same GPU, peer GPU or CUDA IPC) instead of sending it through the host.
+        if let Some(remote) = remote_prefill.as_mut() {
+            match engine.device_kv_handle() {
+                Ok(Some(handle)) => remote.receiver.offer_device_pool(&handle),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "no device KV handle; prefills arrive through the host")
+                }
+            }
+        }
         let routed = log
             .consumer(ConsumerConfig {
                 ack_wait: config.ack_wait,

@@ -6,6 +6,11 @@
 //!
 //! The prompt is computed whole before its layers are sent: the CPU backend runs all layers of a chunk in one call,
 //! so streaming layers while later ones compute waits for a per-layer forward.
+//!
+//! When the decode worker offers its GPU's KV pool in its endpoint and this worker's engine is on a GPU of the
+//! same host, the KV is not exported: once the decode worker accepts the header, the engine thread copies the
+//! blocks device to device (`Engine::push_kv_to_device`), then empty layer frames confirm it
+//! (`KvDtype::DevicePush`, `KV_TRANSFER.md`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +23,12 @@ use tandem_events::subjects::WORKER_HEARTBEAT_TTL;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, SequenceId};
 use crate::roles::membership::{self, Joining};
 use crate::roles::{RoleError, engine_sampling, prefill_queue_consumer};
 use crate::sampling::Sampler;
 use crate::transfer::engine_io::export_layer;
-use crate::transfer::{KvTransport, OutgoingTransfer, TransferHeader};
+use crate::transfer::{KvDtype, KvTransport, OutgoingTransfer, TransferHeader, split_device_pool};
 
 /// How a prefill worker runs.
 #[derive(Debug, Clone)]
@@ -50,6 +55,41 @@ struct Computed {
     first_token_logprob: Option<f32>,
     cached_tokens: u32,
     compute_ns: u64,
+    /// Set when the KV goes device to device: the engine thread still holds the sequence (until
+    /// [`EngineJob::Release`]) and this names the destination pool.
+    device_push: Option<DevicePush>,
+}
+
+struct DevicePush {
+    sequence_id: SequenceId,
+    pool: String,
+}
+
+/// Work for the engine thread.
+enum EngineJob {
+    Compute(Box<ComputeJob>),
+    /// Copies the held sequence's KV into the destination pool's blocks named in the header.
+    Push {
+        sequence_id: SequenceId,
+        pool: String,
+        from_token: usize,
+        block_ids: Vec<u32>,
+        reply: oneshot::Sender<Result<(u64, &'static str), String>>,
+    },
+    /// Frees a sequence held for a device push.
+    Release(SequenceId),
+}
+
+/// Releases a sequence held for a device push when the send ends, whichever way.
+struct HeldSequence<'a> {
+    compute: &'a std::sync::mpsc::Sender<EngineJob>,
+    sequence_id: SequenceId,
+}
+
+impl Drop for HeldSequence<'_> {
+    fn drop(&mut self) {
+        let _ = self.compute.send(EngineJob::Release(self.sequence_id));
+    }
 }
 
 struct ComputeJob {
@@ -82,7 +122,7 @@ impl PrefillWorker {
         )
         .await?;
 
-        let (compute_sender, compute_receiver) = std::sync::mpsc::channel::<ComputeJob>();
+        let (compute_sender, compute_receiver) = std::sync::mpsc::channel::<EngineJob>();
         let fingerprint = config.model_fingerprint;
         std::thread::Builder::new()
             .name(format!("engine-{}", config.worker_id))
@@ -156,7 +196,7 @@ struct Worker<T> {
     config: PrefillWorkerConfig,
     log: Arc<dyn EventLog>,
     transport: Arc<T>,
-    compute: std::sync::mpsc::Sender<ComputeJob>,
+    compute: std::sync::mpsc::Sender<EngineJob>,
 }
 
 impl<T: KvTransport> Worker<T> {
@@ -239,23 +279,48 @@ impl<T: KvTransport> Worker<T> {
             .unwrap_or_default();
         let (reply, answer) = oneshot::channel();
         self.compute
-            .send(ComputeJob {
+            .send(EngineJob::Compute(Box::new(ComputeJob {
                 request_id: request_id.to_string(),
                 job,
                 trace_context,
                 reply,
-            })
+            })))
             .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
         let computed = answer
             .await
             .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
             .map_err(JobFailure::GiveUp)?;
 
+        let held = computed.device_push.as_ref().map(|push| HeldSequence {
+            compute: &self.compute,
+            sequence_id: push.sequence_id,
+        });
+        let started = std::time::Instant::now();
         let mut outgoing = self
             .transport
             .connect(&destination.endpoint, computed.header.clone())
             .await
             .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+        // The header is accepted, so the destination blocks are reserved for this transfer: copy into them.
+        let mut pushed = None;
+        if let Some(push) = &computed.device_push {
+            let (reply, answer) = oneshot::channel();
+            self.compute
+                .send(EngineJob::Push {
+                    sequence_id: push.sequence_id,
+                    pool: push.pool.clone(),
+                    from_token: computed.header.from_token as usize,
+                    block_ids: computed.header.block_ids.clone(),
+                    reply,
+                })
+                .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
+            pushed = Some(
+                answer
+                    .await
+                    .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
+                    .map_err(JobFailure::Retry)?,
+            );
+        }
         for layer in computed.layers {
             outgoing
                 .send_layer(layer)
@@ -266,6 +331,16 @@ impl<T: KvTransport> Worker<T> {
             .finish(Some(computed.first_token_id))
             .await
             .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+        drop(held);
+        let mut transferred =
+            report.to_event(&self.config.worker_id, &destination.decode_worker_id);
+        // A device push names its path (`cuda_same_device`, `cuda_peer`, `cuda_ipc`) and the bytes it copied;
+        // the connection only carried the header and the confirmations.
+        if let Some((bytes, path)) = pushed {
+            transferred.bytes = bytes;
+            transferred.duration_ns = started.elapsed().as_nanos() as u64;
+            transferred.transport = path.to_owned();
+        }
 
         let done = Event::new(
             request_id,
@@ -282,9 +357,7 @@ impl<T: KvTransport> Worker<T> {
         let transferred = Event::new(
             request_id,
             self.config.worker_id.clone(),
-            Body::KvTransferred(
-                report.to_event(&self.config.worker_id, &destination.decode_worker_id),
-            ),
+            Body::KvTransferred(transferred),
         )
         .with_trace_from(event);
         let to_message = |event: &Event| {
@@ -353,11 +426,39 @@ async fn mark_in_progress(delivery: Arc<Delivery>) {
 fn run_compute(
     mut engine: Engine,
     model_fingerprint: u64,
-    jobs: std::sync::mpsc::Receiver<ComputeJob>,
+    jobs: std::sync::mpsc::Receiver<EngineJob>,
 ) {
+    // Device pools a push failed to reach (e.g. CUDA IPC not permitted between these processes): later
+    // transfers to them take the host path.
+    let mut unreachable_pools = std::collections::HashSet::new();
     while let Ok(job) = jobs.recv() {
-        let result = compute(&mut engine, model_fingerprint, &job);
-        let _ = job.reply.send(result);
+        match job {
+            EngineJob::Compute(job) => {
+                let result = compute(&mut engine, model_fingerprint, &job, &unreachable_pools);
+                let _ = job.reply.send(result);
+            }
+            EngineJob::Push {
+                sequence_id,
+                pool,
+                from_token,
+                block_ids,
+                reply,
+            } => {
+                let result = engine
+                    .push_kv_to_device(sequence_id, from_token, &pool, &block_ids)
+                    .map_err(|error| format!("pushing the KV device to device: {error}"));
+                if let Err(error) = &result {
+                    tracing::warn!(%error, "a device push failed; this pool gets the KV through the host from now on");
+                    unreachable_pools.insert(pool);
+                }
+                let _ = reply.send(result);
+            }
+            EngineJob::Release(sequence_id) => {
+                if let Err(error) = engine.remove_sequence(sequence_id) {
+                    tracing::warn!(%error, "releasing a pushed sequence failed");
+                }
+            }
+        }
     }
 }
 
@@ -365,6 +466,7 @@ fn compute(
     engine: &mut Engine,
     model_fingerprint: u64,
     job: &ComputeJob,
+    unreachable_pools: &std::collections::HashSet<String>,
 ) -> Result<Computed, String> {
     let destination = job
         .job
@@ -388,7 +490,7 @@ fn compute(
         let sampling = job.job.sampling.clone().unwrap_or_default();
         let mut sampler = Sampler::new(engine_sampling(&sampling, 1));
         let first = sampler.sample(&last_row);
-        let header = TransferHeader::for_sequence(
+        let mut header = TransferHeader::for_sequence(
             engine,
             sequence_id,
             &job.request_id,
@@ -398,11 +500,33 @@ fn compute(
             &job.trace_context,
         )
         .map_err(|error| error.to_string())?;
-        let layers = (0..header.layout.num_layers)
-            .map(|layer| {
-                export_layer(engine, sequence_id, &header, layer).map_err(|error| error.to_string())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Device to device where the decode worker offers its GPU pool and this engine can reach it.
+        let pool = split_device_pool(&destination.endpoint)
+            .1
+            .filter(|pool| crate::device_pool_reachable(pool) && !unreachable_pools.contains(*pool))
+            .filter(|_| matches!(engine.device_kv_handle(), Ok(Some(_))));
+        let (layers, device_push) = match pool {
+            Some(pool) => {
+                header.dtype = KvDtype::DevicePush;
+                let layers = vec![Bytes::new(); header.layout.num_layers];
+                (
+                    layers,
+                    Some(DevicePush {
+                        sequence_id,
+                        pool: pool.to_owned(),
+                    }),
+                )
+            }
+            None => {
+                let layers = (0..header.layout.num_layers)
+                    .map(|layer| {
+                        export_layer(engine, sequence_id, &header, layer)
+                            .map_err(|error| error.to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                (layers, None)
+            }
+        };
         Ok(Computed {
             header,
             layers,
@@ -410,9 +534,12 @@ fn compute(
             first_token_logprob: first.logprobs.map(|logprobs| logprobs.logprob),
             cached_tokens,
             compute_ns,
+            device_push,
         })
     })();
-    if let Err(error) = engine.remove_sequence(sequence_id) {
+    // A sequence held for a device push is released once the push is done (`EngineJob::Release`).
+    let held = matches!(&result, Ok(computed) if computed.device_push.is_some());
+    if !held && let Err(error) = engine.remove_sequence(sequence_id) {
         tracing::warn!(%error, "releasing a prefilled sequence failed");
     }
     result

@@ -73,9 +73,7 @@ pub fn export_layer(
     header: &TransferHeader,
     layer: usize,
 ) -> Result<Bytes, EngineError> {
-    engine
-        .export_kv_layer(id, layer, header.from_token as usize)
-        .map(Bytes::from)
+    engine.export_kv_layer_bytes(id, layer, header.from_token as usize)
 }
 
 /// Writes a verified transfer into the blocks reserved for sequence `id` of the decode engine; the next
@@ -93,5 +91,11 @@ pub fn import_received(
             engine.kv_layout()
         )));
     }
-    engine.import_kv_layers(id, received.header.from_token as usize, &received.layers)
+    match received.header.dtype {
+        // The sender already copied the KV into the reserved device blocks and the frames confirmed it.
+        KvDtype::DevicePush => engine.accept_pushed_kv(id, received.header.from_token as usize),
+        KvDtype::F32 => {
+            engine.import_kv_layers(id, received.header.from_token as usize, &received.layers)
+        }
+    }
 }

@@ -51,6 +51,18 @@ impl TransportKind {
     }
 }
 
+/// Separates an endpoint from the device pool a decode worker offers in it
+/// ([`KvReceiver::offer_device_pool`]).
+pub const DEVICE_POOL_MARK: &str = "?cudakv=";
+
+/// An endpoint without its device pool, and the pool's handle if it names one.
+pub fn split_device_pool(endpoint: &str) -> (&str, Option<&str>) {
+    match endpoint.split_once(DEVICE_POOL_MARK) {
+        Some((base, handle)) => (base, Some(handle)),
+        None => (endpoint, None),
+    }
+}
+
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -408,12 +420,13 @@ pub(crate) fn refused(endpoint: &str, request_id: &str, reply: wire::Reply) -> T
     }
 }
 
-/// Splits `tcp://host:port` or `inproc://name` into scheme and rest.
+/// Splits `tcp://host:port` or `inproc://name` (a device pool after it left out) into scheme and rest.
 pub(crate) fn split_endpoint<'a>(
     endpoint: &'a str,
     scheme: &str,
 ) -> Result<&'a str, TransferError> {
-    endpoint
+    split_device_pool(endpoint)
+        .0
         .strip_prefix(scheme)
         .and_then(|rest| rest.strip_prefix("://"))
         .filter(|rest| !rest.is_empty())

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::buffer_pool::BufferPool;
 use super::wire::{KvDtype, TransferHeader};
-use super::{TransferError, TransferReport, TransportKind};
+use super::{DEVICE_POOL_MARK, TransferError, TransferReport, TransportKind};
 use crate::kv_cache::BlockId;
 use crate::kv_cache::layout::KvLayout;
 
@@ -89,6 +89,8 @@ pub(crate) struct ReceiverCore {
     /// Receive buffers, for transports that read into memory of their own (TCP); `None` where the
     /// sender's buffers are handed over (in process).
     buffers: Option<Arc<BufferPool>>,
+    /// Whether senders may push KV straight into this worker's device pool ([`KvReceiver::offer_device_pool`]).
+    accepts_device_push: std::sync::atomic::AtomicBool,
 }
 
 impl ReceiverCore {
@@ -99,6 +101,7 @@ impl ReceiverCore {
             expectations: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(0),
             buffers: (pool_bytes > 0).then(|| Arc::new(BufferPool::new(pool_bytes))),
+            accepts_device_push: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -157,7 +160,12 @@ impl ReceiverCore {
                 expected: expected.model_fingerprint,
                 found: header.model_fingerprint,
             })
-        } else if header.layout != expected.layout || header.dtype != expected.dtype {
+        } else if header.layout != expected.layout
+            || !(header.dtype == expected.dtype
+                || (header.dtype == KvDtype::DevicePush
+                    && expected.dtype == KvDtype::F32
+                    && self.accepts_device_push.load(Ordering::Relaxed)))
+        {
             Some(TransferError::LayoutMismatch {
                 request_id,
                 expected: describe_layout(&expected.layout, expected.dtype),
@@ -370,16 +378,37 @@ impl Session {
 pub struct KvReceiver {
     core: Arc<ReceiverCore>,
     task: JoinHandle<()>,
+    /// The transport's endpoint with this worker's device pool appended, once offered.
+    device_endpoint: Option<String>,
 }
 
 impl KvReceiver {
     pub(crate) fn new(core: Arc<ReceiverCore>, task: JoinHandle<()>) -> Self {
-        Self { core, task }
+        Self {
+            core,
+            task,
+            device_endpoint: None,
+        }
     }
 
-    /// Where prefill workers send (`tcp://127.0.0.1:PORT`, `inproc://NAME`): goes into `KvDestination`.
+    /// Where prefill workers send (`tcp://127.0.0.1:PORT`, `inproc://NAME`, either followed by
+    /// `?cudakv=<handle>` once a device pool is offered): goes into `KvDestination`.
     pub fn endpoint(&self) -> &str {
-        self.core.endpoint()
+        self.device_endpoint
+            .as_deref()
+            .unwrap_or_else(|| self.core.endpoint())
+    }
+
+    /// Lets prefill workers that can reach `handle` (a GPU backend's
+    /// [`crate::Engine::device_kv_handle`]: same host) copy the KV straight into the reserved device blocks
+    /// ([`KvDtype::DevicePush`]) instead of sending it in the frames; others still send it the usual way.
+    /// The handle travels in the endpoint.
+    pub fn offer_device_pool(&mut self, handle: &str) {
+        self.core.accepts_device_push.store(true, Ordering::Relaxed);
+        self.device_endpoint = Some(format!(
+            "{}{DEVICE_POOL_MARK}{handle}",
+            self.core.endpoint()
+        ));
     }
 
     /// Announces a transfer; it must arrive, whole and matching `expected`, within `timeout`.

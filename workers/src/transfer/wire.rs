@@ -58,18 +58,24 @@ pub const MAX_LAYER_CHUNK_BYTES: usize = u32::MAX as usize;
 pub enum KvDtype {
     /// Little-endian f32, the engine's cache type (`KV_LAYOUT.md`).
     F32,
+    /// The sender copies the KV (bf16) straight into the destination's device blocks (CUDA: same GPU,
+    /// peer GPU or IPC, `KV_TRANSFER.md`) after the header is accepted; layer frames carry no payload and
+    /// only order and confirm the copies.
+    DevicePush,
 }
 
 impl KvDtype {
     pub fn code(self) -> u8 {
         match self {
             Self::F32 => 0,
+            Self::DevicePush => 1,
         }
     }
 
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
             0 => Some(Self::F32),
+            1 => Some(Self::DevicePush),
             _ => None,
         }
     }
@@ -77,6 +83,7 @@ impl KvDtype {
     pub fn element_bytes(self) -> usize {
         match self {
             Self::F32 => 4,
+            Self::DevicePush => 2,
         }
     }
 }
@@ -109,9 +116,13 @@ impl TransferHeader {
             * self.dtype.element_bytes()
     }
 
-    /// Bytes of each layer's chunk: that layer's part of every destination block.
+    /// Bytes of each layer's chunk: that layer's part of every destination block (none for a device push,
+    /// whose KV does not travel in the frames).
     pub fn layer_chunk_bytes(&self) -> usize {
-        self.block_ids.len() * self.layer_block_bytes()
+        match self.dtype {
+            KvDtype::DevicePush => 0,
+            KvDtype::F32 => self.block_ids.len() * self.layer_block_bytes(),
+        }
     }
 
     /// KV bytes of the whole transfer (frames and checksums not counted).
@@ -255,7 +266,7 @@ pub fn parse_header_body(body_and_crc: &[u8]) -> Result<TransferHeader, Transfer
     let dtype = KvDtype::from_code(dtype_code).ok_or_else(|| {
         malformed(
             "header",
-            format!("unknown dtype code {dtype_code} (0 = f32)"),
+            format!("unknown dtype code {dtype_code} (0 = f32, 1 = device push)"),
         )
     })?;
     let num_tokens = reader.u32()?;

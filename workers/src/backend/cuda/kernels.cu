@@ -112,8 +112,161 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
 
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
 #define ATTENTION_WARPS 4
+#define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
+
+// Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output: every
+// split's weight once, by the lanes of warp 0 with all their loads in flight, then one pass over the head
+// (the old per-thread loop over splits re-read the maxima with a chain of dependent loads). L2 reads
+// (__ldcg): other blocks of the same launch may have written the partials. Called by every thread of a block.
+__device__ void merge_splits(const float* partial_out, const float* partial_max_sum, size_t first, int num_splits,
+                             int head_dim, bf16_t* out_row) {
+    __shared__ float split_weight[MAX_MERGED_SPLITS];
+    __shared__ float merged_inverse_total;
+    const int lane = threadIdx.x & 31;
+    if (threadIdx.x < 32) {
+        float m = NEG_INFINITY;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float sum = __ldcg(&partial_max_sum[2 * (first + s) + 1]);
+            if (sum > 0.0f) m = fmaxf(m, __ldcg(&partial_max_sum[2 * (first + s)]));
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        float t = 0.0f;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float sum = __ldcg(&partial_max_sum[2 * (first + s) + 1]);
+            const float w = sum > 0.0f ? expf(__ldcg(&partial_max_sum[2 * (first + s)]) - m) : 0.0f;
+            split_weight[s] = w;
+            t += sum * w;
+        }
+        t = warp_sum(t);
+        if (lane == 0) merged_inverse_total = 1.0f / t;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float value = 0.0f;
+        for (int s = 0; s < num_splits; ++s)
+            if (split_weight[s] != 0.0f) value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
+        out_row[d] = f2bf(value * merged_inverse_total);
+    }
+}
 
 // Causal attention over the paged cache, split over the context: block (token, q_head, split) covers the
+// split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
+// length, so the launch shape depends only on the batch), one key per warp at a time with an online
+// softmax; the last split of a (token, q_head) to finish (split_counters counts them, and is left at 0 again
+// for the next launch) merges all splits into the normalized bf16 output for o_proj: no combine launch. Used
+// for steps of one or two tokens, where launches bound the step; larger ones run attention_partial and
+// attention_combine below (this kernel measured slower there, see PERF.md).
+// token_meta[t] = (position, offset of its sequence's block table from block_tables).
+__device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
+                                                const unsigned* token_meta, float* partial_out,
+                                                float* partial_max_sum, unsigned* split_counters, bf16_t* out,
+                                                int num_q_heads, int num_kv_heads, int head_dim, int layer,
+                                                int block_size, size_t block_elems, float scale) {
+    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const unsigned position = token_meta[2 * token];
+    const unsigned* table = block_tables + token_meta[2 * token + 1];
+    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const int keys_per_split = ((int)position + num_splits) / num_splits;
+    const int first_key = split * keys_per_split;
+    const int end_key = min((int)position + 1, first_key + keys_per_split);
+    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
+    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
+
+    float q_lane[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
+    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
+#pragma unroll
+    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+        const int d = lane + 32 * r;
+        q_lane[r] = d < head_dim ? q_head[d] * scale : 0.0f;
+        acc[r] = 0.0f;
+    }
+    float running_max = NEG_INFINITY, running_sum = 0.0f;
+    for (int key = first_key + warp; key < end_key; key += ATTENTION_WARPS) {
+        const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim;
+        const bf16_t* k = kv_pool + base + k_offset;
+        float dot = 0.0f;
+#pragma unroll
+        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+            const int d = lane + 32 * r;
+            if (d < head_dim) dot += q_lane[r] * bf2f(k[d]);
+        }
+        const float score = warp_sum(dot);
+        const float new_max = fmaxf(running_max, score);
+        const float correction = expf(running_max - new_max);
+        const float weight = expf(score - new_max);
+        running_sum = running_sum * correction + weight;
+        running_max = new_max;
+        const bf16_t* v = kv_pool + base + v_offset;
+#pragma unroll
+        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
+            const int d = lane + 32 * r;
+            if (d < head_dim) acc[r] = acc[r] * correction + weight * bf2f(v[d]);
+        }
+    }
+
+    __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
+    __shared__ float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    if (lane == 0) {
+        warp_max[warp] = running_max;
+        warp_sum_[warp] = running_sum;
+    }
+#pragma unroll
+    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) warp_acc[warp][lane + 32 * r] = acc[r];
+    __syncthreads();
+    float block_max = NEG_INFINITY;
+    for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max[w]);
+    const size_t slot = ((size_t)token * num_q_heads + head) * num_splits + split;
+    float total = 0.0f;
+    for (int w = 0; w < ATTENTION_WARPS; ++w)
+        if (warp_sum_[w] > 0.0f) total += warp_sum_[w] * expf(warp_max[w] - block_max);
+    const size_t pair = (size_t)token * num_q_heads + head;
+    if (num_splits == 1) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float value = 0.0f;
+            for (int w = 0; w < ATTENTION_WARPS; ++w)
+                if (warp_sum_[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max[w] - block_max);
+            out[pair * head_dim + d] = f2bf(value / total);
+        }
+        return;
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float value = 0.0f;
+        for (int w = 0; w < ATTENTION_WARPS; ++w)
+            if (warp_sum_[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max[w] - block_max);
+        partial_out[slot * head_dim + d] = value;
+    }
+    if (threadIdx.x == 0) {
+        partial_max_sum[2 * slot] = block_max;
+        partial_max_sum[2 * slot + 1] = total;
+    }
+
+    // Publish this split, then let the last one to arrive merge them all.
+    __shared__ bool merges;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned arrived = atomicAdd(&split_counters[pair], 1u);
+        merges = arrived == (unsigned)num_splits - 1;
+        if (merges) split_counters[pair] = 0;
+    }
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    merge_splits(partial_out, partial_max_sum, pair * num_splits, num_splits, head_dim, out + pair * head_dim);
+}
+
+extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t* kv_pool,
+                                                    const unsigned* block_tables, const unsigned* token_meta,
+                                                    float* partial_out, float* partial_max_sum,
+                                                    unsigned* split_counters, bf16_t* out, int num_q_heads,
+                                                    int num_kv_heads, int head_dim, int layer, int block_size,
+                                                    size_t block_elems, float scale) {
+    attention_split(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
+                          num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale);
+}
+
+// Causal attention over the paged cache, split over the context (steps of more than two tokens): block (token, q_head, split) covers the
 // split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
 // length, so the launch shape depends only on the batch), one key per warp at a time with an online
 // softmax, and writes its unnormalized output with its running max and sum for attention_combine.
@@ -232,11 +385,37 @@ extern "C" __global__ void argmax_rows(const float* logits, unsigned* tokens, in
     const float* row = logits + (size_t)blockIdx.x * vocab_size;
     float best = NEG_INFINITY;
     unsigned best_index = 0xffffffffu;
-    for (int i = threadIdx.x; i < vocab_size; i += blockDim.x) {
-        const float v = row[i];
-        if (v > best || best_index == 0xffffffffu) {
-            best = v;
-            best_index = i;
+    // Each thread visits its indices in increasing order, so `>` keeps the lowest among its equal maxima.
+    // Rows of a multiple of 4 floats go as 16-byte loads, 4 in flight per thread (one block per row walks the
+    // whole vocabulary, so it is bound by how many loads are in flight, not by bandwidth).
+    if ((vocab_size & 3) == 0) {
+        const float4* row4 = reinterpret_cast<const float4*>(row);
+        const int quads = vocab_size >> 2, stride = blockDim.x;
+        for (int base = threadIdx.x; base < quads; base += 4 * stride) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (base + u * stride < quads) v[u] = row4[base + u * stride];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (base + u * stride >= quads) continue;
+                const unsigned i = 4u * (base + u * stride);
+                const float values[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    if (values[c] > best || best_index == 0xffffffffu) {
+                        best = values[c];
+                        best_index = i + c;
+                    }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab_size; i += blockDim.x) {
+            const float v = row[i];
+            if (v > best || best_index == 0xffffffffu) {
+                best = v;
+                best_index = i;
+            }
         }
     }
     best_values[threadIdx.x] = best;
@@ -449,5 +628,31 @@ extern "C" __global__ void bf16_to_f32(const bf16_t* src, float* dst, size_t cou
 
 extern "C" __global__ void f32_to_bf16(const float* src, bf16_t* dst, size_t count) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = f2bf(src[i]);
+}
+
+// One layer's part of `num_blocks` pool blocks to and from a contiguous f32 chunk (the KV transfer's layer
+// payload): chunk block b is pool block block_ids[b], from element `layer_offset` for `layer_elems` elements,
+// ordered [k, v][kv_head][slot][dim]. Gathering zeroes the slots of the last block from `last_used_slots`
+// on, so nothing past the sequence leaves the GPU. grid: (x over the layer's elements, y = chunk block).
+extern "C" __global__ void gather_layer_f32(const bf16_t* kv_pool, const unsigned* block_ids, float* chunk,
+                                            size_t block_elems, size_t layer_offset, int layer_elems,
+                                            int head_dim, int block_size, int last_used_slots) {
+    const int b = blockIdx.y;
+    const bool last = b == (int)gridDim.y - 1;
+    const bf16_t* src = kv_pool + (size_t)block_ids[b] * block_elems + layer_offset;
+    float* dst = chunk + (size_t)b * layer_elems;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < layer_elems; i += gridDim.x * blockDim.x) {
+        const int slot = (i / head_dim) % block_size;
+        dst[i] = (last && slot >= last_used_slots) ? 0.0f : bf2f(src[i]);
+    }
+}
+
+extern "C" __global__ void scatter_layer_f32(const float* chunk, const unsigned* block_ids, bf16_t* kv_pool,
+                                             size_t block_elems, size_t layer_offset, int layer_elems) {
+    const int b = blockIdx.y;
+    bf16_t* dst = kv_pool + (size_t)block_ids[b] * block_elems + layer_offset;
+    const float* src = chunk + (size_t)b * layer_elems;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < layer_elems; i += gridDim.x * blockDim.x)
         dst[i] = f2bf(src[i]);
 }

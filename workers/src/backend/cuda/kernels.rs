@@ -13,6 +13,13 @@ const SOURCE: &str = include_str!("kernels.cu");
 
 /// Threads per block of the attention kernel (4 warps, `ATTENTION_WARPS` in the source).
 const ATTENTION_THREADS: u32 = 128;
+/// Steps of at most this many tokens merge their attention splits in the last split's block
+/// (`attention_partial_merged`): it saves a launch per layer, which pays where launches bound the step (batch
+/// 1: 1.77 -> 1.60 ms on the H100), while the same change at batch 8 and 64 measured slower (PERF.md).
+const MERGE_IN_PLACE_MAX_TOKENS: usize = 2;
+/// Most splits of one token's attention (`MAX_MERGED_SPLITS` in the source: the merging block keeps one
+/// weight per split in shared memory).
+pub(crate) const MAX_ATTENTION_SPLITS: usize = 1024;
 /// The widest head the attention kernel holds in registers (`MAX_DIMS_PER_LANE * 32`).
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Query tokens per block of `prefill_attention` (`PREFILL_TILE_Q`).
@@ -29,12 +36,27 @@ pub(crate) struct Kernels {
     add_rms_norm: CudaFunction,
     qk_norm_rope_store: CudaFunction,
     attention_partial: CudaFunction,
+    attention_partial_merged: CudaFunction,
     attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
     argmax_rows: CudaFunction,
     bf16_to_f32: CudaFunction,
     f32_to_bf16: CudaFunction,
+    gather_layer_f32: CudaFunction,
+    scatter_layer_f32: CudaFunction,
+}
+
+/// Where one layer's part of pool blocks lies, for `gather_layer` / `scatter_layer`.
+pub(crate) struct LayerSlice {
+    /// Elements of one pool block (every layer).
+    pub(crate) block_elems: usize,
+    /// Where the layer starts inside a block, in elements.
+    pub(crate) layer_offset: usize,
+    /// Elements of the layer's part of one block.
+    pub(crate) layer_elems: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) block_size: usize,
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -101,12 +123,15 @@ impl Kernels {
             add_rms_norm: load("add_rms_norm")?,
             qk_norm_rope_store: load("qk_norm_rope_store")?,
             attention_partial: load("attention_partial")?,
+            attention_partial_merged: load("attention_partial_merged")?,
             attention_combine: load("attention_combine")?,
             prefill_attention: load("prefill_attention")?,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
             bf16_to_f32: load("bf16_to_f32")?,
             f32_to_bf16: load("f32_to_bf16")?,
+            gather_layer_f32: load("gather_layer_f32")?,
+            scatter_layer_f32: load("scatter_layer_f32")?,
         })
     }
 
@@ -226,6 +251,7 @@ impl Kernels {
         token_meta: u64,
         partial_out: u64,
         partial_max_sum: u64,
+        split_counters: u64,
         out: u64,
         shape: &AttentionShape,
     ) -> Result<(), CudaError> {
@@ -239,8 +265,40 @@ impl Kernels {
             shape.block_size as i32,
             shape.block_elems as u64,
         );
-        let num_splits = shape.num_splits as i32;
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let num_splits = shape.num_splits as i32;
+        let launch_shape = grid(
+            shape.num_tokens,
+            shape.num_q_heads,
+            shape.num_splits,
+            ATTENTION_THREADS,
+        );
+        if shape.num_splits > 1 && shape.num_tokens <= MERGE_IN_PLACE_MAX_TOKENS {
+            let mut launch = self.stream.launch_builder(&self.attention_partial_merged);
+            launch
+                .arg(&q)
+                .arg(&kv_pool)
+                .arg(&block_tables)
+                .arg(&token_meta)
+                .arg(&partial_out)
+                .arg(&partial_max_sum)
+                .arg(&split_counters)
+                .arg(&out)
+                .arg(&num_q_heads)
+                .arg(&num_kv_heads)
+                .arg(&head_dim)
+                .arg(&layer)
+                .arg(&block_size)
+                .arg(&block_elems)
+                .arg(&scale);
+            // SAFETY: matches `attention_partial_merged`; the partial buffers hold num_tokens * heads * splits
+            // entries, `split_counters` num_tokens * heads counters left at 0 by every launch, `out` num_tokens *
+            // q_dim bf16, splits are at most MAX_ATTENTION_SPLITS, and every block table covers its token's
+            // position (checked by the backend).
+            return unsafe { launch.launch(launch_shape) }
+                .map(drop)
+                .during(|| "launching attention_partial_merged".into());
+        }
         let mut launch = self.stream.launch_builder(&self.attention_partial);
         launch
             .arg(&q)
@@ -258,16 +316,9 @@ impl Kernels {
             .arg(&scale);
         // SAFETY: matches `attention_partial`; the partial buffers hold num_tokens * heads * splits entries,
         // and every block table covers its token's position (checked by the backend).
-        unsafe {
-            launch.launch(grid(
-                shape.num_tokens,
-                shape.num_q_heads,
-                shape.num_splits,
-                ATTENTION_THREADS,
-            ))
-        }
-        .map(drop)
-        .during(|| "launching attention_partial".into())?;
+        unsafe { launch.launch(launch_shape) }
+            .map(drop)
+            .during(|| "launching attention_partial".into())?;
         let mut launch = self.stream.launch_builder(&self.attention_combine);
         launch
             .arg(&partial_out)
@@ -379,6 +430,69 @@ impl Kernels {
         unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
             .map(drop)
             .during(|| "launching a KV block conversion".into())
+    }
+
+    /// One layer of the `num_blocks` pool blocks listed at `block_ids` into the f32 `chunk`, slots of the
+    /// last block from `last_used_slots` on zeroed.
+    pub(crate) fn gather_layer(
+        &self,
+        kv_pool: u64,
+        block_ids: u64,
+        num_blocks: usize,
+        chunk: u64,
+        slice: &LayerSlice,
+        last_used_slots: usize,
+    ) -> Result<(), CudaError> {
+        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
+        let (layer_elems, head_dim, block_size, used) = (
+            slice.layer_elems as i32,
+            slice.head_dim as i32,
+            slice.block_size as i32,
+            last_used_slots as i32,
+        );
+        let mut launch = self.stream.launch_builder(&self.gather_layer_f32);
+        launch
+            .arg(&kv_pool)
+            .arg(&block_ids)
+            .arg(&chunk)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&layer_elems)
+            .arg(&head_dim)
+            .arg(&block_size)
+            .arg(&used);
+        let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
+        // SAFETY: matches `gather_layer_f32`; `block_ids` holds `num_blocks` ids inside the pool and `chunk`
+        // has room for `num_blocks * layer_elems` floats.
+        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
+            .map(drop)
+            .during(|| "launching gather_layer_f32".into())
+    }
+
+    /// The f32 `chunk` of `num_blocks` blocks into one layer of the pool blocks listed at `block_ids`.
+    pub(crate) fn scatter_layer(
+        &self,
+        chunk: u64,
+        block_ids: u64,
+        num_blocks: usize,
+        kv_pool: u64,
+        slice: &LayerSlice,
+    ) -> Result<(), CudaError> {
+        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
+        let layer_elems = slice.layer_elems as i32;
+        let mut launch = self.stream.launch_builder(&self.scatter_layer_f32);
+        launch
+            .arg(&chunk)
+            .arg(&block_ids)
+            .arg(&kv_pool)
+            .arg(&block_elems)
+            .arg(&layer_offset)
+            .arg(&layer_elems);
+        let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
+        // SAFETY: matches `scatter_layer_f32`; as in `gather_layer`.
+        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
+            .map(drop)
+            .during(|| "launching scatter_layer_f32".into())
     }
 
     pub(crate) fn argmax_rows(

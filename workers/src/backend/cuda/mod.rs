@@ -12,7 +12,10 @@ mod device;
 mod gemm;
 mod graphs;
 mod kernels;
+mod kv_io;
 mod weights;
+
+use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
@@ -21,7 +24,12 @@ pub use device::{CudaError, Device, cuda_device_count, cuda_driver_present};
 use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
-use kernels::{AttentionShape, Kernels, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, prefill_kernel_fits};
+use kernels::{
+    AttentionShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS,
+    prefill_kernel_fits,
+};
+use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
+pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use weights::DeviceWeights;
 
 use super::{Backend, SequenceStep};
@@ -53,11 +61,19 @@ pub struct CudaBackend {
     weights: DeviceWeights,
     /// `num_blocks + 1` blocks of `layout.block_floats()` bf16 values each; the last one takes the KV of the
     /// padding rows of captured decode steps and belongs to no sequence.
-    kv_pool: CudaSlice<u16>,
+    /// From plain `cuMemAlloc`, so another process can open it through a CUDA IPC handle.
+    kv_pool: DevicePool,
     scratch: Scratch,
     graphs: DecodeGraphs,
     /// One block in f32, where `read_block`/`write_block` convert on the GPU so a block crosses as one copy.
     kv_staging: CudaSlice<f32>,
+    /// Whole layers of many blocks to and from the host (`read_layer`, `write_layers`); behind a lock
+    /// because reads take `&self`.
+    layer_staging: Mutex<KvStaging>,
+    /// Pinned host buffers exported layers are copied into and sent from.
+    pinned: std::sync::Arc<PinnedPool>,
+    /// Other GPUs' pools this backend has pushed KV into.
+    destinations: DeviceDestinations,
     /// Handed to cuBLAS with `cublasSetWorkspace`; kept alive as long as the handle.
     _blas_workspace: CudaSlice<u8>,
     /// This step's metadata, built on the host: see [`StepMeta`].
@@ -81,6 +97,8 @@ struct Scratch {
     activated: CudaSlice<u16>,
     partial_out: CudaSlice<f32>,
     partial_max_sum: CudaSlice<f32>,
+    /// Per (token, q_head): splits of its attention done so far in this launch (back to 0 after each).
+    split_counters: CudaSlice<u32>,
     last_normed: CudaSlice<u16>,
     logits: CudaSlice<f32>,
     tokens: CudaSlice<u32>,
@@ -167,6 +185,7 @@ impl Scratch {
             activated: zeros(gpu, tokens * i, "the MLP activations")?,
             partial_out: zeros(gpu, partial * config.head_dim, "attention partials")?,
             partial_max_sum: zeros(gpu, partial * 2, "attention partial sums")?,
+            split_counters: zeros(gpu, tokens * config.num_q_heads, "attention split counters")?,
             last_normed: zeros(gpu, rows * h, "the final norm")?,
             logits: zeros(gpu, rows * config.vocab_size, "the logits")?,
             tokens: zeros(gpu, rows, "the greedy tokens")?,
@@ -229,11 +248,7 @@ impl CudaBackend {
 
         let kernels = Kernels::compile(&gpu)?;
         let device_weights = DeviceWeights::upload(&gpu, weights)?;
-        let kv_pool = zeros(
-            &gpu,
-            (num_blocks + 1) * layout.block_floats(),
-            "the KV cache",
-        )?;
+        let kv_pool = DevicePool::new(&gpu, (num_blocks + 1) * layout.block_floats() * 2)?;
         let blas_workspace: CudaSlice<u8> =
             zeros(&gpu, BLAS_WORKSPACE_BYTES, "the cuBLAS workspace")?;
         // SAFETY: the workspace is a live allocation of that size, kept in the backend beside the handle.
@@ -256,6 +271,7 @@ impl CudaBackend {
         gpu.stream
             .synchronize()
             .during(|| format!("uploading the model to cuda:{ordinal}"))?;
+        let pinned = PinnedPool::new(&gpu.context);
         Ok(Self {
             gpu,
             kernels,
@@ -267,6 +283,9 @@ impl CudaBackend {
             scratch,
             graphs: DecodeGraphs::default(),
             kv_staging,
+            layer_staging: Mutex::new(KvStaging::new()),
+            pinned,
+            destinations: DeviceDestinations::default(),
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
             greedy_tokens: Vec::new(),
@@ -441,7 +460,9 @@ impl CudaBackend {
     fn attention_splits(&self, num_tokens: usize, max_keys: usize) -> usize {
         let blocks = num_tokens * self.config.num_q_heads;
         let wanted = (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors).div_ceil(blocks.max(1));
-        wanted.min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT)).max(1)
+        wanted
+            .min(max_keys.div_ceil(MIN_KEYS_PER_SPLIT))
+            .clamp(1, MAX_ATTENTION_SPLITS)
     }
 
     /// Grows the work buffers to hold this step.
@@ -582,7 +603,7 @@ impl CudaBackend {
         );
         let (partial_out, partial_max_sum) =
             (addr(&s.partial_out, gpu), addr(&s.partial_max_sum, gpu));
-        let kv_pool = addr(&self.kv_pool, gpu);
+        let kv_pool = self.kv_pool.address;
         let blas = &gpu.blas;
 
         k.embed(
@@ -654,6 +675,7 @@ impl CudaBackend {
                     at(parts.token_meta),
                     partial_out,
                     partial_max_sum,
+                    addr(&s.split_counters, gpu),
                     attention,
                     &shape,
                 )?,
@@ -799,7 +821,7 @@ impl Backend for CudaBackend {
 
     fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let source = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let source = self.kv_pool.address + (block as usize * elems * 2) as u64;
         let staging = addr(&self.kv_staging, &self.gpu);
         self.kernels.convert(true, source, staging, elems)?;
         // SAFETY: the staging buffer holds `elems` f32, i.e. `4 * elems` initialized bytes (little-endian,
@@ -818,7 +840,7 @@ impl Backend for CudaBackend {
 
     fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
         let elems = self.layout.block_floats();
-        let target = addr(&self.kv_pool, &self.gpu) + (block as usize * elems * 2) as u64;
+        let target = self.kv_pool.address + (block as usize * elems * 2) as u64;
         let staging = addr(&self.kv_staging, &self.gpu);
         let stream = &self.gpu.stream;
         // SAFETY: as in `read_block`; any bytes are valid f32 bit patterns.
@@ -832,5 +854,203 @@ impl Backend for CudaBackend {
             .synchronize()
             .during(|| format!("writing KV block {block}"))?;
         Ok(())
+    }
+
+    fn read_layer(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        out: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let bytes = self.read_layer_bytes(blocks, layer, last_used_slots, out.len())?;
+        out.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn read_layer_bytes(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        last_used_slots: usize,
+        len: usize,
+    ) -> Result<bytes::Bytes, EngineError> {
+        let slice = self.layer_slice(layer);
+        let floats = blocks.len() * slice.layer_elems;
+        if len != 4 * floats || blocks.is_empty() || layer >= self.layout.num_layers {
+            return Err(EngineError::KvImport(format!(
+                "reading layer {layer} of {} blocks needs {} bytes, got {len}",
+                blocks.len(),
+                4 * floats,
+            )));
+        }
+        self.check_blocks(blocks)?;
+        let gpu = &self.gpu;
+        let mut buffer = self.pinned.take(len)?;
+        let host = buffer
+            .as_mut_ptr()
+            .during(|| "waiting for a pinned KV buffer".into())?;
+        {
+            let mut staging = self
+                .layer_staging
+                .lock()
+                .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
+            let Staged {
+                block_ids: ids,
+                chunk,
+                ..
+            } = staging.ensure(gpu, blocks.len(), floats)?;
+            gpu.stream
+                .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
+                .during(|| "uploading the block ids of a KV layer".into())?;
+            self.kernels.gather_layer(
+                self.kv_pool.address,
+                addr(ids, gpu),
+                blocks.len(),
+                addr(chunk, gpu),
+                &slice,
+                last_used_slots,
+            )?;
+            // SAFETY: the pinned buffer holds at least `len` bytes and the device chunk `floats` f32; the
+            // stream is synchronized before anything reads the buffer.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                    host.cast(),
+                    addr(chunk, gpu),
+                    len,
+                    gpu.stream.cu_stream(),
+                )
+            }
+            .result()
+            .during(|| format!("copying KV layer {layer} to the host"))?;
+            gpu.stream
+                .synchronize()
+                .during(|| format!("reading KV layer {layer}"))?;
+        }
+        Ok(self.pinned.into_bytes(buffer, len)?)
+    }
+
+    fn write_layers(&mut self, blocks: &[BlockId], layers: &[&[u8]]) -> Result<(), EngineError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.check_blocks(blocks)?;
+        let gpu = &self.gpu;
+        let mut staging = self
+            .layer_staging
+            .lock()
+            .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
+        let layer_elems = self.layout.block_floats() / self.layout.num_layers;
+        let floats = blocks.len() * layer_elems;
+        let Staged {
+            block_ids: ids,
+            chunk,
+            pinned,
+        } = staging.ensure(gpu, blocks.len(), floats)?;
+        gpu.stream
+            .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
+            .during(|| "uploading the block ids of a KV import".into())?;
+        for (layer, bytes) in layers.iter().enumerate() {
+            if bytes.len() != 4 * floats {
+                return Err(EngineError::KvImport(format!(
+                    "layer {layer}: {} bytes for {} blocks, {} expected",
+                    bytes.len(),
+                    blocks.len(),
+                    4 * floats
+                )));
+            }
+            // The previous layer's copy out of the pinned buffer must be done before it is refilled.
+            gpu.stream
+                .synchronize()
+                .during(|| format!("writing KV layer {layer}"))?;
+            let host = pinned
+                .as_mut_ptr()
+                .during(|| "waiting for the pinned KV buffer".into())?;
+            // SAFETY: the pinned buffer holds at least `floats` f32 and no copy reads it now (synchronized).
+            unsafe { std::slice::from_raw_parts_mut(host.cast::<u8>(), 4 * floats) }
+                .copy_from_slice(bytes);
+            // SAFETY: both buffers hold at least `floats` f32.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    addr(chunk, gpu),
+                    host.cast(),
+                    4 * floats,
+                    gpu.stream.cu_stream(),
+                )
+            }
+            .result()
+            .during(|| format!("copying KV layer {layer} to the GPU"))?;
+            self.kernels.scatter_layer(
+                addr(chunk, gpu),
+                addr(ids, gpu),
+                blocks.len(),
+                self.kv_pool.address,
+                &self.layer_slice(layer),
+            )?;
+        }
+        gpu.stream
+            .synchronize()
+            .during(|| "writing KV layers".into())?;
+        Ok(())
+    }
+
+    fn device_kv_handle(&self) -> Result<Option<String>, EngineError> {
+        let handle =
+            self.kv_pool
+                .handle(&self.gpu, self.num_blocks, self.layout.block_floats() * 2)?;
+        Ok(Some(handle.to_string()))
+    }
+
+    fn push_blocks(
+        &mut self,
+        target: &str,
+        source: &[BlockId],
+        destination: &[BlockId],
+    ) -> Result<(u64, &'static str), EngineError> {
+        self.check_blocks(source)?;
+        let (bytes, path) = self.destinations.push(
+            &self.gpu,
+            self.kv_pool.address,
+            self.layout.block_floats() * 2,
+            target,
+            source,
+            destination,
+        )?;
+        Ok((bytes, path.as_str()))
+    }
+}
+
+impl CudaBackend {
+    /// Where layer `layer` lies inside a pool block.
+    fn layer_slice(&self, layer: usize) -> LayerSlice {
+        let layer_elems = self.layout.block_floats() / self.layout.num_layers;
+        LayerSlice {
+            block_elems: self.layout.block_floats(),
+            layer_offset: layer * layer_elems,
+            layer_elems,
+            head_dim: self.layout.head_dim,
+            block_size: self.layout.block_size_tokens,
+        }
+    }
+
+    fn check_blocks(&self, blocks: &[BlockId]) -> Result<(), EngineError> {
+        match blocks
+            .iter()
+            .find(|&&block| block as usize >= self.num_blocks)
+        {
+            Some(block) => Err(EngineError::Config(format!(
+                "block {block} is outside the pool of {} blocks",
+                self.num_blocks
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.gpu.context.bind_to_thread().is_ok() {
+            self.destinations.close();
+        }
     }
 }
