@@ -70,10 +70,17 @@ for setup in "${SETUPS[@]}"; do
     direct) bench direct --direct ;;
     aggregated-embedded) serve_and_bench "$setup" ;;
     aggregated-jetstream)
+      command -v nats-server >/dev/null || {
+        echo "aggregated-jetstream needs nats-server >= 2.11 on PATH (scripts/test.sh leaves one in ./.venv/bin)" >&2
+        exit 1
+      }
       nats_port=$(free_port)
       nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$WORK/nats" >"$WORK/nats.log" 2>&1 &
       NATS_PID=$!
-      sleep 1
+      for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+        sleep 0.1
+      done
       serve_and_bench "$setup" --nats "nats://127.0.0.1:$nats_port"
       kill "$NATS_PID"
       wait "$NATS_PID" 2>/dev/null || true
