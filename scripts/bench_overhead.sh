@@ -6,6 +6,7 @@
 #   disaggregated-embedded  tandem serve --prefill-workers 1, every prompt prefilled there (KV moved in memory)
 # Each run writes bench/results/<stamp>-<setup>-r<rate>.json; the TTFT of a setup minus direct's is what HTTP, the
 # gateway, the log and the scheduler add. Usage: RATE=100 N=1000 scripts/bench_overhead.sh [setup ...]
+# (RATE=inf MAX_CONCURRENCY=16 measures the most each setup can take.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +48,8 @@ bench() { # setup extra-args...
   shift
   "$TANDEM" bench serve --num-requests "$N" --request-rate "$RATE" --input-len "$INPUT_LEN" \
     --output-len "$OUTPUT_LEN" --warmup-requests 20 --label "$setup" \
-    --json "$OUT_DIR/$STAMP-$setup-r$RATE.json" "$@"
+    ${MAX_CONCURRENCY:+--max-concurrency "$MAX_CONCURRENCY"} \
+    --json "$OUT_DIR/$STAMP-$setup-r$RATE${MAX_CONCURRENCY:+-c$MAX_CONCURRENCY}.json" "$@"
 }
 
 serve_and_bench() { # setup serve-args...
