@@ -4,6 +4,7 @@ mod bench_kv_cuda;
 mod bench_log;
 mod bench_pd;
 mod bench_routing;
+mod bench_serve;
 mod generate;
 mod replay_cli;
 mod role_http;
@@ -59,6 +60,8 @@ enum BenchCommand {
     Routing(bench_routing::RoutingArgs),
     /// Rebuilding a projection from a synthetic log of --events events (goal: 1M in ≤ 10 s).
     Replay(replay_cli::BenchReplayArgs),
+    /// Open-loop load against an OpenAI-compatible server (or the engine in-process): TTFT/TPOT/ITL, goodput.
+    Serve(bench_serve::ServeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Ttft(args)) => bench_pd::ttft_bench(args),
         Command::Bench(BenchCommand::Routing(args)) => bench_routing::run(args),
         Command::Bench(BenchCommand::Replay(args)) => replay_cli::bench(args),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,13 +48,13 @@ pub struct LogArgs {
 pub struct ModelArgs {
     /// A Hugging Face Qwen3 folder; the built-in model (deterministic weights, real tokenizer) when absent.
     #[arg(long, env = "TANDEM_MODEL")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Folder with tokenizer.json and tokenizer_config.json; the model folder, or the shipped Qwen3 tokenizer.
     #[arg(long, env = "TANDEM_TOKENIZER")]
     tokenizer: Option<PathBuf>,
     /// The model name clients ask for.
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME", default_value = "qwen3")]
-    served_model_name: String,
+    pub(crate) served_model_name: String,
     /// `cpu`, or `cuda:N` for GPU N (bf16 weights and KV cache on the GPU).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     device: String,
@@ -66,7 +66,7 @@ pub struct ModelArgs {
     kv_block_tokens: usize,
     /// Most requests decoded together by one worker.
     #[arg(long, env = "TANDEM_MAX_BATCH_SEQUENCES", default_value_t = 64)]
-    max_batch_sequences: usize,
+    pub(crate) max_batch_sequences: usize,
 }
 
 /// The local-vs-remote prefill rule of decode workers (applied while prefill workers are alive).
@@ -305,7 +305,7 @@ fn model_shape(args: &ModelArgs) -> Result<ModelConfig> {
     }
 }
 
-fn tokenizer_dir(args: &ModelArgs) -> Result<PathBuf> {
+pub(crate) fn tokenizer_dir(args: &ModelArgs) -> Result<PathBuf> {
     if let Some(dir) = &args.tokenizer {
         return Ok(dir.clone());
     }
@@ -337,7 +337,7 @@ fn tokenizer_dir(args: &ModelArgs) -> Result<PathBuf> {
         .context("no tokenizer found: pass --tokenizer DIR (a folder with tokenizer.json and tokenizer_config.json)")
 }
 
-fn engine(args: &ModelArgs) -> Result<Engine> {
+pub(crate) fn engine(args: &ModelArgs) -> Result<Engine> {
     let device = check_device(&args.device)?;
     let weights = match &args.model {
         Some(dir) => {

@@ -29,6 +29,8 @@ pub const LEASE_BUCKET: &str = "tandem-scheduler-lease";
 const LEASE_KEY: &str = "active";
 /// At most this long between decision rounds, even with nothing new on the log (timeouts, lost heartbeats).
 const MAX_TICK_INTERVAL: Duration = Duration::from_millis(250);
+/// Rounds of decisions after applied batches are at least this far apart.
+const MIN_TICK_INTERVAL: Duration = Duration::from_millis(2);
 
 /// How a scheduler runs.
 #[derive(Debug, Clone)]
@@ -209,9 +211,18 @@ impl Scheduler {
                 }
                 active = holds;
             }
+            // A batch just applied is decided on now, at most one round per MIN_TICK_INTERVAL: skipping it would
+            // leave its requests waiting for the next fetch, which idles up to 500 ms when nothing else arrives.
+            if active
+                && applied > 0
+                && let Some(ticked) = last_tick
+                && ticked.elapsed() < MIN_TICK_INTERVAL
+            {
+                tokio::time::sleep(MIN_TICK_INTERVAL.saturating_sub(ticked.elapsed())).await;
+            }
             let due = last_tick.is_none_or(|ticked| {
                 ticked.elapsed() >= MAX_TICK_INTERVAL
-                    || (applied > 0 && ticked.elapsed() >= Duration::from_millis(2))
+                    || (applied > 0 && ticked.elapsed() >= MIN_TICK_INTERVAL)
             });
             let mut summary = self.status.borrow().last_tick.clone();
             if active && due {

@@ -554,10 +554,16 @@ impl Batcher<'_> {
     /// One step: a prefill chunk for the oldest prefilling request, then one decode token for every request that
     /// is decoding.
     fn step(&mut self) {
+        // The oldest is the lowest sequence id (ids grow with admission), not the first in `running`: finished
+        // requests leave by `swap_remove`, which moves the newest into their place, so under steady load a request
+        // admitted later would take the chunk step after step while an older one starved.
         if let Some(index) = self
             .running
             .iter()
-            .position(|run| matches!(run.phase, Phase::Prefilling))
+            .enumerate()
+            .filter(|(_, run)| matches!(run.phase, Phase::Prefilling))
+            .min_by_key(|(_, run)| run.sequence_id)
+            .map(|(index, _)| index)
         {
             self.prefill_chunk(index);
         }
@@ -863,5 +869,71 @@ fn wire_logprobs(tokenizer: &Tokenizer, logprobs: &TokenLogprobs) -> TokenLogpro
             .iter()
             .map(|&(token_id, logprob)| top_logprob(tokenizer, token_id, logprob))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EngineConfig, builtin_model};
+
+    fn job(request_id: &str, prompt_tokens: u32, max_tokens: u32) -> Job {
+        Job {
+            request_id: request_id.into(),
+            prompt_token_ids: (0..prompt_tokens).map(|i| 1000 + i).collect(),
+            sampling: WireSampling {
+                max_tokens,
+                ignore_eos: true,
+                top_p: 1.0,
+                ..WireSampling::default()
+            },
+            routed_attempt: 1,
+            routed_sequence: 0,
+            resumed_token_ids: Vec::new(),
+            resumed_logprobs: Vec::new(),
+        }
+    }
+
+    /// A finished request's slot is taken by the newest one (`swap_remove`); prefill must still go oldest first.
+    #[test]
+    fn prefill_chunks_go_to_the_oldest_request_when_the_batch_is_reordered() {
+        let tokenizer_path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../assets/qwen3-tokenizer/tokenizer.json"
+        );
+        let tokenizer = Tokenizer::from_file(tokenizer_path).expect("the shipped tokenizer loads");
+        let engine = Engine::cpu(builtin_model(), EngineConfig::default()).expect("engine");
+        let config = BatcherConfig {
+            worker_id: "test".into(),
+            max_batch_sequences: 8,
+            checkpoint_every_tokens: 16,
+            prefill_chunk_tokens: 8,
+            max_model_len_tokens: 4096,
+            prefill_rule: Arc::new(SharedPrefillRule::new(PrefillRule::local_only())),
+            kv_endpoint: None,
+            model_fingerprint: 0,
+            prefill_queue_depth: Arc::new(AtomicU32::new(0)),
+        };
+        let (commands, command_receiver) = mpsc::channel();
+        let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
+        // One chunk of prompt and two tokens, then two prompts of eight chunks admitted after it, in this order.
+        for job in [job("short", 4, 2), job("older", 64, 1), job("newer", 64, 1)] {
+            commands.send(BatchCommand::Start(job)).expect("send");
+        }
+        commands.send(BatchCommand::Drain).expect("send");
+        let engine_thread = std::thread::spawn(move || {
+            run_batcher(engine, tokenizer, config, command_receiver, output_sender)
+        });
+        let mut first_tokens = Vec::new();
+        while let Some(output) = outputs.blocking_recv() {
+            if let BatchOutput::Tokens { request_id, update } = output
+                && update.start_index == 0
+                && !update.token_ids.is_empty()
+            {
+                first_tokens.push(request_id);
+            }
+        }
+        engine_thread.join().expect("the engine thread ends");
+        assert_eq!(first_tokens, ["short", "older", "newer"]);
     }
 }

@@ -2,7 +2,7 @@
 //! and what it needs beside the engine (incremental detokenization, stop strings). Unlike the engine, roles speak
 //! the log: they consume and append `tandem-events` types.
 
-mod batcher;
+pub mod batcher;
 pub mod decode;
 mod detokenizer;
 mod membership;
