@@ -201,6 +201,22 @@ impl Event {
         self
     }
 
+    /// Carries the trace context of `span` (the span that caused this event), when it is traced.
+    pub fn with_trace_of(mut self, span: &tracing::Span) -> Event {
+        if let Some(context) = crate::trace::context_of(span) {
+            self.envelope.trace = Some(context);
+        }
+        self
+    }
+
+    /// The trace context this event carries, if any.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.envelope
+            .trace
+            .as_ref()
+            .filter(|trace| !trace.traceparent.is_empty())
+    }
+
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
     }

@@ -14,6 +14,7 @@ use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
 
 use crate::errors::ApiError;
+use crate::observe::{FailureReason, RequestMetrics};
 use crate::validation::GenerateRequest;
 
 /// What every request needs to reach the rest of tandem.
@@ -44,13 +45,17 @@ pub fn prompt_sha256(prompt_token_ids: &[u32]) -> Vec<u8> {
     hasher.finalize().to_vec()
 }
 
-/// Submits a request: subscribes to its tokens first (so no update is missed), then appends `Received`.
+/// Submits a request: subscribes to its tokens first (so no update is missed), then appends `Received`, which
+/// carries the trace context of `span` (the request's `gateway.request` span) to the other roles.
 pub async fn submit(
     backplane: &Backplane,
     request: &GenerateRequest,
     deadline: Instant,
+    span: tracing::Span,
 ) -> Result<Generation, ApiError> {
     let request_id = ulid::Ulid::new().to_string();
+    span.record("request_id", request_id.as_str());
+    span.record("prompt_tokens", request.prompt_tokens());
     let updates = backplane
         .tokens
         .subscribe(&request_id)
@@ -70,7 +75,8 @@ pub async fn submit(
         request_id.clone(),
         backplane.gateway_id.clone(),
         Body::Received(received),
-    );
+    )
+    .with_trace_of(&span);
     // Armed before the append: a client gone while the append is in flight still cancels what it started.
     let mut guard = CancelOnDrop {
         log: Arc::clone(&backplane.log),
@@ -94,6 +100,8 @@ pub async fn submit(
         };
     tracing::debug!(%request_id, prompt_tokens = request.prompt_tokens(), "request received");
     Ok(Generation {
+        metrics: RequestMetrics::accepted(request.prompt_tokens()),
+        span,
         request_id,
         updates,
         tracker: IndexTracker::default(),
@@ -109,6 +117,9 @@ pub async fn submit(
 /// A submitted request whose tokens are being read. Dropped before its last update (the client went away), it
 /// appends `Cancelled{reason: "client_disconnected"}`.
 pub struct Generation {
+    /// Declared before `guard`: a client gone counts as cancelled, and the span closes after the last token.
+    metrics: RequestMetrics,
+    span: tracing::Span,
     request_id: String,
     updates: TokenStream,
     tracker: IndexTracker,
@@ -173,16 +184,19 @@ impl Generation {
                     if let Some(ended) = ended
                         && std::mem::replace(&mut self.ended_seen_on_the_log, true)
                     {
+                        self.metrics.failed(FailureReason::Failed);
                         self.finish();
                         return Err(ApiError::generation_failed(&ended));
                     }
                     continue;
                 }
                 Err(_elapsed) => {
+                    self.metrics.failed(FailureReason::Deadline);
                     self.cancel("deadline").await;
                     return Err(ApiError::deadline(self.request_timeout.as_secs()));
                 }
                 Ok(None) => {
+                    self.metrics.failed(FailureReason::Unavailable);
                     self.cancel("token_stream_closed").await;
                     return Err(ApiError::unavailable(
                         "The token stream of this request closed before it finished.",
@@ -194,11 +208,13 @@ impl Generation {
                 Accepted::Nothing => continue,
                 Accepted::Failed(reason) => {
                     // The worker recorded the failure on the log; nothing to cancel.
+                    self.metrics.failed(FailureReason::Failed);
                     self.finish();
                     return Err(ApiError::generation_failed(&reason));
                 }
                 Accepted::Lost { expected, got } => {
                     tracing::warn!(request_id = %self.request_id, expected, got, "token updates were lost on the token bus");
+                    self.metrics.failed(FailureReason::TokensLost);
                     self.cancel("token_updates_lost").await;
                     return Err(ApiError::generation_failed(&format!(
                         "the updates for tokens {expected}..{got} were lost on the way from the decode worker (the \
@@ -206,7 +222,12 @@ impl Generation {
                     )));
                 }
                 Accepted::Progress(progress) => {
+                    self.metrics.tokens(progress.token_ids.len());
                     if let Some(finish_reason) = &progress.finish_reason {
+                        self.metrics.succeeded(finish_reason);
+                        self.span
+                            .record("completion_tokens", self.tracker.next_index);
+                        self.span.record("finish_reason", finish_reason.as_str());
                         tracing::debug!(
                             request_id = %self.request_id,
                             completion_tokens = self.tracker.next_index,
