@@ -209,6 +209,14 @@ impl Event {
         self
     }
 
+    /// Carries `context` when there is one (a span recorded for the step that made this event), else what it has.
+    pub fn with_trace_context(mut self, context: Option<TraceContext>) -> Event {
+        if let Some(context) = context {
+            self.envelope.trace = Some(context);
+        }
+        self
+    }
+
     /// The trace context this event carries, if any.
     pub fn trace(&self) -> Option<&TraceContext> {
         self.envelope

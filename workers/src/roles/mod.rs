@@ -6,6 +6,7 @@ mod batcher;
 pub mod decode;
 mod detokenizer;
 mod membership;
+mod observe;
 pub mod prefill;
 pub mod prefill_rule;
 mod stop;
