@@ -701,7 +701,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             stop.clone(),
         )
         .await?;
-        eprintln!(
+        // A log line, not a bare print, so that `--log-format json` output stays one JSON object per line.
+        tracing::info!(
             "tandem serving {} on http://{}:{} ({} log)",
             args.model.served_model_name,
             args.http.host,

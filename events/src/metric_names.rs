@@ -70,8 +70,8 @@ pub const OTEL_EXPORT_FAILURES: &str = "tandem:otel_export_failures_total";
 
 /// Histogram buckets (seconds) for latencies from sub-millisecond log appends to minute-long requests.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
 ];
 
 /// Gives every metric its unit and help text in the installed recorder (`# HELP` lines).
@@ -127,11 +127,7 @@ pub fn describe() {
         Unit::Count,
         "Requests waiting for a place in a decode worker's batch."
     );
-    describe_gauge!(
-        KV_BLOCKS_USED,
-        Unit::Count,
-        "KV blocks holding a sequence."
-    );
+    describe_gauge!(KV_BLOCKS_USED, Unit::Count, "KV blocks holding a sequence.");
     describe_gauge!(
         KV_BLOCKS_FREE,
         Unit::Count,

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::KeyValue;
 use tandem_events::blocks::block_hashes;
-use tandem_events::metric_names::{MIGRATIONS, ROUTING_DECISIONS, SCHEDULER_TIMEOUTS};
 use tandem_events::log::{EventLog, KvBucket};
+use tandem_events::metric_names::{MIGRATIONS, ROUTING_DECISIONS, SCHEDULER_TIMEOUTS};
 use tandem_events::schema::{Body, Failed, Migrated, Routed, WorkerLost};
 use tandem_events::tokens::{TokenBus, TokenUpdate};
 use tandem_events::{Event, EventKind};
@@ -451,7 +451,8 @@ impl Control {
                 ],
             );
             self.take(routed, attempt).await?;
-            metrics::counter!(ROUTING_DECISIONS, "policy" => self.config.policy.name()).increment(1);
+            metrics::counter!(ROUTING_DECISIONS, "policy" => self.config.policy.name())
+                .increment(1);
             summary.routed += 1;
             let blocks = (record.prompt_tokens + record.tokens_checkpointed).div_ceil(block_size);
             if let Some(load) = candidates

@@ -92,7 +92,11 @@ impl BoundedBatchProcessor {
         })
     }
 
-    fn ask(&self, make: impl FnOnce(oneshot::Sender<()>) -> Control, timeout: Duration) -> OTelSdkResult {
+    fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<()>) -> Control,
+        timeout: Duration,
+    ) -> OTelSdkResult {
         let (answer, answered) = oneshot::channel();
         self.control
             .send(make(answer))

@@ -102,7 +102,9 @@ pub fn init(format: LogFormat, signals: Signals) -> Result<Telemetry> {
         Some(service_name) => match otlp_configured() {
             Some(endpoint) => (
                 Some(tracer_provider(service_name)?),
-                Some(format!("exporting traces by OTLP to {endpoint} as {service_name}")),
+                Some(format!(
+                    "exporting traces by OTLP to {endpoint} as {service_name}"
+                )),
             ),
             None => (None, None),
         },
@@ -138,7 +140,11 @@ pub fn init(format: LogFormat, signals: Signals) -> Result<Telemetry> {
 
 /// The endpoint trace export goes to, when the standard variables ask for export.
 fn otlp_configured() -> Option<String> {
-    let set = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
+    let set = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|value| !value.trim().is_empty())
+    };
     if set("OTEL_SDK_DISABLED").is_some_and(|value| value.eq_ignore_ascii_case("true"))
         || set("OTEL_TRACES_EXPORTER").is_some_and(|value| value.eq_ignore_ascii_case("none"))
     {
@@ -203,14 +209,13 @@ async fn metrics_handler() -> axum::response::Response {
     match prometheus_text() {
         Some(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            "this process records no metrics\n",
-        )
-            .into_response(),
+        None => (StatusCode::NOT_FOUND, "this process records no metrics\n").into_response(),
     }
 }

@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use crate::errors::ApiError;
 use crate::generation::{Generation, Progress, submit};
-use crate::observe::request_span;
 use crate::logprobs::chat_logprobs;
+use crate::observe::request_span;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChatLogprobs, Usage,

@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use crate::errors::ApiError;
 use crate::generation::{Generation, Progress, submit};
-use crate::observe::request_span;
 use crate::logprobs::CompletionLogprobsBuilder;
+use crate::observe::request_span;
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
 use crate::routes::parse_body;
 use crate::server::{AppState, now_unix_s};

@@ -46,7 +46,10 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.metrics_text.as_ref().and_then(|render| render()) {
         Some(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

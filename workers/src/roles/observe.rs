@@ -63,7 +63,13 @@ impl DecodeMetrics {
     }
 
     /// The batch after an engine step.
-    pub(crate) fn batch(&self, running: usize, waiting: usize, kv_blocks_total: usize, kv_blocks_free: usize) {
+    pub(crate) fn batch(
+        &self,
+        running: usize,
+        waiting: usize,
+        kv_blocks_total: usize,
+        kv_blocks_free: usize,
+    ) {
         self.running.set(running as f64);
         self.waiting.set(waiting as f64);
         self.kv_blocks_used
