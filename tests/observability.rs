@@ -28,6 +28,23 @@ fn scrape(port: u16) -> Scrape {
     Scrape::parse(&text)
 }
 
+/// Waits until the sample `name{labels}` on `port` reads `expected` (a worker may record it just after the answer
+/// went out), and fails with what it reads if it never does.
+fn wait_for_value(port: u16, name: &str, labels: &[(&str, &str)], expected: f64) {
+    let started = Instant::now();
+    loop {
+        let value = scrape(port).value(name, labels);
+        if value == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{name}{labels:?} is {value}, {expected} expected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The one span called `name`.
 fn span<'a>(trace: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
     let found: Vec<&ReceivedSpan> = trace.iter().filter(|span| span.name == name).collect();
@@ -277,38 +294,38 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
         gateway_metrics.value("tandem:time_to_first_token_seconds_count", &[]),
         1.0
     );
-    let scheduler_metrics = scrape(scheduler_port);
-    assert_eq!(
-        scheduler_metrics.value("tandem:routing_decisions_total", &[("policy", "kv")]),
-        1.0
+    wait_for_value(
+        scheduler_port,
+        "tandem:routing_decisions_total",
+        &[("policy", "kv")],
+        1.0,
     );
-    let prefill_metrics = scrape(prefill_port);
-    assert_eq!(
-        prefill_metrics.value("tandem:kv_transfer_bytes_total", &[("side", "send")]),
-        bytes as f64
+    wait_for_value(
+        prefill_port,
+        "tandem:kv_transfer_bytes_total",
+        &[("side", "send")],
+        bytes as f64,
     );
-    assert_eq!(
-        prefill_metrics.value(
-            "tandem:prefill_queue_wait_seconds_count",
-            &[("worker_id", "prefill-1")]
-        ),
-        1.0
+    wait_for_value(
+        prefill_port,
+        "tandem:prefill_queue_wait_seconds_count",
+        &[("worker_id", "prefill-1")],
+        1.0,
     );
+    wait_for_value(
+        decode_port,
+        "tandem:kv_transfer_bytes_total",
+        &[("side", "receive"), ("transport", "tcp")],
+        bytes as f64,
+    );
+    wait_for_value(
+        decode_port,
+        "tandem:prefill_decisions_total",
+        &[("worker_id", "decode-1"), ("where", "remote")],
+        1.0,
+    );
+    wait_for_value(decode_port, "tandem:num_requests_running", &[], 0.0);
     let decode_metrics = scrape(decode_port);
-    assert_eq!(
-        decode_metrics.value(
-            "tandem:kv_transfer_bytes_total",
-            &[("side", "receive"), ("transport", "tcp")]
-        ),
-        bytes as f64
-    );
-    assert_eq!(
-        decode_metrics.value(
-            "tandem:prefill_decisions_total",
-            &[("worker_id", "decode-1"), ("where", "remote")]
-        ),
-        1.0
-    );
     assert!(decode_metrics.has("tandem:kv_blocks_free"));
     assert!(
         decode_metrics.value(
@@ -326,11 +343,17 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
 fn metrics_move_by_exactly_what_the_requests_did_and_json_logs_carry_the_request_id() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("serve");
+    // Trace export by gRPC to a collector that is down (nothing listens there): requests must not notice.
+    let collector_down = format!("http://127.0.0.1:{}", free_port());
     // Debug lines of the gateway are inside the request's span; JSON lines carry its fields.
     let server = TandemServe::start_with_env(
         &data_dir,
         &["--log-format", "json", "--kv-blocks", "512"],
-        &[("RUST_LOG", "info,tandem_gateway=debug")],
+        &[
+            ("RUST_LOG", "info,tandem_gateway=debug"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector_down),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
     );
     let before = scrape(server.port);
 
@@ -422,13 +445,25 @@ fn metrics_move_by_exactly_what_the_requests_did_and_json_logs_carry_the_request
             &[("backend", "embedded")]
         ) > 0.0
     );
-    // Idle again: nothing running, every block either free or holding a cached prefix.
-    assert_eq!(after.value("tandem:num_requests_running", &[]), 0.0);
+    // Idle again (the engine thread updates its gauges just after the last token went out): nothing running, every
+    // block either free or holding a cached prefix.
+    wait_for_value(server.port, "tandem:num_requests_running", &[], 0.0);
+    wait_for_value(server.port, "tandem:num_requests_waiting", &[], 0.0);
     assert_eq!(after.value("tandem:gateway_requests_in_flight", &[]), 0.0);
     assert_eq!(
         after.value("tandem:kv_blocks_used", &[]) + after.value("tandem:kv_blocks_free", &[]),
         512.0
     );
+
+    // The spans of those requests could not be exported: counted as failed exports, never waited for.
+    let started = Instant::now();
+    while scrape(server.port).value("tandem:otel_export_failures_total", &[]) == 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no failed export was counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let log = server.log();
     server.stop();

@@ -80,7 +80,7 @@ pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
 /// Makes `span` a child of the carried context (it must not have been entered yet). A missing or malformed context
 /// leaves it as it is: a new trace, or the child of the span current where it was made.
 pub fn continue_trace(span: &tracing::Span, carried: Option<&TraceContext>) {
-    let Some(parent) = carried.and_then(|carried| remote_context(carried)) else {
+    let Some(parent) = carried.and_then(remote_context) else {
         return;
     };
     if span.is_disabled() {
@@ -100,9 +100,7 @@ pub fn record_finished_span(
     end: SystemTime,
     attributes: Vec<KeyValue>,
 ) -> Option<TraceContext> {
-    let parent = carried
-        .and_then(remote_context)
-        .unwrap_or_else(Context::new);
+    let parent = carried.and_then(remote_context).unwrap_or_default();
     let tracer = opentelemetry::global::tracer(TRACER_NAME);
     let mut span = tracer
         .span_builder(name)

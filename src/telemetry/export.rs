@@ -6,7 +6,8 @@
 //! it exports outside any tokio runtime, where the gRPC (tonic) and hyper HTTP clients cannot run. This thread runs a
 //! current-thread runtime of its own, in which the exporter is also built.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::Context;
@@ -22,7 +23,7 @@ const MAX_EXPORT_BATCH: usize = 512;
 /// A batch goes out at least this often while spans are waiting.
 const EXPORT_INTERVAL: Duration = Duration::from_millis(500);
 /// One export call may take this long; then its spans count as failed.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Control {
     /// Export everything queued, then answer.
@@ -37,12 +38,20 @@ pub struct BoundedBatchProcessor {
     spans: mpsc::Sender<SpanData>,
     control: mpsc::UnboundedSender<Control>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Spans dropped so far (also counted in `tandem:otel_spans_dropped_total`).
+    dropped: Arc<AtomicU64>,
+    /// How long one export call may take, flushes included.
+    export_timeout: Duration,
 }
 
 impl BoundedBatchProcessor {
     /// Starts the export thread and builds the exporter there with `build_exporter` (tonic needs a runtime to
-    /// build in); an error building it is returned here.
-    pub fn start<E, B>(build_exporter: B) -> Result<BoundedBatchProcessor, String>
+    /// build in); an error building it is returned here. An export call taking longer than `export_timeout` is
+    /// given up.
+    pub fn start<E, B>(
+        build_exporter: B,
+        export_timeout: Duration,
+    ) -> Result<BoundedBatchProcessor, String>
     where
         E: SpanExporter + 'static,
         B: FnOnce() -> Result<E, String> + Send + 'static,
@@ -79,7 +88,12 @@ impl BoundedBatchProcessor {
                 };
                 // Spans made while exporting (by the exporter's own libraries) must not feed this queue.
                 let _suppressed = Context::enter_telemetry_suppressed_scope();
-                runtime.block_on(export_loop(exporter, span_queue, control_queue));
+                runtime.block_on(export_loop(
+                    exporter,
+                    span_queue,
+                    control_queue,
+                    export_timeout,
+                ));
             })
             .map_err(|error| format!("cannot start the export thread: {error}"))?;
         built_answer
@@ -89,7 +103,15 @@ impl BoundedBatchProcessor {
             spans,
             control,
             thread: Mutex::new(Some(thread)),
+            dropped: Arc::new(AtomicU64::new(0)),
+            export_timeout,
         })
+    }
+
+    /// The count of dropped spans, readable after the processor has moved into a provider.
+    #[cfg(test)]
+    fn dropped_count(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
     }
 
     fn ask(
@@ -120,12 +142,13 @@ impl SpanProcessor for BoundedBatchProcessor {
     fn on_end(&self, span: SpanData) {
         // Never waits: a full queue means the collector cannot keep up, and the request must not pay for it.
         if self.spans.try_send(span).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(OTEL_SPANS_DROPPED).increment(1);
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Control::Flush, EXPORT_TIMEOUT)
+        self.ask(Control::Flush, self.export_timeout)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -147,6 +170,7 @@ async fn export_loop<E: SpanExporter>(
     exporter: E,
     mut span_queue: mpsc::Receiver<SpanData>,
     mut control_queue: mpsc::UnboundedReceiver<Control>,
+    export_timeout: Duration,
 ) {
     let mut batch = Vec::with_capacity(MAX_EXPORT_BATCH);
     let mut failing = false;
@@ -158,19 +182,19 @@ async fn export_loop<E: SpanExporter>(
                 Some(span) => {
                     batch.push(span);
                     if batch.len() >= MAX_EXPORT_BATCH {
-                        export(&exporter, &mut batch, &mut failing).await;
+                        export(&exporter, &mut batch, &mut failing, export_timeout).await;
                     }
                 }
                 None => break,
             },
-            _ = ticks.tick() => export(&exporter, &mut batch, &mut failing).await,
+            _ = ticks.tick() => export(&exporter, &mut batch, &mut failing, export_timeout).await,
             control = control_queue.recv() => match control {
                 Some(Control::Flush(answer)) => {
-                    drain(&mut span_queue, &exporter, &mut batch, &mut failing).await;
+                    drain(&mut span_queue, &exporter, &mut batch, &mut failing, export_timeout).await;
                     let _ = answer.send(());
                 }
                 Some(Control::Shutdown(answer)) => {
-                    drain(&mut span_queue, &exporter, &mut batch, &mut failing).await;
+                    drain(&mut span_queue, &exporter, &mut batch, &mut failing, export_timeout).await;
                     let _ = exporter.shutdown();
                     let _ = answer.send(());
                     return;
@@ -179,9 +203,9 @@ async fn export_loop<E: SpanExporter>(
             },
         }
     }
-    export(&exporter, &mut batch, &mut failing).await;
+    export(&exporter, &mut batch, &mut failing, export_timeout).await;
     // Dropped after this, still inside the runtime its connections were made in.
-    let _ = exporter.shutdown_with_timeout(EXPORT_TIMEOUT);
+    let _ = exporter.shutdown_with_timeout(export_timeout);
 }
 
 /// Exports everything queued now, in batches.
@@ -190,26 +214,32 @@ async fn drain<E: SpanExporter>(
     exporter: &E,
     batch: &mut Vec<SpanData>,
     failing: &mut bool,
+    export_timeout: Duration,
 ) {
     while let Ok(span) = span_queue.try_recv() {
         batch.push(span);
         if batch.len() >= MAX_EXPORT_BATCH {
-            export(exporter, batch, failing).await;
+            export(exporter, batch, failing, export_timeout).await;
         }
     }
-    export(exporter, batch, failing).await;
+    export(exporter, batch, failing, export_timeout).await;
 }
 
-async fn export<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>, failing: &mut bool) {
+async fn export<E: SpanExporter>(
+    exporter: &E,
+    batch: &mut Vec<SpanData>,
+    failing: &mut bool,
+    export_timeout: Duration,
+) {
     if batch.is_empty() {
         return;
     }
     let spans = std::mem::replace(batch, Vec::with_capacity(MAX_EXPORT_BATCH));
     let count = spans.len() as u64;
-    let outcome = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
+    let outcome = match tokio::time::timeout(export_timeout, exporter.export(spans)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),
-        Err(_elapsed) => Err(format!("no answer within {EXPORT_TIMEOUT:?}")),
+        Err(_elapsed) => Err(format!("no answer within {export_timeout:?}")),
     };
     match outcome {
         Ok(()) => {
@@ -227,5 +257,61 @@ async fn export<E: SpanExporter>(exporter: &E, batch: &mut Vec<SpanData>, failin
                 tracing::debug!(%error, spans = count, "OTLP export failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    use super::*;
+
+    /// A collector that takes connections and never answers: exports hang. Spans ended meanwhile must neither
+    /// wait nor grow without bound: past the queue's size they are dropped and counted.
+    #[test]
+    fn a_collector_that_never_answers_costs_dropped_spans_not_waiting() {
+        let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}/v1/traces", black_hole.local_addr().unwrap());
+        let hang = Duration::from_secs(3600);
+        let processor = BoundedBatchProcessor::start(
+            move || {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_endpoint(endpoint)
+                    .with_timeout(hang)
+                    .build()
+                    .map_err(|error| error.to_string())
+            },
+            hang,
+        )
+        .unwrap();
+        let dropped = processor.dropped_count();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .build();
+        let tracer = provider.tracer("test");
+        let ended = MAX_QUEUED_SPANS + 2 * MAX_EXPORT_BATCH;
+        for index in 0..ended {
+            drop(tracer.start(format!("span {index}")));
+        }
+        // At most one batch left the queue (the export of which hangs); the queue holds the rest it can.
+        let dropped = dropped.load(Ordering::Relaxed) as usize;
+        assert!(
+            dropped >= ended - MAX_QUEUED_SPANS - MAX_EXPORT_BATCH,
+            "{dropped} dropped of {ended}"
+        );
+        assert!(
+            dropped <= ended - MAX_QUEUED_SPANS,
+            "{dropped} dropped of {ended}"
+        );
+        // Shutting down gives up after its timeout rather than wait for the collector.
+        assert!(
+            provider
+                .shutdown_with_timeout(Duration::from_millis(100))
+                .is_err()
+        );
+        drop(black_hole);
     }
 }

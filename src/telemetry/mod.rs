@@ -161,13 +161,16 @@ fn tracer_provider(service_name: &'static str) -> Result<SdkTracerProvider> {
     let resource = resource.build();
     let exporter_resource = resource.clone();
     // gRPC or HTTP/protobuf as OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL says (default: HTTP/protobuf on 4318).
-    let processor = BoundedBatchProcessor::start(move || {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .build()
-            .map_err(|error| format!("building the OTLP span exporter: {error}"))?;
-        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &exporter_resource);
-        Ok(exporter)
-    })
+    let processor = BoundedBatchProcessor::start(
+        move || {
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                .build()
+                .map_err(|error| format!("building the OTLP span exporter: {error}"))?;
+            opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &exporter_resource);
+            Ok(exporter)
+        },
+        export::EXPORT_TIMEOUT,
+    )
     .map_err(anyhow::Error::msg)
     .context("starting OTLP trace export (check the OTEL_EXPORTER_OTLP_* variables)")?;
     Ok(SdkTracerProvider::builder()
