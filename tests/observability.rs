@@ -1,5 +1,6 @@
 //! Observability end to end. Traces: gateway, scheduler, decode and prefill as four `tandem` processes on a real
-//! nats-server, exporting by OTLP/HTTP to a collector in this test that decodes the protobuf; one remotely prefilled
+//! nats-server, exporting by OTLP (two over HTTP/protobuf, two over gRPC) to a collector in this test that decodes the
+//! protobuf; one remotely prefilled
 //! request (with a client `traceparent`) is one trace holding spans of all four services, linked parent to child
 //! along the request's path. Metrics: `/metrics` scraped on every role's port, and on `tandem serve` before and
 //! after a few requests, moves by exactly what those requests did. Logs: `--log-format json` lines carry the
@@ -55,7 +56,10 @@ fn span<'a>(trace: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
 #[test]
 fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_metrics() {
     let collector = OtlpCollector::start();
-    let exporter_env = collector.exporter_env();
+    // Both transports: the gateway and the decode worker over HTTP/protobuf, the scheduler and the prefill worker
+    // over gRPC.
+    let http_env = collector.exporter_env();
+    let grpc_env = collector.grpc_exporter_env();
     let nats = NatsServer::start().unwrap_or_else(|error| panic!("{error}"));
     let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +78,7 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
             "--http-port",
             &scheduler_port.to_string(),
         ],
-        &exporter_env,
+        &grpc_env,
         logs,
     );
     let _prefill = TandemRole::spawn_with_env(
@@ -88,7 +92,7 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
             "--http-port",
             &prefill_port.to_string(),
         ],
-        &exporter_env,
+        &grpc_env,
         logs,
     );
     let _decode = TandemRole::spawn_with_env(
@@ -104,7 +108,7 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
             "--http-port",
             &decode_port.to_string(),
         ],
-        &exporter_env,
+        &http_env,
         logs,
     );
     let _gateway = TandemRole::spawn_with_env(
@@ -118,7 +122,7 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
             "--port",
             &gateway_port.to_string(),
         ],
-        &exporter_env,
+        &http_env,
         logs,
     );
     wait_ready(gateway_port, "/ready", "the gateway");

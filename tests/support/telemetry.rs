@@ -1,5 +1,6 @@
-//! Telemetry receivers for end-to-end tests: an OTLP/HTTP trace collector that decodes the real protobuf
-//! (`ExportTraceServiceRequest`) the processes export, and a reader of the Prometheus text format.
+//! Telemetry receivers for end-to-end tests: an OTLP trace collector, over HTTP/protobuf and over gRPC, that
+//! decodes the real protobuf (`ExportTraceServiceRequest`) the processes export, and a reader of the Prometheus
+//! text format.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -7,7 +8,12 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 
@@ -23,9 +29,11 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
 }
 
-/// An OTLP/HTTP (protobuf) trace collector on a free loopback port, answering every export with 200.
+/// An OTLP trace collector on two free loopback ports: HTTP/protobuf (`port`) and gRPC (`grpc_port`), both
+/// accepting every export.
 pub struct OtlpCollector {
     pub port: u16,
+    pub grpc_port: u16,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     /// Export requests that were not valid OTLP protobuf: a test fails on any.
     malformed: Arc<Mutex<Vec<String>>>,
@@ -44,11 +52,24 @@ impl OtlpCollector {
                 std::thread::spawn(move || serve_connection(stream, &spans, &malformed));
             }
         });
+        let grpc_port = serve_grpc(Arc::clone(&spans));
         OtlpCollector {
             port,
+            grpc_port,
             spans,
             malformed,
         }
+    }
+
+    /// `OTEL_EXPORTER_OTLP_*` for a process that exports here over gRPC.
+    pub fn grpc_exporter_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                format!("http://127.0.0.1:{}", self.grpc_port),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()),
+        ]
     }
 
     /// `OTEL_EXPORTER_OTLP_*` for a process that exports here.
@@ -149,6 +170,47 @@ fn serve_connection(
             return;
         }
     }
+}
+
+/// The OTLP gRPC trace service: every export's spans are kept.
+struct GrpcCollector {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.spans
+            .lock()
+            .unwrap()
+            .extend(flatten(request.into_inner()));
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Serves the gRPC trace service on a free loopback port (on a thread with its own runtime); returns the port.
+fn serve_grpc(spans: Arc<Mutex<Vec<ReceivedSpan>>>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("collector gRPC port");
+    let port = listener.local_addr().expect("address").port();
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(GrpcCollector { spans }))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .expect("the gRPC collector serves");
+        });
+    });
+    port
 }
 
 fn flatten(export: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
