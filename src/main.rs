@@ -9,6 +9,7 @@ mod generate;
 mod replay_cli;
 mod role_http;
 mod roles;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as readable `text`, or `json` (one object per line); the request id is on every line of a
+    /// request. Traces: the `OTEL_EXPORTER_OTLP_*` variables; levels: `RUST_LOG`.
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Text)]
+    log_format: telemetry::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -66,13 +71,22 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let signals = match &cli.command {
+        Command::Serve(_) => telemetry::Signals::role("tandem"),
+        Command::Gateway(_) => telemetry::Signals::role("tandem-gateway"),
+        Command::Scheduler(_) => telemetry::Signals::role("tandem-scheduler"),
+        Command::Prefill(_) => telemetry::Signals::role("tandem-prefill"),
+        Command::Decode(_) => telemetry::Signals::role("tandem-decode"),
+        _ => telemetry::Signals::LOGS_ONLY,
+    };
+    // Held to the end of main: dropping it exports the spans still queued.
+    let _telemetry = match telemetry::init(cli.log_format, signals) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => roles::serve(args),
         Command::Gateway(args) => roles::gateway(args),

@@ -2,7 +2,8 @@
 //! Kubernetes probes: `GET /health` answers 200 while the process runs (liveness), `GET /ready` answers 200 once the
 //! worker has joined the fleet with its engine loaded and 503 before that and while it shuts down (readiness). Also
 //! the `--http-host`/`--http-port` flags of every non-gateway role, each with its own default port; the scheduler
-//! serves the same two paths beside its query API, the gateway on its API port.
+//! serves the same two paths beside its query API, the gateway on its API port. Every role's port also serves
+//! `GET /metrics` (Prometheus, `crate::telemetry`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,7 +101,8 @@ impl RoleHttpServer {
         let router = Router::new()
             .route("/health", get(health))
             .route("/ready", get(ready))
-            .with_state(Arc::clone(&phase));
+            .with_state(Arc::clone(&phase))
+            .merge(crate::telemetry::metrics_router());
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             axum::serve(listener, router)
@@ -109,7 +111,7 @@ impl RoleHttpServer {
                 })
                 .await
         });
-        tracing::info!(%local_address, role, "health endpoint listening (GET /health, GET /ready)");
+        tracing::info!(%local_address, role, "health endpoint listening (GET /health, GET /ready, GET /metrics)");
         Ok(RoleHttpServer {
             phase,
             local_address,
@@ -210,7 +212,10 @@ mod tests {
         assert_eq!(status, 503);
         assert!(body.starts_with("stopping"), "{body}");
         assert_eq!(get(address, "/health").await.0, 200);
-        assert_eq!(get(address, "/metrics").await.0, 404);
+        // No recorder in this test process: `/metrics` is served and says so.
+        let (status, body) = get(address, "/metrics").await;
+        assert_eq!(status, 404);
+        assert!(body.contains("no metrics"), "{body}");
 
         server.stop().await.unwrap();
         assert!(

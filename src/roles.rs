@@ -526,12 +526,13 @@ async fn start_gateway(
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let shape = model_shape(model)?;
-    let config = GatewayConfig::new(
+    let mut config = GatewayConfig::new(
         model.served_model_name.clone(),
         tokenizer_dir(model)?,
         shape.max_position_embeddings as u32,
         shape.vocab_size as u32,
     );
+    config.metrics_text = Some(Arc::new(crate::telemetry::prometheus_text));
     let ready = readiness(Arc::clone(&backbone.log), stop.clone());
     let gateway = Gateway::new(
         config,
@@ -700,7 +701,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             stop.clone(),
         )
         .await?;
-        eprintln!(
+        // A log line, not a bare print, so that `--log-format json` output stays one JSON object per line.
+        tracing::info!(
             "tandem serving {} on http://{}:{} ({} log)",
             args.model.served_model_name,
             args.http.host,
@@ -757,7 +759,7 @@ pub fn scheduler(args: SchedulerArgs) -> Result<()> {
             })?;
         tracing::info!(%address, "scheduler API listening (GET /requests, /workers, /audit, /health, /ready)");
         let (api_stop, mut api_stopped) = watch::channel(false);
-        let routes = scheduler.api.clone();
+        let routes = scheduler.api.clone().merge(crate::telemetry::metrics_router());
         let api = tokio::spawn(async move {
             axum::serve(listener, routes)
                 .with_graceful_shutdown(async move {

@@ -487,6 +487,8 @@ fn manifests_wire_together() {
     let common = &find(&objects, "ConfigMap", "tandem-common")["data"];
     assert_eq!(common["TANDEM_NATS"], "nats://nats:4222");
     assert_eq!(common["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://jaeger:4317");
+    // 4317 is Jaeger's gRPC port: the exporter must be told to speak gRPC there.
+    assert_eq!(common["OTEL_EXPORTER_OTLP_PROTOCOL"], "grpc");
 
     // Every role exports its traces to Jaeger under its own service name.
     for (workload, _, container) in tandem_containers(&objects) {
@@ -720,6 +722,9 @@ fn probe_paths_answer_on_the_roles_started_with_the_manifests_settings() {
         // The paths are routes, not a server that answers 200 to anything.
         let (status, _) = request(*port, "GET", "/no-such-probe", None).expect("the role answers");
         assert_eq!(status, 404, "tandem {role} answers 404 off its routes");
+        // Each role's port also serves its Prometheus metrics.
+        let (status, _) = request(*port, "GET", "/metrics", None).expect("the role answers");
+        assert_eq!(status, 200, "tandem {role} serves /metrics");
     }
     for (_, mut process, _, _) in running.into_iter().rev() {
         process.stop();

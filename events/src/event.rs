@@ -201,6 +201,30 @@ impl Event {
         self
     }
 
+    /// Carries the trace context of `span` (the span that caused this event), when it is traced.
+    pub fn with_trace_of(mut self, span: &tracing::Span) -> Event {
+        if let Some(context) = crate::trace::context_of(span) {
+            self.envelope.trace = Some(context);
+        }
+        self
+    }
+
+    /// Carries `context` when there is one (a span recorded for the step that made this event), else what it has.
+    pub fn with_trace_context(mut self, context: Option<TraceContext>) -> Event {
+        if let Some(context) = context {
+            self.envelope.trace = Some(context);
+        }
+        self
+    }
+
+    /// The trace context this event carries, if any.
+    pub fn trace(&self) -> Option<&TraceContext> {
+        self.envelope
+            .trace
+            .as_ref()
+            .filter(|trace| !trace.traceparent.is_empty())
+    }
+
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
     }

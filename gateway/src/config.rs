@@ -12,8 +12,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Answers `GET /ready`: true when the gateway can take requests (the log is reachable, workers are up, ...).
 pub type ReadinessFn = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Answers `GET /metrics`: the process's metrics in the Prometheus text format, `None` when it records none.
+pub type MetricsTextFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// What the gateway serves and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayConfig {
     /// The model name clients send (`qwen3`); any other name is a 404.
     pub served_model_name: String,
@@ -29,6 +32,8 @@ pub struct GatewayConfig {
     pub body_limit_bytes: usize,
     /// A request still running after this is cancelled (`Cancelled{reason: "deadline"}`) and answered 504.
     pub request_timeout: Duration,
+    /// What `GET /metrics` serves (the binary's Prometheus recorder); `None`: 404, nothing recorded here.
+    pub metrics_text: Option<MetricsTextFn>,
 }
 
 impl GatewayConfig {
@@ -47,6 +52,7 @@ impl GatewayConfig {
             gateway_id: format!("gateway-{}", ulid::Ulid::new()),
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            metrics_text: None,
         }
     }
 }

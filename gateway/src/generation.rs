@@ -16,6 +16,7 @@ use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
 
 use crate::errors::ApiError;
+use crate::observe::{FailureReason, RequestMetrics};
 use crate::validation::GenerateRequest;
 
 /// What every request needs to reach the rest of tandem.
@@ -46,13 +47,17 @@ pub fn prompt_sha256(prompt_token_ids: &[u32]) -> Vec<u8> {
     hasher.finalize().to_vec()
 }
 
-/// Submits a request: subscribes to its tokens first (so no update is missed), then appends `Received`.
+/// Submits a request: subscribes to its tokens first (so no update is missed), then appends `Received`, which
+/// carries the trace context of `span` (the request's `gateway.request` span) to the other roles.
 pub async fn submit(
     backplane: &Backplane,
     request: &GenerateRequest,
     deadline: Instant,
+    span: tracing::Span,
 ) -> Result<Generation, ApiError> {
     let request_id = ulid::Ulid::new().to_string();
+    span.record("request_id", request_id.as_str());
+    span.record("prompt_tokens", request.prompt_tokens());
     let updates = backplane
         .tokens
         .subscribe(&request_id)
@@ -72,7 +77,8 @@ pub async fn submit(
         request_id.clone(),
         backplane.gateway_id.clone(),
         Body::Received(received),
-    );
+    )
+    .with_trace_of(&span);
     // Armed before the append: a client gone while the append is in flight still cancels what it started.
     let mut guard = CancelOnDrop {
         log: Arc::clone(&backplane.log),
@@ -96,6 +102,8 @@ pub async fn submit(
         };
     tracing::debug!(%request_id, prompt_tokens = request.prompt_tokens(), "request received");
     Ok(Generation {
+        metrics: RequestMetrics::accepted(request.prompt_tokens()),
+        span,
         request_id,
         updates,
         tracker: IndexTracker::default(),
@@ -116,6 +124,9 @@ pub async fn submit(
 /// A submitted request whose tokens are being read. Dropped before its last update (the client went away), it
 /// appends `Cancelled{reason: "client_disconnected"}`.
 pub struct Generation {
+    /// Declared before `guard`: a client gone counts as cancelled, and the span closes after the last token.
+    metrics: RequestMetrics,
+    span: tracing::Span,
     request_id: String,
     updates: TokenStream,
     tracker: IndexTracker,
@@ -194,9 +205,7 @@ impl Generation {
                 && log_read_due
                 && let Some(progress) = self.catch_up_from_the_log().await?
             {
-                if progress.finish_reason.is_some() {
-                    self.finish();
-                }
+                self.delivered(&progress);
                 return Ok(Some(progress));
             }
             let wait = if self.following_the_log {
@@ -213,6 +222,7 @@ impl Generation {
                     continue;
                 }
                 Err(_elapsed) => {
+                    self.metrics.failed(FailureReason::Deadline);
                     self.cancel("deadline").await;
                     return Err(ApiError::deadline(self.request_timeout.as_secs()));
                 }
@@ -222,6 +232,7 @@ impl Generation {
                     continue;
                 }
                 Ok(None) => {
+                    self.metrics.failed(FailureReason::Unavailable);
                     self.cancel("token_stream_closed").await;
                     return Err(ApiError::unavailable(
                         "The token stream of this request closed before it finished.",
@@ -233,6 +244,7 @@ impl Generation {
                 Accepted::Nothing => continue,
                 Accepted::Failed(reason) => {
                     // The worker recorded the failure on the log; nothing to cancel.
+                    self.metrics.failed(FailureReason::Failed);
                     self.finish();
                     return Err(ApiError::generation_failed(&reason));
                 }
@@ -244,6 +256,7 @@ impl Generation {
                 }
                 Accepted::Lost { expected, got } => {
                     tracing::warn!(request_id = %self.request_id, expected, got, "token updates were lost on the token bus");
+                    self.metrics.failed(FailureReason::TokensLost);
                     self.cancel("token_updates_lost").await;
                     return Err(ApiError::generation_failed(&format!(
                         "the updates for tokens {expected}..{got} were lost on the way from the decode worker (the \
@@ -252,18 +265,28 @@ impl Generation {
                     )));
                 }
                 Accepted::Progress(progress) => {
-                    if let Some(finish_reason) = &progress.finish_reason {
-                        tracing::debug!(
-                            request_id = %self.request_id,
-                            completion_tokens = self.tracker.next_index,
-                            %finish_reason,
-                            "request finished"
-                        );
-                        self.finish();
-                    }
+                    self.delivered(&progress);
                     return Ok(Some(progress));
                 }
             }
+        }
+    }
+
+    /// Counts tokens about to reach the client and, on the last, closes the request.
+    fn delivered(&mut self, progress: &Progress) {
+        self.metrics.tokens(progress.token_ids.len());
+        if let Some(finish_reason) = &progress.finish_reason {
+            self.metrics.succeeded(finish_reason);
+            self.span
+                .record("completion_tokens", self.tracker.next_index);
+            self.span.record("finish_reason", finish_reason.as_str());
+            tracing::debug!(
+                request_id = %self.request_id,
+                completion_tokens = self.tracker.next_index,
+                %finish_reason,
+                "request finished"
+            );
+            self.finish();
         }
     }
 
@@ -281,6 +304,7 @@ impl Generation {
             return Ok(());
         }
         if std::mem::replace(&mut self.ended_seen_on_the_log, true) {
+            self.metrics.failed(FailureReason::Failed);
             self.finish();
             return Err(ApiError::generation_failed(&ended.message));
         }
@@ -340,6 +364,7 @@ impl Generation {
         let mut added = Progress::default();
         for checkpoint in checkpoints {
             let Some(text) = checkpoint.text else {
+                self.metrics.failed(FailureReason::TokensLost);
                 self.cancel("token_updates_lost").await;
                 return Err(ApiError::generation_failed(
                     "token updates were lost on the way from the decode worker, and its checkpoints on the log \
@@ -370,6 +395,7 @@ impl Generation {
                 } else {
                     self.short_completion_reads += 1;
                     if self.short_completion_reads >= MAX_SHORT_COMPLETION_READS {
+                        self.metrics.failed(FailureReason::TokensLost);
                         self.finish();
                         return Err(ApiError::generation_failed(&format!(
                             "the request completed with {} tokens, but only {} reached the gateway or the log's \
@@ -380,10 +406,12 @@ impl Generation {
                 }
             }
             Some(Body::Failed(failed)) => {
+                self.metrics.failed(FailureReason::Failed);
                 self.finish();
                 return Err(ApiError::generation_failed(&failed.message));
             }
             Some(Body::Cancelled(cancelled)) => {
+                self.metrics.failed(FailureReason::Cancelled);
                 self.finish();
                 return Err(ApiError::generation_failed(&format!(
                     "the request was cancelled ({})",

@@ -6,7 +6,7 @@
 //! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
-//! - `logprobs`, `sse`, and `routes/`: the handlers.
+//! - `logprobs`, `sse`, and `routes/`: the handlers; `observe`: a request's span and metrics.
 //!
 //! Invariant: the gateway never detokenizes generated tokens and never decides when generation stops; it passes on
 //! the decode worker's text and finish reason, and every accepted request has a `Received` on the log before any
@@ -16,6 +16,7 @@ mod config;
 mod errors;
 mod generation;
 mod logprobs;
+mod observe;
 mod openai;
 mod reasoning;
 mod routes;
@@ -25,6 +26,8 @@ pub mod template;
 pub mod tokenizer;
 mod validation;
 
-pub use config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_REQUEST_TIMEOUT, GatewayConfig, ReadinessFn};
+pub use config::{
+    DEFAULT_BODY_LIMIT_BYTES, DEFAULT_REQUEST_TIMEOUT, GatewayConfig, MetricsTextFn, ReadinessFn,
+};
 pub use errors::GatewayError;
 pub use server::Gateway;

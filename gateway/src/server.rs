@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use tandem_events::log::EventLog;
 use tandem_events::tokens::TokenBus;
 
-use crate::config::{GatewayConfig, ReadinessFn};
+use crate::config::{GatewayConfig, MetricsTextFn, ReadinessFn};
 use crate::errors::GatewayError;
 use crate::generation::Backplane;
 use crate::routes;
@@ -26,6 +26,8 @@ pub(crate) struct AppState {
     pub tokenizer: PromptTokenizer,
     pub backplane: Backplane,
     pub ready: ReadinessFn,
+    /// What `GET /metrics` serves.
+    pub metrics_text: Option<MetricsTextFn>,
     pub body_limit_bytes: usize,
     /// When this gateway started (the `created` of the model card).
     pub started_unix_s: u64,
@@ -86,6 +88,7 @@ impl Gateway {
                     request_timeout: config.request_timeout,
                 },
                 ready,
+                metrics_text: config.metrics_text,
                 body_limit_bytes: config.body_limit_bytes,
                 started_unix_s: now_unix_s(),
             }),

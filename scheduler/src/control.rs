@@ -12,8 +12,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use opentelemetry::KeyValue;
 use tandem_events::blocks::block_hashes;
 use tandem_events::log::{EventLog, KvBucket};
+use tandem_events::metric_names::{MIGRATIONS, ROUTING_DECISIONS, SCHEDULER_TIMEOUTS};
 use tandem_events::schema::{Body, Failed, Migrated, Routed, WorkerLost};
 use tandem_events::tokens::{TokenBus, TokenUpdate};
 use tandem_events::{Event, EventKind};
@@ -254,7 +256,18 @@ impl Control {
                 &request.request_id,
                 &record,
             )?);
+            let migrated = traced_decision(
+                migrated,
+                "scheduler.migrate",
+                SystemTime::now(),
+                vec![
+                    KeyValue::new("from_worker_id", request.decode_worker_id.clone()),
+                    KeyValue::new("tokens_generated", i64::from(record.tokens_checkpointed)),
+                    KeyValue::new("attempt", i64::from(attempt)),
+                ],
+            );
             self.take(migrated, attempt).await?;
+            metrics::counter!(MIGRATIONS).increment(1);
             summary.migrated += 1;
         }
 
@@ -426,7 +439,20 @@ impl Control {
                 }),
             )
             .with_trace_from(&received);
+            // The span covers the request's wait for this decision: from its `Received` (or its migration) to now.
+            let routed = traced_decision(
+                routed,
+                "scheduler.route",
+                tandem_events::trace::system_time_of(received.timestamp_ns()),
+                vec![
+                    KeyValue::new("decode_worker_id", choice.worker_id.clone()),
+                    KeyValue::new("attempt", i64::from(attempt)),
+                    KeyValue::new("policy", self.config.policy.name()),
+                ],
+            );
             self.take(routed, attempt).await?;
+            metrics::counter!(ROUTING_DECISIONS, "policy" => self.config.policy.name())
+                .increment(1);
             summary.routed += 1;
             let blocks = (record.prompt_tokens + record.tokens_checkpointed).div_ceil(block_size);
             if let Some(load) = candidates
@@ -523,6 +549,7 @@ impl Control {
             )
             .with_trace_from(&self.received_or(reader, &request_id, &record)?);
             self.take(failed, 1).await?;
+            metrics::counter!(SCHEDULER_TIMEOUTS, "reason" => reason).increment(1);
             summary.failed += 1;
             // The client hears it at once; the decode worker frees the request's blocks when it reads the
             // `Failed` from the log.
@@ -539,6 +566,32 @@ impl Control {
         }
         Ok(())
     }
+}
+
+/// Records a decision of the scheduler as a span of its request's trace (a child of the context `event` carries
+/// from the request's `Received`), from `since` to now, and makes `event` carry that span on. The request id and
+/// the scheduler id are attributes beside `attributes`.
+fn traced_decision(
+    event: Event,
+    name: &'static str,
+    since: SystemTime,
+    mut attributes: Vec<KeyValue>,
+) -> Event {
+    let now = SystemTime::now();
+    attributes.push(KeyValue::new("request_id", event.id().to_string()));
+    attributes.push(KeyValue::new(
+        "scheduler_id",
+        event.envelope().emitter.clone(),
+    ));
+    // Another host's clock may run ahead of this one: a span never ends before it starts.
+    let context = tandem_events::trace::record_finished_span(
+        name,
+        event.trace(),
+        since.min(now),
+        now,
+        attributes,
+    );
+    event.with_trace_context(context)
 }
 
 /// The timeout a live request has run past, if any: (reason, message for the client).

@@ -12,6 +12,7 @@ use tandem_events::schema::SamplingParams as WireSampling;
 use tandem_events::tokens::TokenUpdate;
 use tandem_gateway::template::{ChatTemplate, RenderOptions, TemplateMessage};
 use tandem_gateway::tokenizer::PromptTokenizer;
+use tandem_workers::roles::DecodeMetrics;
 use tandem_workers::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
 use tandem_workers::roles::decode::DecodeWorkerConfig;
 use tandem_workers::roles::prefill_rule::{PrefillRule, SharedPrefillRule};
@@ -53,6 +54,7 @@ impl DirectTarget {
             kv_endpoint: None,
             model_fingerprint: 0,
             prefill_queue_depth: Arc::new(AtomicU32::new(0)),
+            metrics: DecodeMetrics::new("direct"),
         };
         let (commands, command_receiver) = std::sync::mpsc::channel();
         let (output_sender, mut outputs) = unbounded_channel();
@@ -130,6 +132,7 @@ impl DirectTarget {
             routed_sequence: 0,
             resumed_token_ids: Vec::new(),
             resumed_logprobs: Vec::new(),
+            span: tracing::Span::none(),
         };
         let (sender, mut updates) = unbounded_channel();
         self.waiters

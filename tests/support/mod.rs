@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod telemetry;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,15 @@ pub struct TandemServe {
 impl TandemServe {
     /// Starts `tandem serve` with `extra_args` and waits until `/ready` answers 200.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> TandemServe {
+        TandemServe::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// [`TandemServe::start`] with environment variables set for the process.
+    pub fn start_with_env(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TandemServe {
         let port = free_port();
         let log_path = data_dir.with_extension("log");
         let log_file = std::fs::File::create(&log_path).expect("server log file");
@@ -40,6 +51,7 @@ impl TandemServe {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -139,13 +151,28 @@ pub fn request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    request_with_headers(port, method, path, body, &[])
+}
+
+/// [`request`] with extra request headers.
+pub fn request_with_headers(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
+         {extra}Connection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut reader = BufReader::new(stream);

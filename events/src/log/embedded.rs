@@ -622,9 +622,12 @@ impl EventLog for EmbeddedLog {
         &self,
         messages: Vec<OutgoingMessage>,
     ) -> Result<Vec<AppendAck>, LogError> {
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         self.inner.send(WriteOp::Append { messages, reply })?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let acks = answer.await.map_err(|_| LogError::Closed)??;
+        crate::metric_names::record_append("embedded", started, acks.len());
+        Ok(acks)
     }
 
     async fn read(

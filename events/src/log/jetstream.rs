@@ -194,13 +194,17 @@ fn log_message(message: &jetstream::Message) -> Result<LogMessage, LogError> {
 #[async_trait]
 impl EventLog for JetStreamLog {
     async fn append(&self, message: OutgoingMessage) -> Result<AppendAck, LogError> {
-        self.publish_retrying(&message).await
+        let started = std::time::Instant::now();
+        let ack = self.publish_retrying(&message).await?;
+        crate::metric_names::record_append("jetstream", started, 1);
+        Ok(ack)
     }
 
     async fn append_batch(
         &self,
         messages: Vec<OutgoingMessage>,
     ) -> Result<Vec<AppendAck>, LogError> {
+        let started = std::time::Instant::now();
         let mut pending = Vec::with_capacity(messages.len());
         for message in &messages {
             let publish = PublishMessage::build()
@@ -228,6 +232,7 @@ impl EventLog for JetStreamLog {
             };
             acks.push(ack);
         }
+        crate::metric_names::record_append("jetstream", started, acks.len());
         Ok(acks)
     }
 

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::errors::ApiError;
 use crate::generation::{Generation, Progress, submit};
 use crate::logprobs::chat_logprobs;
+use crate::observe::request_span;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChatLogprobs, Usage,
@@ -27,9 +30,11 @@ use crate::validation::{ChatPlan, Endpoint, GenerateRequest, finish_request, val
 
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match handle(state, body).await {
+    let span = request_span(&headers, "chat");
+    match handle(state, body, span.clone()).instrument(span).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -38,6 +43,7 @@ pub(crate) async fn chat_completions(
 async fn handle(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
+    span: tracing::Span,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + state.backplane.request_timeout;
     let request: ChatCompletionRequest = parse_body(body, state.body_limit_bytes)?;
@@ -75,7 +81,7 @@ async fn handle(
         reasoning,
         &state.limits,
     )?;
-    let mut generation = submit(&state.backplane, &request, deadline).await?;
+    let mut generation = submit(&state.backplane, &request, deadline, span).await?;
     if request.stream {
         // Wait for the first tokens before answering, so a failure before any token gets its own status.
         let first = generation.next().await?;

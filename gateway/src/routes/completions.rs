@@ -7,13 +7,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::errors::ApiError;
 use crate::generation::{Generation, Progress, submit};
 use crate::logprobs::CompletionLogprobsBuilder;
+use crate::observe::request_span;
 use crate::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
 use crate::routes::parse_body;
 use crate::server::{AppState, now_unix_s};
@@ -24,9 +27,11 @@ use crate::validation::{
 
 pub(crate) async fn completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match handle(state, body).await {
+    let span = request_span(&headers, "completions");
+    match handle(state, body, span.clone()).instrument(span).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -35,6 +40,7 @@ pub(crate) async fn completions(
 async fn handle(
     state: Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
+    span: tracing::Span,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + state.backplane.request_timeout;
     let request: CompletionRequest = parse_body(body, state.body_limit_bytes)?;
@@ -58,7 +64,7 @@ async fn handle(
         None,
         &state.limits,
     )?;
-    let mut generation = submit(&state.backplane, &request, deadline).await?;
+    let mut generation = submit(&state.backplane, &request, deadline, span).await?;
     if request.stream {
         // Wait for the first tokens before answering, so a failure before any token gets its own status.
         let first = generation.next().await?;

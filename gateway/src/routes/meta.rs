@@ -40,14 +40,21 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// The Prometheus exporter is a separate issue; until it lands this says so rather than serving made-up numbers.
-pub(crate) async fn metrics() -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "# tandem metrics are not built yet: the Prometheus exporter is its own issue.\n# No numbers are served until it lands.\n",
-    )
-        .into_response()
+/// The process's metrics in the Prometheus text format; 404 when this process records none (a gateway embedded
+/// without the binary's recorder).
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics_text.as_ref().and_then(|render| render()) {
+        Some(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => ApiError::route_not_found("GET", "/metrics").into_response(),
+    }
 }
 
 pub(crate) async fn route_not_found(method: Method, uri: Uri) -> ApiError {

@@ -29,6 +29,7 @@ use crate::error::EngineError;
 use crate::kv_cache::KvCacheEvent;
 use crate::roles::detokenizer::IncrementalDetokenizer;
 use crate::roles::engine_sampling;
+use crate::roles::observe::DecodeMetrics;
 use crate::roles::prefill_rule::{PrefillRule, SharedPrefillRule};
 use crate::roles::stop::StopMatcher;
 use crate::sampling::{SampledToken, Sampler, TokenLogprobs};
@@ -50,6 +51,9 @@ pub struct Job {
     pub resumed_token_ids: Vec<u32>,
     /// Their sampled logprobs, when the checkpoints carried them (one per token), else empty.
     pub resumed_logprobs: Vec<f32>,
+    /// This attempt's `decode.request` span (continuing the `Routed`'s trace); the events it causes carry it, and
+    /// it ends when the job leaves the engine thread.
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -154,6 +158,8 @@ pub struct BatcherConfig {
     pub model_fingerprint: u64,
     /// Jobs waiting in the prefill queue, kept fresh by the async side.
     pub prefill_queue_depth: Arc<AtomicU32>,
+    /// The worker's metric series (labelled by its id).
+    pub metrics: DecodeMetrics,
 }
 
 enum Phase {
@@ -238,6 +244,12 @@ pub fn run_batcher(
         batcher.admit();
         batcher.step();
         batcher.report_kv_cache_changes();
+        batcher.config.metrics.batch(
+            batcher.running.len(),
+            batcher.waiting.len(),
+            batcher.engine.config().num_blocks,
+            batcher.engine.num_free_blocks(),
+        );
     }
 }
 
@@ -262,8 +274,9 @@ impl Batcher<'_> {
         let _ = self.outputs.send(output);
     }
 
-    fn emit_event(&self, request_id: &str, body: Body, occurrence: u32) {
-        let event = Event::new(request_id, self.config.worker_id.clone(), body);
+    /// Emits an event of the request whose `decode.request` span is `span`; the event carries the span's trace.
+    fn emit_event(&self, request_id: &str, span: &tracing::Span, body: Body, occurrence: u32) {
+        let event = Event::new(request_id, self.config.worker_id.clone(), body).with_trace_of(span);
         self.emit(BatchOutput::Event { event, occurrence });
     }
 
@@ -417,6 +430,10 @@ impl Batcher<'_> {
         let queue_depth = self.config.prefill_queue_depth.load(Ordering::Relaxed);
         let (remote, decision) =
             rule.decide(input_tokens as u32, cached_tokens as u32, queue_depth);
+        self.config
+            .metrics
+            .prefix_cache_lookup(input_tokens as u64, cached_tokens as u64);
+        job.span.record("cached_tokens", cached_tokens);
         let remote_destination = match (&self.config.kv_endpoint, remote) {
             (Some(endpoint), true) => {
                 match ExpectedTransfer::for_sequence(
@@ -451,6 +468,7 @@ impl Batcher<'_> {
             self.emit(BatchOutput::AwaitKv { expected });
             self.emit_event(
                 &job.request_id,
+                &job.span,
                 Body::PrefillQueued(PrefillQueued {
                     decode_worker_id: self.config.worker_id.clone(),
                     decision: Some(decision),
@@ -460,16 +478,21 @@ impl Batcher<'_> {
                 }),
                 job.routed_attempt,
             );
+            self.config.metrics.prefill_decision(true);
+            job.span.record("prefill", "remote");
             Phase::AwaitingKv
         } else {
             self.emit_event(
                 &job.request_id,
+                &job.span,
                 Body::PrefillLocal(PrefillLocal {
                     decode_worker_id: self.config.worker_id.clone(),
                     decision: Some(decision),
                 }),
                 job.routed_attempt,
             );
+            self.config.metrics.prefill_decision(false);
+            job.span.record("prefill", "local");
             Phase::Prefilling
         };
         self.running[index].phase = phase;
@@ -478,6 +501,7 @@ impl Batcher<'_> {
             // checkpoint and `Completed`): nothing to compute; say how it ended and complete it.
             self.emit_event(
                 &job.request_id,
+                &job.span,
                 Body::DecodeStarted(DecodeStarted {
                     decode_worker_id: self.config.worker_id.clone(),
                 }),
@@ -528,8 +552,10 @@ impl Batcher<'_> {
 
     fn fail_job(&self, job: &Job, reason: &str, message: &str) {
         tracing::warn!(request_id = %job.request_id, reason, message, "request failed");
+        job.span.record("finish_reason", "failed");
         self.emit_event(
             &job.request_id,
+            &job.span,
             Body::Failed(Failed {
                 reason: reason.to_string(),
                 message: message.to_string(),
@@ -587,6 +613,7 @@ impl Batcher<'_> {
                 let run = &self.running[index];
                 self.emit_event(
                     &run.job.request_id,
+                    &run.job.span,
                     Body::DecodeStarted(DecodeStarted {
                         decode_worker_id: self.config.worker_id.clone(),
                     }),
@@ -701,6 +728,7 @@ impl Batcher<'_> {
                 let run = &self.running[index];
                 self.emit_event(
                     &run.job.request_id,
+                    &run.job.span,
                     Body::DecodeStarted(DecodeStarted {
                         decode_worker_id: self.config.worker_id.clone(),
                     }),
@@ -827,7 +855,8 @@ impl Batcher<'_> {
         run.checkpointed_tokens = run.generated_token_ids.len();
         let occurrence = checkpoint_occurrence(run.job.routed_attempt, start as u32);
         let request_id = run.job.request_id.clone();
-        self.emit_event(&request_id, body, occurrence);
+        let span = run.job.span.clone();
+        self.emit_event(&request_id, &span, body, occurrence);
     }
 
     fn finish(&mut self, index: usize) {
@@ -835,8 +864,13 @@ impl Batcher<'_> {
         let run = self.running.swap_remove(index);
         self.release(run.sequence_id);
         let finish_reason = run.finish_reason.unwrap_or("length");
+        run.job
+            .span
+            .record("completion_tokens", run.generated_token_ids.len());
+        run.job.span.record("finish_reason", finish_reason);
         self.emit_event(
             &run.job.request_id,
+            &run.job.span,
             Body::Completed(Completed {
                 finish_reason: finish_reason.to_string(),
                 prompt_tokens: run.job.prompt_token_ids.len() as u32,
@@ -891,6 +925,7 @@ mod tests {
             routed_sequence: 0,
             resumed_token_ids: Vec::new(),
             resumed_logprobs: Vec::new(),
+            span: tracing::Span::none(),
         }
     }
 
@@ -913,6 +948,7 @@ mod tests {
             kv_endpoint: None,
             model_fingerprint: 0,
             prefill_queue_depth: Arc::new(AtomicU32::new(0)),
+            metrics: DecodeMetrics::new("test"),
         };
         let (commands, command_receiver) = mpsc::channel();
         let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();

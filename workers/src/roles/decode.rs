@@ -31,6 +31,7 @@ use crate::engine::Engine;
 use crate::kv_cache::KvCacheEvent;
 use crate::roles::batcher::{BatchCommand, BatchOutput, BatcherConfig, Job, run_batcher};
 use crate::roles::membership::{self, Joining};
+use crate::roles::observe::DecodeMetrics;
 use crate::roles::prefill_rule::{
     MAX_LOCAL_PREFILL_TOKENS_KEY, MAX_PREFILL_QUEUE_DEPTH_KEY, PrefillRule, SharedPrefillRule,
 };
@@ -163,6 +164,7 @@ impl DecodeWorker {
                 .as_ref()
                 .map_or(PrefillRule::local_only(), |remote| remote.rule),
         ));
+        let metrics = DecodeMetrics::new(&config.worker_id);
         let mut depth_task = None;
         if remote_prefill.is_some() {
             let prefill_queue = log.consumer(prefill_queue_consumer()).await?;
@@ -174,6 +176,7 @@ impl DecodeWorker {
                 settings,
                 Arc::clone(&prefill_queue_depth),
                 Arc::clone(&prefill_rule),
+                metrics.clone(),
                 stop_receiver.clone(),
             )));
         }
@@ -191,6 +194,7 @@ impl DecodeWorker {
             checkpoint_every_tokens: config.checkpoint_every_tokens.max(1),
             prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
             max_model_len_tokens: engine.model_config().max_position_embeddings,
+            metrics,
         };
         let (command_sender, command_receiver) = std::sync::mpsc::channel();
         let (output_sender, output_receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -322,7 +326,7 @@ async fn intake_routings(
             }
         };
         for delivery in deliveries {
-            match job_for(&delivery, log.as_ref()).await {
+            match job_for(&delivery, log.as_ref(), &worker_id).await {
                 Ok(job) => {
                     // `Some(delivery)` back when a routing of this request is running here already.
                     let not_taken = {
@@ -420,7 +424,11 @@ impl RoutingProblem {
     }
 }
 
-async fn job_for(delivery: &Delivery, log: &dyn EventLog) -> Result<Job, RoutingProblem> {
+async fn job_for(
+    delivery: &Delivery,
+    log: &dyn EventLog,
+    worker_id: &str,
+) -> Result<Job, RoutingProblem> {
     let event = delivery
         .message
         .event()
@@ -467,7 +475,23 @@ async fn job_for(delivery: &Delivery, log: &dyn EventLog) -> Result<Job, Routing
     } else {
         ResumePoint::default()
     };
+    // No parent where it is made: the routing's trace is its parent.
+    let span = tracing::info_span!(
+        parent: None,
+        "decode.request",
+        request_id = %request_id,
+        decode_worker_id = worker_id,
+        attempt = routed_attempt,
+        prompt_tokens = received.prompt_token_ids.len(),
+        resumed_tokens = resumed.token_ids.len(),
+        cached_tokens = tracing::field::Empty,
+        prefill = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty,
+        finish_reason = tracing::field::Empty,
+    );
+    tandem_events::trace::continue_trace(&span, event.trace());
     Ok(Job {
+        span,
         request_id,
         prompt_token_ids: received.prompt_token_ids,
         sampling: received.sampling.unwrap_or_default(),
@@ -774,6 +798,7 @@ async fn track_prefill_queue_depth(
     settings: Box<dyn tandem_events::log::KvBucket>,
     depth: Arc<AtomicU32>,
     rule: Arc<SharedPrefillRule>,
+    metrics: DecodeMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
@@ -793,11 +818,17 @@ async fn track_prefill_queue_depth(
             }
         }
         match prefill_queue.pending().await {
-            Ok(_) if !prefill_alive => depth.store(u32::MAX, Ordering::Relaxed),
-            Ok(pending) => depth.store(
-                u32::try_from(pending).unwrap_or(u32::MAX),
-                Ordering::Relaxed,
-            ),
+            Ok(pending) if !prefill_alive => {
+                metrics.prefill_queue_depth(pending);
+                depth.store(u32::MAX, Ordering::Relaxed)
+            }
+            Ok(pending) => {
+                metrics.prefill_queue_depth(pending);
+                depth.store(
+                    u32::try_from(pending).unwrap_or(u32::MAX),
+                    Ordering::Relaxed,
+                )
+            }
             Err(error) => tracing::debug!(%error, "prefill queue depth unknown"),
         }
         tokio::select! {

@@ -6,6 +6,8 @@ pub mod batcher;
 pub mod decode;
 mod detokenizer;
 mod membership;
+mod observe;
+pub use observe::DecodeMetrics;
 pub mod prefill;
 pub mod prefill_rule;
 mod stop;

@@ -13,7 +13,7 @@
 //! (`KvDtype::DevicePush`, `KV_TRANSFER.md`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tandem_events::Event;
@@ -22,9 +22,11 @@ use tandem_events::schema::{Body, PrefillDone, PrefillQueued, PrefillStarted};
 use tandem_events::subjects::WORKER_HEARTBEAT_TTL;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::engine::{Engine, SequenceId};
 use crate::roles::membership::{self, Joining};
+use crate::roles::observe::PrefillMetrics;
 use crate::roles::{RoleError, engine_sampling, prefill_queue_consumer};
 use crate::sampling::Sampler;
 use crate::transfer::engine_io::export_layer;
@@ -137,6 +139,7 @@ impl PrefillWorker {
             log: Arc::clone(&log),
             transport,
             compute: compute_sender,
+            metrics: PrefillMetrics::new(&config.worker_id),
         };
         let task = tokio::spawn(async move {
             let mut stop_receiver = stop_receiver;
@@ -197,6 +200,7 @@ struct Worker<T> {
     log: Arc<dyn EventLog>,
     transport: Arc<T>,
     compute: std::sync::mpsc::Sender<EngineJob>,
+    metrics: PrefillMetrics,
 }
 
 impl<T: KvTransport> Worker<T> {
@@ -215,6 +219,7 @@ impl<T: KvTransport> Worker<T> {
             return;
         };
         let request_id = event.id().to_string();
+        let span = self.job_span(&event, &job, delivery.delivery_attempt);
         let started = Event::new(
             &request_id,
             self.config.worker_id.clone(),
@@ -223,7 +228,8 @@ impl<T: KvTransport> Worker<T> {
                 delivery_attempt: delivery.delivery_attempt,
             }),
         )
-        .with_trace_from(&event);
+        .with_trace_from(&event)
+        .with_trace_of(&span);
         let occurrences = JobOccurrences::of(delivery.message.sequence);
         if let Err(error) = self
             .log
@@ -237,7 +243,8 @@ impl<T: KvTransport> Worker<T> {
         let delivery = Arc::new(delivery);
         let keep_alive = tokio::spawn(mark_in_progress(Arc::clone(&delivery)));
         let outcome = self
-            .compute_and_send(&request_id, job, &event, occurrences)
+            .compute_and_send(&request_id, job, &event, occurrences, &span)
+            .instrument(span.clone())
             .await;
         keep_alive.abort();
         match outcome {
@@ -261,22 +268,61 @@ impl<T: KvTransport> Worker<T> {
         }
     }
 
+    /// Records the job's wait on the prefill queue (from its `PrefillQueued` to now) as a span and a metric, and
+    /// makes the `prefill.job` span, a child of the decode worker's span that `PrefillQueued` carries.
+    fn job_span(&self, event: &Event, job: &PrefillQueued, delivery_attempt: u32) -> tracing::Span {
+        use opentelemetry::KeyValue;
+        let queued_at = tandem_events::trace::system_time_of(event.timestamp_ns());
+        let now = SystemTime::now();
+        self.metrics
+            .queue_wait(now.duration_since(queued_at).unwrap_or_default());
+        tandem_events::trace::record_finished_span(
+            "prefill.queue_wait",
+            event.trace(),
+            // Another host's clock may run ahead of this one: a span never ends before it starts.
+            queued_at.min(now),
+            now,
+            vec![
+                KeyValue::new("request_id", event.id().to_string()),
+                KeyValue::new("prefill_worker_id", self.config.worker_id.clone()),
+                KeyValue::new("delivery_attempt", i64::from(delivery_attempt)),
+            ],
+        );
+        let span = tracing::info_span!(
+            parent: None,
+            "prefill.job",
+            request_id = %event.id(),
+            prefill_worker_id = %self.config.worker_id,
+            decode_worker_id = %job.decode_worker_id,
+            delivery_attempt,
+            prompt_tokens = job.prompt_token_ids.len(),
+        );
+        tandem_events::trace::continue_trace(&span, event.trace());
+        span
+    }
+
     async fn compute_and_send(
         &self,
         request_id: &str,
         job: PrefillQueued,
         event: &Event,
         occurrences: JobOccurrences,
+        span: &tracing::Span,
     ) -> Result<Vec<OutgoingMessage>, JobFailure> {
         let Some(destination) = job.kv_destination.clone() else {
             return Err(JobFailure::GiveUp("the job has no KV destination".into()));
         };
-        let trace_context = event
-            .envelope()
-            .trace
-            .as_ref()
-            .map(|trace| trace.traceparent.clone())
+        let prompt_tokens = job.prompt_token_ids.len();
+        let trace_context = tandem_events::trace::context_of(span)
+            .map(|context| context.traceparent)
             .unwrap_or_default();
+        let compute_span = tracing::info_span!(
+            parent: span,
+            "prefill.compute",
+            request_id,
+            prompt_tokens,
+            cached_tokens = tracing::field::Empty,
+        );
         let (reply, answer) = oneshot::channel();
         self.compute
             .send(EngineJob::Compute(Box::new(ComputeJob {
@@ -286,52 +332,79 @@ impl<T: KvTransport> Worker<T> {
                 reply,
             })))
             .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
-        let computed = answer
+        let mut computed = answer
+            .instrument(compute_span.clone())
             .await
             .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
             .map_err(JobFailure::GiveUp)?;
+        compute_span.record("cached_tokens", computed.cached_tokens);
+        drop(compute_span);
+        self.metrics.computed(
+            prompt_tokens.saturating_sub(computed.cached_tokens as usize) as u64,
+            Duration::from_nanos(computed.compute_ns),
+        );
 
         let held = computed.device_push.as_ref().map(|push| HeldSequence {
             compute: &self.compute,
             sequence_id: push.sequence_id,
         });
+        let send_span = tracing::info_span!(
+            parent: span,
+            "kv_transfer.send",
+            request_id,
+            decode_worker_id = %destination.decode_worker_id,
+            endpoint = %destination.endpoint,
+            bytes = tracing::field::Empty,
+            blocks = tracing::field::Empty,
+            transport = tracing::field::Empty,
+        );
+        // The receiving end continues this span's trace from the header.
+        if let Some(context) = tandem_events::trace::context_of(&send_span) {
+            computed.header.trace_context = context.traceparent;
+        }
         let started = std::time::Instant::now();
-        let mut outgoing = self
-            .transport
-            .connect(&destination.endpoint, computed.header.clone())
-            .await
-            .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
-        // The header is accepted, so the destination blocks are reserved for this transfer: copy into them.
-        let mut pushed = None;
-        if let Some(push) = &computed.device_push {
-            let (reply, answer) = oneshot::channel();
-            self.compute
-                .send(EngineJob::Push {
-                    sequence_id: push.sequence_id,
-                    pool: push.pool.clone(),
-                    from_token: computed.header.from_token as usize,
-                    block_ids: computed.header.block_ids.clone(),
-                    reply,
-                })
-                .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
-            pushed = Some(
-                answer
-                    .await
-                    .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
-                    .map_err(JobFailure::Retry)?,
-            );
-        }
-        for layer in computed.layers {
-            outgoing
-                .send_layer(layer)
+        let (report, pushed) = async {
+            let mut outgoing = self
+                .transport
+                .connect(&destination.endpoint, computed.header.clone())
                 .await
-                .map_err(|error| JobFailure::Retry(error.to_string()))?;
+                .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+            // The header is accepted, so the destination blocks are reserved for this transfer: copy into them.
+            let mut pushed = None;
+            if let Some(push) = &computed.device_push {
+                let (reply, answer) = oneshot::channel();
+                self.compute
+                    .send(EngineJob::Push {
+                        sequence_id: push.sequence_id,
+                        pool: push.pool.clone(),
+                        from_token: computed.header.from_token as usize,
+                        block_ids: computed.header.block_ids.clone(),
+                        reply,
+                    })
+                    .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?;
+                pushed = Some(
+                    answer
+                        .await
+                        .map_err(|_| JobFailure::Retry("the engine thread is gone".into()))?
+                        .map_err(JobFailure::Retry)?,
+                );
+            }
+            for layer in computed.layers {
+                outgoing
+                    .send_layer(layer)
+                    .await
+                    .map_err(|error| JobFailure::Retry(error.to_string()))?;
+            }
+            let report = outgoing
+                .finish(Some(computed.first_token_id))
+                .await
+                .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+            Ok::<_, JobFailure>((report, pushed))
         }
-        let report = outgoing
-            .finish(Some(computed.first_token_id))
-            .await
-            .map_err(|error| classify(error.to_string(), error.refusal_code()))?;
+        .instrument(send_span.clone())
+        .await?;
         drop(held);
+        report.record_metrics("send");
         let mut transferred =
             report.to_event(&self.config.worker_id, &destination.decode_worker_id);
         // A device push names its path (`cuda_same_device`, `cuda_peer`, `cuda_ipc`) and the bytes it copied;
@@ -341,6 +414,10 @@ impl<T: KvTransport> Worker<T> {
             transferred.duration_ns = started.elapsed().as_nanos() as u64;
             transferred.transport = path.to_owned();
         }
+        send_span.record("bytes", transferred.bytes);
+        send_span.record("blocks", report.blocks);
+        send_span.record("transport", transferred.transport.as_str());
+        drop(send_span);
 
         let done = Event::new(
             request_id,
@@ -353,13 +430,15 @@ impl<T: KvTransport> Worker<T> {
                 first_token_logprob: computed.first_token_logprob,
             }),
         )
-        .with_trace_from(event);
+        .with_trace_from(event)
+        .with_trace_of(span);
         let transferred = Event::new(
             request_id,
             self.config.worker_id.clone(),
             Body::KvTransferred(transferred),
         )
-        .with_trace_from(event);
+        .with_trace_from(event)
+        .with_trace_of(span);
         let to_message = |event: &Event| {
             OutgoingMessage::from_event(event, occurrences.done())
                 .map_err(|error| JobFailure::GiveUp(error.to_string()))

@@ -85,6 +85,17 @@ pub struct TransferReport {
 }
 
 impl TransferReport {
+    /// Counts this transfer in `tandem:kv_transfer_bytes_total` and `tandem:kv_transfer_seconds` for one `side`
+    /// (`send` on the prefill worker, `receive` on the decode worker).
+    pub fn record_metrics(&self, side: &'static str) {
+        use tandem_events::metric_names::{KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS};
+        let transport = self.transport.as_str();
+        metrics::counter!(KV_TRANSFER_BYTES, "side" => side, "transport" => transport)
+            .increment(self.bytes);
+        metrics::histogram!(KV_TRANSFER_SECONDS, "side" => side, "transport" => transport)
+            .record(self.duration_ns as f64 / 1e9);
+    }
+
     /// The `KvTransferred` event body for this transfer.
     pub fn to_event(
         &self,

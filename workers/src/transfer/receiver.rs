@@ -334,6 +334,8 @@ impl Session {
             duration_ns: self.started.elapsed().as_nanos() as u64,
             transport: self.transport,
         };
+        report.record_metrics("receive");
+        record_receive_span(&self.header, &report);
         let request_id = self.header.request_id.clone();
         let received = ReceivedKv {
             header: self.header,
@@ -501,4 +503,31 @@ impl Drop for PendingTransfer {
         // A session already running learns it when it tries to deliver: the receiver end is closed here.
         self.result.close();
     }
+}
+
+/// The receiving end of a transfer as a span of the request's trace: a child of the sender's span, whose context
+/// the header carries, from the header's acceptance to the last layer verified.
+fn record_receive_span(header: &TransferHeader, report: &TransferReport) {
+    use opentelemetry::KeyValue;
+    let carried = tandem_events::schema::TraceContext {
+        traceparent: header.trace_context.clone(),
+        tracestate: String::new(),
+    };
+    let end = std::time::SystemTime::now();
+    let start = end
+        .checked_sub(Duration::from_nanos(report.duration_ns))
+        .unwrap_or(end);
+    tandem_events::trace::record_finished_span(
+        "kv_transfer.receive",
+        Some(&carried),
+        start,
+        end,
+        vec![
+            KeyValue::new("request_id", report.request_id.clone()),
+            KeyValue::new("bytes", report.bytes as i64),
+            KeyValue::new("blocks", i64::from(report.blocks)),
+            KeyValue::new("layers", i64::from(report.layers)),
+            KeyValue::new("transport", report.transport.as_str()),
+        ],
+    );
 }
