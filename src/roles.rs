@@ -30,6 +30,7 @@ use tandem_workers::{
 };
 use tokio::sync::watch;
 
+use crate::api_access::ApiAccessArgs;
 use crate::role_http::{DecodeHttpArgs, PrefillHttpArgs, RoleHttpServer, SchedulerHttpArgs};
 
 /// Where the log is.
@@ -99,6 +100,8 @@ pub struct HttpArgs {
     host: String,
     #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
     port: u16,
+    #[command(flatten)]
+    access: ApiAccessArgs,
 }
 
 #[derive(clap::Args)]
@@ -526,12 +529,13 @@ async fn start_gateway(
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let shape = model_shape(model)?;
-    let config = GatewayConfig::new(
+    let mut config = GatewayConfig::new(
         model.served_model_name.clone(),
         tokenizer_dir(model)?,
         shape.max_position_embeddings as u32,
         shape.vocab_size as u32,
     );
+    http.access.apply(&mut config)?;
     let ready = readiness(Arc::clone(&backbone.log), stop.clone());
     let gateway = Gateway::new(
         config,
@@ -544,10 +548,11 @@ async fn start_gateway(
         .await
         .with_context(|| format!("listening on {address}"))?;
     tracing::info!(%address, "gateway listening");
-    let mut routes = gateway.router();
-    if let Some(extra_routes) = extra_routes {
-        routes = routes.merge(extra_routes);
-    }
+    // The extra routes sit behind the gateway's API keys and limits too.
+    let routes = match extra_routes {
+        Some(extra_routes) => gateway.router_with(extra_routes),
+        None => gateway.router(),
+    };
     let mut stop = stop;
     Ok(tokio::spawn(async move {
         axum::serve(listener, routes)

@@ -4,8 +4,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::AuthConfig;
+use crate::limits::ClientLimits;
+
 /// Largest request body accepted unless configured otherwise: room for a prompt of a few hundred thousand tokens.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 4 << 20;
+/// Largest request line plus headers accepted unless configured otherwise: room for long bearer tokens and
+/// tracing headers, far below hyper's 400 KiB read buffer.
+pub const DEFAULT_HEADER_LIMIT_BYTES: usize = 32 << 10;
 /// Longest a request may run unless configured otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -29,10 +35,14 @@ pub struct GatewayConfig {
     pub body_limit_bytes: usize,
     /// A request still running after this is cancelled (`Cancelled{reason: "deadline"}`) and answered 504.
     pub request_timeout: Duration,
+    /// API keys and the paths open without one.
+    pub auth: AuthConfig,
+    /// Header size and per-key concurrency.
+    pub client_limits: ClientLimits,
 }
 
 impl GatewayConfig {
-    /// A configuration with the default body limit and request timeout and a fresh gateway id.
+    /// A configuration with the default limits and request timeout, no API keys, and a fresh gateway id.
     pub fn new(
         served_model_name: impl Into<String>,
         tokenizer_dir: impl Into<PathBuf>,
@@ -47,6 +57,11 @@ impl GatewayConfig {
             gateway_id: format!("gateway-{}", ulid::Ulid::new()),
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            auth: AuthConfig::default(),
+            client_limits: ClientLimits {
+                max_concurrent_per_key: None,
+                max_header_bytes: DEFAULT_HEADER_LIMIT_BYTES,
+            },
         }
     }
 }

@@ -3,6 +3,7 @@
 //! answers with the decode worker's text (whole or as SSE). A client that goes away cancels its request on the log.
 //!
 //! - `config`: what the binary passes in ([`GatewayConfig`]); `server`: the [`Gateway`] (router, serve);
+//! - `auth`: API keys (401); `limits`: header size (431) and per-key concurrency (429);
 //! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
@@ -12,9 +13,11 @@
 //! the decode worker's text and finish reason, and every accepted request has a `Received` on the log before any
 //! token is awaited.
 
+mod auth;
 mod config;
 mod errors;
 mod generation;
+mod limits;
 mod logprobs;
 mod openai;
 mod reasoning;
@@ -25,6 +28,11 @@ pub mod template;
 pub mod tokenizer;
 mod validation;
 
-pub use config::{DEFAULT_BODY_LIMIT_BYTES, DEFAULT_REQUEST_TIMEOUT, GatewayConfig, ReadinessFn};
+pub use auth::{ApiKeys, AuthConfig};
+pub use config::{
+    DEFAULT_BODY_LIMIT_BYTES, DEFAULT_HEADER_LIMIT_BYTES, DEFAULT_REQUEST_TIMEOUT, GatewayConfig,
+    ReadinessFn,
+};
 pub use errors::GatewayError;
+pub use limits::ClientLimits;
 pub use server::Gateway;

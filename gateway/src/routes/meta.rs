@@ -1,5 +1,5 @@
-//! The endpoints around generation: `GET /v1/models`, `/health`, `/ready`, `/metrics`, and the OpenAI-shaped 404
-//! and 405 for everything else.
+//! The endpoints around generation: `GET /v1/models`, `/health`, `/ready`, `/metrics`, `/openapi.json`, and the
+//! OpenAI-shaped 404 and 405 for everything else.
 
 use std::sync::Arc;
 
@@ -46,6 +46,16 @@ pub(crate) async fn metrics() -> Response {
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "# tandem metrics are not built yet: the Prometheus exporter is its own issue.\n# No numbers are served until it lands.\n",
+    )
+        .into_response()
+}
+
+/// The gateway's own OpenAPI 3 document: hand-written (`gateway/openapi.json`) beside the handlers it describes,
+/// and checked against the router and real answers by `tests/openapi.rs`.
+pub(crate) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
     )
         .into_response()
 }
