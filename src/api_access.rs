@@ -1,13 +1,13 @@
 //! The flags of the gateway's HTTP API that decide who may call it and how much they may send or hold: API keys,
-//! `/metrics` behind a key, per-key concurrency, body and header size, the request deadline (shared by `tandem serve` and `tandem
-//! gateway`).
+//! `/metrics` behind a key, per-key concurrency, body and header size, the request deadline, and how much of a
+//! prompt the log keeps (shared by `tandem serve` and `tandem gateway`).
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use tandem_gateway::{
     ApiKeys, AuthConfig, ClientLimits, DEFAULT_BODY_LIMIT_BYTES, DEFAULT_HEADER_LIMIT_BYTES,
-    DEFAULT_REQUEST_TIMEOUT, GatewayConfig,
+    DEFAULT_REQUEST_TIMEOUT, GatewayConfig, PromptLogging,
 };
 
 /// Who may call the HTTP API and how much of it one client may hold.
@@ -38,6 +38,15 @@ pub struct ApiAccessArgs {
     /// A request still running after this many seconds is cancelled and answered 504.
     #[arg(long, env = "TANDEM_REQUEST_TIMEOUT_S", default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs())]
     request_timeout_s: u64,
+    /// Prompt plus completion may not exceed this many tokens (default: the model's context window); also what a
+    /// request without `max_tokens` generates up to.
+    #[arg(long, env = "TANDEM_MAX_MODEL_LEN")]
+    max_model_len: Option<u32>,
+    /// What `Received` on the log carries of the prompt: `full` (token ids, needed by `replay rerun`), `hash`
+    /// (SHA-256 and length) or `none` (length). With hash or none the ids live in the `tandem-prompts` bucket only
+    /// while the request runs, and such requests are prefilled by their decode worker (never queued on the log).
+    #[arg(long, env = "TANDEM_LOG_PROMPTS", default_value_t = PromptLogging::Full)]
+    log_prompts: PromptLogging,
 }
 
 impl ApiAccessArgs {
@@ -67,6 +76,16 @@ impl ApiAccessArgs {
         };
         config.body_limit_bytes = self.max_body_bytes;
         config.request_timeout = Duration::from_secs(self.request_timeout_s);
+        config.prompt_logging = self.log_prompts;
+        match self.max_model_len {
+            Some(0) => bail!("--max-model-len must be positive"),
+            Some(max_model_len) if max_model_len > config.context_length_tokens => bail!(
+                "--max-model-len {max_model_len} is longer than the model's context window of {} tokens",
+                config.context_length_tokens
+            ),
+            Some(max_model_len) => config.context_length_tokens = max_model_len,
+            None => {}
+        }
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::auth::AuthConfig;
 use crate::limits::ClientLimits;
+use crate::prompt_log::PromptLogging;
 
 /// Largest request body accepted unless configured otherwise: room for a prompt of a few hundred thousand tokens.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 4 << 20;
@@ -39,6 +40,8 @@ pub struct GatewayConfig {
     pub auth: AuthConfig,
     /// Header size and per-key concurrency.
     pub client_limits: ClientLimits,
+    /// What `Received` carries of the prompt (`--log-prompts`).
+    pub prompt_logging: PromptLogging,
 }
 
 impl GatewayConfig {
@@ -62,6 +65,7 @@ impl GatewayConfig {
                 max_concurrent_per_key: None,
                 max_header_bytes: DEFAULT_HEADER_LIMIT_BYTES,
             },
+            prompt_logging: PromptLogging::Full,
         }
     }
 }

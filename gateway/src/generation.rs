@@ -14,6 +14,7 @@ use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
 
 use crate::errors::ApiError;
+use crate::prompt_log::{PromptLogging, PromptRelease, PromptStore};
 use crate::validation::GenerateRequest;
 
 /// What every request needs to reach the rest of tandem.
@@ -23,6 +24,9 @@ pub struct Backplane {
     pub tokens: Arc<dyn TokenBus>,
     pub gateway_id: String,
     pub request_timeout: Duration,
+    /// What `Received` carries of the prompt; the rest goes to `prompt_store` while the request runs.
+    pub prompt_logging: PromptLogging,
+    pub prompt_store: Arc<PromptStore>,
 }
 
 /// New tokens of a request, as the client is to see them.
@@ -56,11 +60,29 @@ pub async fn submit(
         .subscribe(&request_id)
         .await
         .map_err(|error| ApiError::unavailable(format!("The token bus is unavailable: {error}")))?;
+    // A prompt kept off the log is stored first, so that the worker the request is routed to finds it.
+    let prompt_release = match backplane.prompt_logging {
+        PromptLogging::Full => None,
+        PromptLogging::Hash | PromptLogging::None => Some(
+            backplane
+                .prompt_store
+                .put(&request_id, &request.prompt_token_ids)
+                .await?,
+        ),
+    };
+    let (prompt_token_ids, prompt_fingerprint) = match backplane.prompt_logging {
+        PromptLogging::Full => (
+            request.prompt_token_ids.clone(),
+            prompt_sha256(&request.prompt_token_ids),
+        ),
+        PromptLogging::Hash => (Vec::new(), prompt_sha256(&request.prompt_token_ids)),
+        PromptLogging::None => (Vec::new(), Vec::new()),
+    };
     let received = Received {
         model: request.model.clone(),
-        prompt_token_ids: request.prompt_token_ids.clone(),
+        prompt_token_ids,
         prompt_tokens: request.prompt_tokens(),
-        prompt_sha256: prompt_sha256(&request.prompt_token_ids),
+        prompt_sha256: prompt_fingerprint,
         sampling: Some(request.sampling.clone()),
         gateway_id: backplane.gateway_id.clone(),
         stream: request.stream,
@@ -103,6 +125,7 @@ pub async fn submit(
         finished: false,
         received_sequence,
         ended_seen_on_the_log: false,
+        _prompt_release: prompt_release,
     })
 }
 
@@ -120,6 +143,8 @@ pub struct Generation {
     received_sequence: u64,
     /// A stall check found the request's terminal event on the log.
     ended_seen_on_the_log: bool,
+    /// Deletes the stored prompt (redacted logs) when the request ends here.
+    _prompt_release: Option<PromptRelease>,
 }
 
 /// With no update for this long, the log is asked whether the request already ended (its last updates lost).

@@ -3,7 +3,9 @@
 //! answers with the decode worker's text (whole or as SSE). A client that goes away cancels its request on the log.
 //!
 //! - `config`: what the binary passes in ([`GatewayConfig`]); `server`: the [`Gateway`] (router, serve);
+//! - `api_document`: the OpenAPI document (`GET /openapi.json`);
 //! - `auth`: API keys (401); `limits`: header size (431) and per-key concurrency (429);
+//! - `prompt_log`: what `Received` carries of the prompt, and the prompt store for redacted logs;
 //! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
@@ -13,6 +15,7 @@
 //! the decode worker's text and finish reason, and every accepted request has a `Received` on the log before any
 //! token is awaited.
 
+mod api_document;
 mod auth;
 mod config;
 mod errors;
@@ -20,6 +23,7 @@ mod generation;
 mod limits;
 mod logprobs;
 mod openai;
+mod prompt_log;
 mod reasoning;
 mod routes;
 mod server;
@@ -35,4 +39,5 @@ pub use config::{
 };
 pub use errors::GatewayError;
 pub use limits::ClientLimits;
+pub use prompt_log::PromptLogging;
 pub use server::Gateway;

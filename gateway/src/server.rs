@@ -12,11 +12,13 @@ use axum::routing::{get, post};
 use tandem_events::log::EventLog;
 use tandem_events::tokens::TokenBus;
 
+use crate::api_document;
 use crate::auth::{self, AuthConfig};
 use crate::config::{GatewayConfig, ReadinessFn};
 use crate::errors::GatewayError;
 use crate::generation::Backplane;
 use crate::limits::{self, ClientLimits, ConcurrencyLimiter};
+use crate::prompt_log::PromptStore;
 use crate::routes;
 use crate::template::ChatTemplate;
 use crate::tokenizer::PromptTokenizer;
@@ -32,6 +34,8 @@ pub(crate) struct AppState {
     pub body_limit_bytes: usize,
     /// When this gateway started (the `created` of the model card).
     pub started_unix_s: u64,
+    /// `GET /openapi.json`, with the served model's name filled in.
+    pub api_document: String,
 }
 
 /// The OpenAI-compatible HTTP API of one served model.
@@ -66,6 +70,7 @@ impl Gateway {
             return Err(GatewayError::Config("the request timeout is zero".into()));
         }
         let tokenizer = PromptTokenizer::load(&config.tokenizer_dir)?;
+        let api_document = api_document::document(&config.served_model_name)?;
         let template = ChatTemplate::load(&config.tokenizer_dir)?;
         let limits = ModelLimits {
             served_model_name: config.served_model_name,
@@ -80,6 +85,7 @@ impl Gateway {
             eos_token_ids = ?limits.eos_token_ids,
             api_keys = config.auth.api_keys.len(),
             max_concurrent_per_key = ?config.client_limits.max_concurrent_per_key,
+            log_prompts = %config.prompt_logging,
             "gateway ready to serve"
         );
         Ok(Gateway {
@@ -93,14 +99,17 @@ impl Gateway {
                 template,
                 tokenizer,
                 backplane: Backplane {
+                    prompt_store: Arc::new(PromptStore::new(Arc::clone(&log))),
                     log,
                     tokens,
                     gateway_id: config.gateway_id,
                     request_timeout: config.request_timeout,
+                    prompt_logging: config.prompt_logging,
                 },
                 ready,
                 body_limit_bytes: config.body_limit_bytes,
                 started_unix_s: now_unix_s(),
+                api_document,
             }),
         })
     }

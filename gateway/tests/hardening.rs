@@ -454,3 +454,84 @@ async fn every_field_that_sets_a_size_is_bounded() {
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 }
+
+/// `--log-prompts hash|none`: `Received` holds no ids (and no hash with `none`); the prompt sits in the prompt
+/// store while the request runs and is deleted when it ends here.
+#[tokio::test]
+async fn a_redacted_log_holds_no_prompt_ids_and_the_store_holds_the_prompt_only_while_it_runs() {
+    use tandem_events::Body as EventBody;
+    use tandem_events::log::EventLog;
+    use tandem_events::prompts::{PROMPT_BUCKET, PROMPT_TTL, decode_prompt};
+    use tandem_gateway::PromptLogging;
+
+    for logging in [PromptLogging::Hash, PromptLogging::None] {
+        let behaviour = DecoderBehaviour {
+            silent: true,
+            ..DecoderBehaviour::default()
+        };
+        let gateway = TestGateway::start_with(behaviour, |config| {
+            config.prompt_logging = logging;
+        })
+        .await;
+        let in_flight = tokio::spawn(gateway.router.clone().oneshot(post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": [9707, 1879, 13], "max_tokens": 4}),
+            None,
+        )));
+        wait_for_received(&gateway, 1).await;
+        let events = gateway.events().await;
+        let received_event = events
+            .iter()
+            .find(|event| event.kind() == EventKind::Received)
+            .expect("Received");
+        let EventBody::Received(received) = received_event.body() else {
+            unreachable!("filtered on the kind");
+        };
+        assert!(
+            received.prompt_token_ids.is_empty(),
+            "{logging}: {received:?}"
+        );
+        assert_eq!(received.prompt_tokens, 3, "{logging}");
+        let expected_hash_bytes = if logging == PromptLogging::Hash {
+            32
+        } else {
+            0
+        };
+        assert_eq!(
+            received.prompt_sha256.len(),
+            expected_hash_bytes,
+            "{logging}"
+        );
+
+        let store = gateway
+            .log
+            .kv_bucket(PROMPT_BUCKET, PROMPT_TTL)
+            .await
+            .expect("prompt bucket");
+        let stored = store
+            .get(received_event.id())
+            .await
+            .expect("read the store")
+            .expect("the prompt is stored while the request runs");
+        assert_eq!(decode_prompt(&stored, 3), Ok(vec![9707, 1879, 13]));
+
+        // The client goes away: the request ends here and its prompt leaves the store.
+        in_flight.abort();
+        let _ = in_flight.await;
+        let mut stored = Some(stored);
+        for _ in 0..400 {
+            stored = store
+                .get(received_event.id())
+                .await
+                .expect("read the store");
+            if stored.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            stored.is_none(),
+            "{logging}: the prompt outlived its request"
+        );
+    }
+}

@@ -50,12 +50,11 @@ pub(crate) async fn metrics() -> Response {
         .into_response()
 }
 
-/// The gateway's own OpenAPI 3 document: hand-written (`gateway/openapi.json`) beside the handlers it describes,
-/// and checked against the router and real answers by `tests/openapi.rs`.
-pub(crate) async fn openapi() -> Response {
+/// The gateway's own OpenAPI document (see `api_document`).
+pub(crate) async fn openapi(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        include_str!("../../openapi.json"),
+        state.api_document.clone(),
     )
         .into_response()
 }

@@ -22,7 +22,7 @@ use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
 use tandem_events::schema::{Body, Failed, KvBlocksRemoved, KvBlocksStored};
 use tandem_events::subjects::{SETTINGS_BUCKET, WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::TokenBus;
-use tandem_events::{Event, EventKind, subjects};
+use tandem_events::{Event, EventKind, prompts, subjects};
 use tokenizers::Tokenizer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -388,6 +388,8 @@ enum RoutingProblem {
     ReadFailed { request_id: String, reason: String },
     #[error("request {request_id}: reading its Migrated and checkpoints failed: {reason}")]
     ResumeReadFailed { request_id: String, reason: String },
+    #[error("request {request_id}: its prompt is not available: {reason}")]
+    PromptUnavailable { request_id: String, reason: String },
 }
 
 impl RoutingProblem {
@@ -403,7 +405,8 @@ impl RoutingProblem {
         match self {
             RoutingProblem::ReceivedMissing { request_id }
             | RoutingProblem::ReadFailed { request_id, .. }
-            | RoutingProblem::ResumeReadFailed { request_id, .. } => Some(request_id.clone()),
+            | RoutingProblem::ResumeReadFailed { request_id, .. }
+            | RoutingProblem::PromptUnavailable { request_id, .. } => Some(request_id.clone()),
             RoutingProblem::Malformed(_) | RoutingProblem::NotRouted(_) => None,
         }
     }
@@ -456,15 +459,54 @@ async fn job_for(delivery: &Delivery, log: &dyn EventLog) -> Result<Job, Routing
     } else {
         ResumePoint::default()
     };
+    let prompt_redacted = prompts::prompt_is_redacted(&received);
+    let prompt_token_ids = if prompt_redacted {
+        stored_prompt(log, &request_id, received.prompt_tokens).await?
+    } else {
+        received.prompt_token_ids
+    };
     Ok(Job {
         request_id,
-        prompt_token_ids: received.prompt_token_ids,
+        prompt_token_ids,
+        prompt_redacted,
         sampling: received.sampling.unwrap_or_default(),
         routed_attempt,
         routed_sequence: delivery.message.sequence,
         resumed_token_ids: resumed.token_ids,
         resumed_logprobs: resumed.logprobs,
     })
+}
+
+/// The prompt of a request whose `Received` leaves it off the log (`--log-prompts hash|none`), from the prompt
+/// store, where its gateway keeps it while the request runs.
+async fn stored_prompt(
+    log: &dyn EventLog,
+    request_id: &str,
+    prompt_tokens: u32,
+) -> Result<Vec<u32>, RoutingProblem> {
+    let read_failed = |error: tandem_events::log::LogError| RoutingProblem::ReadFailed {
+        request_id: request_id.to_string(),
+        reason: format!(
+            "reading its prompt from the {} bucket: {error}",
+            prompts::PROMPT_BUCKET
+        ),
+    };
+    let bucket = log
+        .kv_bucket(prompts::PROMPT_BUCKET, prompts::PROMPT_TTL)
+        .await
+        .map_err(read_failed)?;
+    let stored = bucket.get(request_id).await.map_err(read_failed)?;
+    let unavailable = |reason: String| RoutingProblem::PromptUnavailable {
+        request_id: request_id.to_string(),
+        reason,
+    };
+    let stored = stored.ok_or_else(|| {
+        unavailable(format!(
+            "the log is redacted (--log-prompts hash|none) and the {} bucket no longer holds the prompt (the request ended at its gateway, or the entry expired)",
+            prompts::PROMPT_BUCKET
+        ))
+    })?;
+    prompts::decode_prompt(&stored, prompt_tokens).map_err(|error| unavailable(error.to_string()))
 }
 
 /// The generated tokens a migrated request continues after.
