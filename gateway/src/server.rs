@@ -70,7 +70,6 @@ impl Gateway {
             return Err(GatewayError::Config("the request timeout is zero".into()));
         }
         let tokenizer = PromptTokenizer::load(&config.tokenizer_dir)?;
-        let api_document = api_document::document(&config.served_model_name)?;
         let template = ChatTemplate::load(&config.tokenizer_dir)?;
         let limits = ModelLimits {
             served_model_name: config.served_model_name,
@@ -79,6 +78,7 @@ impl Gateway {
             vocab_size: config.vocab_size.min(tokenizer.vocab_size()),
             eos_token_ids: tokenizer.eos_token_ids().to_vec(),
         };
+        let api_document = api_document::document(&limits)?;
         tracing::info!(
             model = %limits.served_model_name,
             context_length_tokens = limits.context_length_tokens,

@@ -7,7 +7,7 @@ mod support;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use serde_json::{Value, json};
-use support::{MODEL, TestGateway};
+use support::{CONTEXT_LENGTH_TOKENS, MODEL, TestGateway};
 use tower::ServiceExt;
 
 async fn document(gateway: &TestGateway) -> Value {
@@ -34,6 +34,22 @@ async fn every_documented_operation_answers_as_documented() {
     let gateway = TestGateway::start().await;
     let document = document(&gateway).await;
     assert_eq!(document["openapi"], "3.1.0");
+    // What depends on the served model is filled in.
+    let chat_request = &document["components"]["schemas"]["ChatCompletionRequest"]["properties"];
+    assert_eq!(chat_request["model"]["enum"], json!([MODEL, null]));
+    assert_eq!(
+        chat_request["max_tokens"]["maximum"],
+        json!(CONTEXT_LENGTH_TOKENS - 1)
+    );
+    assert_eq!(
+        chat_request["messages"]["maxItems"],
+        json!(CONTEXT_LENGTH_TOKENS)
+    );
+    // Ids must be embedding rows (151,936) and known to the tokenizer (151,669 ids): the smaller bound.
+    assert_eq!(
+        chat_request["stop_token_ids"]["items"]["maximum"],
+        json!(151_668)
+    );
     let paths = document["paths"].as_object().expect("paths");
     let bodies = [
         (
