@@ -17,6 +17,7 @@ pub struct ApiAccessArgs {
     /// `/health`, `/ready` and `/openapi.json` never need a key. Held in memory only as SHA-256 digests.
     #[arg(
         long = "api-key",
+        value_name = "KEY",
         env = "TANDEM_API_KEYS",
         value_delimiter = ',',
         hide_env_values = true
