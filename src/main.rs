@@ -1,5 +1,6 @@
 //! The `tandem` binary: one CLI dispatching to every role (DESIGN.md §7).
 
+mod api_access;
 mod bench_kv_cuda;
 mod bench_log;
 mod bench_pd;

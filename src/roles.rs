@@ -30,6 +30,7 @@ use tandem_workers::{
 };
 use tokio::sync::watch;
 
+use crate::api_access::ApiAccessArgs;
 use crate::role_http::{DecodeHttpArgs, PrefillHttpArgs, RoleHttpServer, SchedulerHttpArgs};
 
 /// Where the log is.
@@ -99,6 +100,8 @@ pub struct HttpArgs {
     host: String,
     #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
     port: u16,
+    #[command(flatten)]
+    access: ApiAccessArgs,
 }
 
 #[derive(clap::Args)]
@@ -533,6 +536,7 @@ async fn start_gateway(
         shape.vocab_size as u32,
     );
     config.metrics_text = Some(Arc::new(crate::telemetry::prometheus_text));
+    http.access.apply(&mut config)?;
     let ready = readiness(Arc::clone(&backbone.log), stop.clone());
     let gateway = Gateway::new(
         config,
@@ -545,10 +549,11 @@ async fn start_gateway(
         .await
         .with_context(|| format!("listening on {address}"))?;
     tracing::info!(%address, "gateway listening");
-    let mut routes = gateway.router();
-    if let Some(extra_routes) = extra_routes {
-        routes = routes.merge(extra_routes);
-    }
+    // The extra routes sit behind the gateway's API keys and limits too.
+    let routes = match extra_routes {
+        Some(extra_routes) => gateway.router_with(extra_routes),
+        None => gateway.router(),
+    };
     let mut stop = stop;
     Ok(tokio::spawn(async move {
         axum::serve(listener, routes)

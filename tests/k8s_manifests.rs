@@ -199,7 +199,7 @@ fn help_options(role: &str) -> BTreeMap<String, HelpOption> {
             block.push_str(line.trim());
         }
     }
-    let between = |block: &str, start: &str, end: char| {
+    let between = |block: &str, start: &str, end: &[char]| {
         block.find(start).map(|at| {
             let rest = &block[at + start.len()..];
             rest[..rest.find(end).expect("closed")].to_string()
@@ -215,8 +215,9 @@ fn help_options(role: &str) -> BTreeMap<String, HelpOption> {
             Some((
                 flag,
                 HelpOption {
-                    env: between(block, "[env: ", '='),
-                    default: between(block, "[default: ", ']'),
+                    // A secret's value is hidden (`[env: TANDEM_API_KEYS]`, no `=`).
+                    env: between(block, "[env: ", &['=', ']']),
+                    default: between(block, "[default: ", &[']']),
                 },
             ))
         })

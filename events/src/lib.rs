@@ -5,6 +5,7 @@
 //! - [`subjects`]: subject names and wildcard matching;
 //! - [`lifecycle`]: which event may follow which in a request's life;
 //! - [`log`]: the [`log::EventLog`] trait with its JetStream and embedded backends;
+//! - [`prompts`]: the short-lived store of prompts kept off a redacted log;
 //! - [`tokens`]: token updates from decode workers to gateways (NATS core or in-process);
 //! - [`nats_server`]: starting a real nats-server for tests and local runs;
 //! - [`trace`]: the W3C trace context that rides in every event; [`metric_names`]: the Prometheus metrics.
@@ -18,6 +19,7 @@ pub mod lifecycle;
 pub mod log;
 pub mod metric_names;
 pub mod nats_server;
+pub mod prompts;
 pub mod schema;
 pub mod subjects;
 pub mod tokens;

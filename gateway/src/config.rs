@@ -4,8 +4,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::AuthConfig;
+use crate::limits::ClientLimits;
+use crate::prompt_log::PromptLogging;
+
 /// Largest request body accepted unless configured otherwise: room for a prompt of a few hundred thousand tokens.
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 4 << 20;
+/// Largest request line plus headers accepted unless configured otherwise: room for long bearer tokens and
+/// tracing headers, far below hyper's 400 KiB read buffer.
+pub const DEFAULT_HEADER_LIMIT_BYTES: usize = 32 << 10;
 /// Longest a request may run unless configured otherwise.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -34,10 +41,16 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// What `GET /metrics` serves (the binary's Prometheus recorder); `None`: 404, nothing recorded here.
     pub metrics_text: Option<MetricsTextFn>,
+    /// API keys and the paths open without one.
+    pub auth: AuthConfig,
+    /// Header size and per-key concurrency.
+    pub client_limits: ClientLimits,
+    /// What `Received` carries of the prompt (`--log-prompts`).
+    pub prompt_logging: PromptLogging,
 }
 
 impl GatewayConfig {
-    /// A configuration with the default body limit and request timeout and a fresh gateway id.
+    /// A configuration with the default limits and request timeout, no API keys, and a fresh gateway id.
     pub fn new(
         served_model_name: impl Into<String>,
         tokenizer_dir: impl Into<PathBuf>,
@@ -53,6 +66,12 @@ impl GatewayConfig {
             body_limit_bytes: DEFAULT_BODY_LIMIT_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             metrics_text: None,
+            auth: AuthConfig::default(),
+            client_limits: ClientLimits {
+                max_concurrent_per_key: None,
+                max_header_bytes: DEFAULT_HEADER_LIMIT_BYTES,
+            },
+            prompt_logging: PromptLogging::Full,
         }
     }
 }

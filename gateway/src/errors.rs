@@ -75,7 +75,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!(
-                "No route for {method} {path}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /ready, GET /metrics."
+                "No route for {method} {path}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /ready, GET /metrics, GET /openapi.json."
             ),
             error_type: "not_found_error",
             param: None,

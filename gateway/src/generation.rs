@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::errors::ApiError;
 use crate::observe::{FailureReason, RequestMetrics};
+use crate::prompt_log::{PromptLogging, PromptRelease, PromptStore};
 use crate::validation::GenerateRequest;
 
 /// What every request needs to reach the rest of tandem.
@@ -26,6 +27,9 @@ pub struct Backplane {
     pub tokens: Arc<dyn TokenBus>,
     pub gateway_id: String,
     pub request_timeout: Duration,
+    /// What `Received` carries of the prompt; the rest goes to `prompt_store` while the request runs.
+    pub prompt_logging: PromptLogging,
+    pub prompt_store: Arc<PromptStore>,
 }
 
 /// New tokens of a request, as the client is to see them.
@@ -63,11 +67,29 @@ pub async fn submit(
         .subscribe(&request_id)
         .await
         .map_err(|error| ApiError::unavailable(format!("The token bus is unavailable: {error}")))?;
+    // A prompt kept off the log is stored first, so that the worker the request is routed to finds it.
+    let prompt_release = match backplane.prompt_logging {
+        PromptLogging::Full => None,
+        PromptLogging::Hash | PromptLogging::None => Some(
+            backplane
+                .prompt_store
+                .put(&request_id, &request.prompt_token_ids)
+                .await?,
+        ),
+    };
+    let (prompt_token_ids, prompt_fingerprint) = match backplane.prompt_logging {
+        PromptLogging::Full => (
+            request.prompt_token_ids.clone(),
+            prompt_sha256(&request.prompt_token_ids),
+        ),
+        PromptLogging::Hash => (Vec::new(), prompt_sha256(&request.prompt_token_ids)),
+        PromptLogging::None => (Vec::new(), Vec::new()),
+    };
     let received = Received {
         model: request.model.clone(),
-        prompt_token_ids: request.prompt_token_ids.clone(),
+        prompt_token_ids,
         prompt_tokens: request.prompt_tokens(),
-        prompt_sha256: prompt_sha256(&request.prompt_token_ids),
+        prompt_sha256: prompt_fingerprint,
         sampling: Some(request.sampling.clone()),
         gateway_id: backplane.gateway_id.clone(),
         stream: request.stream,
@@ -118,6 +140,7 @@ pub async fn submit(
         following_the_log: false,
         short_completion_reads: 0,
         last_log_read: None,
+        _prompt_release: prompt_release,
     })
 }
 
@@ -146,6 +169,8 @@ pub struct Generation {
     short_completion_reads: u32,
     /// When the log was last read for checkpoints (at most once per `LOG_POLL`, however fast updates come).
     last_log_read: Option<Instant>,
+    /// Deletes the stored prompt (redacted logs) when the request ends here.
+    _prompt_release: Option<PromptRelease>,
 }
 
 /// With no update for this long, the log is asked whether the request already ended (its last updates lost).

@@ -13,6 +13,10 @@ use crate::template::TemplateMessage;
 
 /// Most stop strings a request may give (OpenAI allows 4; vLLM more).
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes: the decode worker holds back this much text per request while matching.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most stop token ids a request may give (each is compared with every generated token).
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 /// Most alternatives per token a request may ask for.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -155,6 +159,19 @@ pub fn validate_chat(
         }
         Some(messages) => messages,
     };
+    // Every message renders to at least its role markers, one token or more: more messages than the context
+    // window holds tokens cannot fit, and are refused before the template copies any of them.
+    if messages.len() > limits.context_length_tokens as usize {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!(
+                "This model's maximum context length is {} tokens, and `messages` holds {} messages, each of which takes at least one token. Please send fewer messages.",
+                limits.context_length_tokens,
+                messages.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
     let messages = messages
         .iter()
         .enumerate()
@@ -478,6 +495,18 @@ fn check_prompt_ids(ids: &[i64], limits: &ModelLimits) -> Result<Vec<u32>, ApiEr
             "`prompt` must not be empty.",
         ));
     }
+    // Refused before the ids are copied: a prompt that fills the window leaves no room for the completion.
+    if ids.len() >= limits.context_length_tokens as usize {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!(
+                "This model's maximum context length is {} tokens. However, your prompt has {} tokens, which leaves no room for the completion. Please reduce the length of the prompt.",
+                limits.context_length_tokens,
+                ids.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
     ids.iter()
         .enumerate()
         .map(|(position, &id)| {
@@ -582,10 +611,10 @@ fn check_sampling(
         }
         Some(seed) => Some(seed as u64),
     };
-    let stop_strings = match input.stop {
-        None => Vec::new(),
-        Some(StopField::One(stop)) => vec![stop.clone()],
-        Some(StopField::Many(stops)) => stops.clone(),
+    let stop_strings: &[String] = match input.stop {
+        None => &[],
+        Some(StopField::One(stop)) => std::slice::from_ref(stop),
+        Some(StopField::Many(stops)) => stops,
     };
     if stop_strings.len() > MAX_STOP_STRINGS {
         return Err(ApiError::invalid_param(
@@ -602,9 +631,33 @@ fn check_sampling(
             "`stop` strings must not be empty.",
         ));
     }
+    if let Some(long) = stop_strings
+        .iter()
+        .find(|stop| stop.len() > MAX_STOP_STRING_BYTES)
+    {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!(
+                "`stop` strings may be at most {MAX_STOP_STRING_BYTES} bytes long (got one of {} bytes).",
+                long.len()
+            ),
+        ));
+    }
+    let stop_strings = stop_strings.to_vec();
     let ignore_eos = input.ignore_eos.unwrap_or(false);
+    let requested_stop_token_ids = input.stop_token_ids.unwrap_or(&[]);
+    // Checked before the ids are copied or deduplicated (which is quadratic in their number).
+    if requested_stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid_param(
+            "stop_token_ids",
+            format!(
+                "`stop_token_ids` may hold at most {MAX_STOP_TOKEN_IDS} ids (got {}).",
+                requested_stop_token_ids.len()
+            ),
+        ));
+    }
     let mut stop_token_ids: Vec<u32> = Vec::new();
-    for &id in input.stop_token_ids.unwrap_or(&[]) {
+    for &id in requested_stop_token_ids {
         let id = u32::try_from(id)
             .ok()
             .filter(|&id| id < limits.vocab_size)

@@ -68,8 +68,13 @@ impl RerunPlan {
             hint: " (no Received event for it was read)".into(),
         })?;
         if received.prompt_token_ids.is_empty() {
+            let kept = if received.prompt_sha256.is_empty() {
+                "only the prompt's length"
+            } else {
+                "only the prompt's SHA-256 and length"
+            };
             return Err(not_rerunnable(format!(
-                "the log is redacted: Received holds only the prompt's hash and length ({} tokens)",
+                "the log is redacted (the gateway ran with --log-prompts hash or none): Received holds {kept} ({} tokens), not the token ids a rerun feeds the model; `timeline` and `stats` still work, and a rerun needs a log written with --log-prompts full",
                 received.prompt_tokens
             )));
         }

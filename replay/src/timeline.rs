@@ -164,6 +164,23 @@ pub async fn read_request(
     Ok(messages)
 }
 
+/// On a redacted log (`--log-prompts hash|none`), what is there of the prompt instead of its ids.
+fn redaction_note(received: &tandem_events::schema::Received) -> String {
+    if !tandem_events::prompts::prompt_is_redacted(received) {
+        return String::new();
+    }
+    if received.prompt_sha256.is_empty() {
+        "; prompt not on the log (length only)".to_string()
+    } else {
+        let hex: String = received
+            .prompt_sha256
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        format!("; prompt not on the log, sha256 {hex}")
+    }
+}
+
 fn describe(body: &Body) -> String {
     match body {
         Body::Received(received) => {
@@ -183,7 +200,7 @@ fn describe(body: &Body) -> String {
                     &received.endpoint
                 },
                 received.gateway_id
-            )
+            ) + &redaction_note(received)
         }
         Body::Routed(routed) => format!(
             "→ {} (attempt {}, {}{})",

@@ -133,6 +133,7 @@ impl DirectTarget {
             resumed_token_ids: Vec::new(),
             resumed_logprobs: Vec::new(),
             span: tracing::Span::none(),
+            prompt_redacted: false,
         };
         let (sender, mut updates) = unbounded_channel();
         self.waiters

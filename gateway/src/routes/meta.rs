@@ -1,5 +1,5 @@
-//! The endpoints around generation: `GET /v1/models`, `/health`, `/ready`, `/metrics`, and the OpenAI-shaped 404
-//! and 405 for everything else.
+//! The endpoints around generation: `GET /v1/models`, `/health`, `/ready`, `/metrics`, `/openapi.json`, and the
+//! OpenAI-shaped 404 and 405 for everything else.
 
 use std::sync::Arc;
 
@@ -55,6 +55,15 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .into_response(),
         None => ApiError::route_not_found("GET", "/metrics").into_response(),
     }
+}
+
+/// The gateway's own OpenAPI document (see `api_document`).
+pub(crate) async fn openapi(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.api_document.clone(),
+    )
+        .into_response()
 }
 
 pub(crate) async fn route_not_found(method: Method, uri: Uri) -> ApiError {

@@ -41,6 +41,9 @@ use crate::transfer::{ExpectedTransfer, ReceivedKv};
 pub struct Job {
     pub request_id: String,
     pub prompt_token_ids: Vec<u32>,
+    /// The log must not hold the prompt (`--log-prompts hash|none`): prefilled here, never put on the prefill
+    /// queue, whose `PrefillQueued` carries the ids.
+    pub prompt_redacted: bool,
     pub sampling: WireSampling,
     /// The `Routed.attempt` this job came from; numbers the dedup ids of the events it causes.
     pub routed_attempt: u32,
@@ -421,8 +424,9 @@ impl Batcher<'_> {
         let job = self.running[index].job.clone();
         let input_tokens = prompt_tokens + job.resumed_token_ids.len();
         let cached_tokens = self.engine.cached_prompt_tokens(sequence_id).unwrap_or(0);
-        let remote_allowed =
-            ended.is_none() && (job.resumed_token_ids.is_empty() || !job.samples_randomly());
+        let remote_allowed = ended.is_none()
+            && !job.prompt_redacted
+            && (job.resumed_token_ids.is_empty() || !job.samples_randomly());
         let rule = match self.config.kv_endpoint {
             Some(_) if remote_allowed => self.config.prefill_rule.get(),
             _ => PrefillRule::local_only(),
@@ -926,6 +930,7 @@ mod tests {
             resumed_token_ids: Vec::new(),
             resumed_logprobs: Vec::new(),
             span: tracing::Span::none(),
+            prompt_redacted: false,
         }
     }
 

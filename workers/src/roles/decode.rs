@@ -22,7 +22,7 @@ use tandem_events::log::{ConsumerConfig, Delivery, EventLog, StartAt};
 use tandem_events::schema::{Body, Failed, KvBlocksRemoved, KvBlocksStored};
 use tandem_events::subjects::{SETTINGS_BUCKET, WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::TokenBus;
-use tandem_events::{Event, EventKind, subjects};
+use tandem_events::{Event, EventKind, prompts, subjects};
 use tokenizers::Tokenizer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -403,6 +403,8 @@ enum RoutingProblem {
     ReadFailed { request_id: String, reason: String },
     #[error("request {request_id}: reading its Migrated and checkpoints failed: {reason}")]
     ResumeReadFailed { request_id: String, reason: String },
+    #[error("request {request_id}: its prompt is not available: {reason}")]
+    PromptUnavailable { request_id: String, reason: String },
 }
 
 impl RoutingProblem {
@@ -418,7 +420,8 @@ impl RoutingProblem {
         match self {
             RoutingProblem::ReceivedMissing { request_id }
             | RoutingProblem::ReadFailed { request_id, .. }
-            | RoutingProblem::ResumeReadFailed { request_id, .. } => Some(request_id.clone()),
+            | RoutingProblem::ResumeReadFailed { request_id, .. }
+            | RoutingProblem::PromptUnavailable { request_id, .. } => Some(request_id.clone()),
             RoutingProblem::Malformed(_) | RoutingProblem::NotRouted(_) => None,
         }
     }
@@ -475,6 +478,12 @@ async fn job_for(
     } else {
         ResumePoint::default()
     };
+    let prompt_redacted = prompts::prompt_is_redacted(&received);
+    let prompt_token_ids = if prompt_redacted {
+        stored_prompt(log, &request_id, received.prompt_tokens).await?
+    } else {
+        received.prompt_token_ids
+    };
     // No parent where it is made: the routing's trace is its parent.
     let span = tracing::info_span!(
         parent: None,
@@ -482,7 +491,7 @@ async fn job_for(
         request_id = %request_id,
         decode_worker_id = worker_id,
         attempt = routed_attempt,
-        prompt_tokens = received.prompt_token_ids.len(),
+        prompt_tokens = prompt_token_ids.len(),
         resumed_tokens = resumed.token_ids.len(),
         cached_tokens = tracing::field::Empty,
         prefill = tracing::field::Empty,
@@ -493,13 +502,46 @@ async fn job_for(
     Ok(Job {
         span,
         request_id,
-        prompt_token_ids: received.prompt_token_ids,
+        prompt_token_ids,
+        prompt_redacted,
         sampling: received.sampling.unwrap_or_default(),
         routed_attempt,
         routed_sequence: delivery.message.sequence,
         resumed_token_ids: resumed.token_ids,
         resumed_logprobs: resumed.logprobs,
     })
+}
+
+/// The prompt of a request whose `Received` leaves it off the log (`--log-prompts hash|none`), from the prompt
+/// store, where its gateway keeps it while the request runs.
+async fn stored_prompt(
+    log: &dyn EventLog,
+    request_id: &str,
+    prompt_tokens: u32,
+) -> Result<Vec<u32>, RoutingProblem> {
+    let read_failed = |error: tandem_events::log::LogError| RoutingProblem::ReadFailed {
+        request_id: request_id.to_string(),
+        reason: format!(
+            "reading its prompt from the {} bucket: {error}",
+            prompts::PROMPT_BUCKET
+        ),
+    };
+    let bucket = log
+        .kv_bucket(prompts::PROMPT_BUCKET, prompts::PROMPT_TTL)
+        .await
+        .map_err(read_failed)?;
+    let stored = bucket.get(request_id).await.map_err(read_failed)?;
+    let unavailable = |reason: String| RoutingProblem::PromptUnavailable {
+        request_id: request_id.to_string(),
+        reason,
+    };
+    let stored = stored.ok_or_else(|| {
+        unavailable(format!(
+            "the log is redacted (--log-prompts hash|none) and the {} bucket no longer holds the prompt (the request ended at its gateway, or the entry expired)",
+            prompts::PROMPT_BUCKET
+        ))
+    })?;
+    prompts::decode_prompt(&stored, prompt_tokens).map_err(|error| unavailable(error.to_string()))
 }
 
 /// The generated tokens a migrated request continues after.
