@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -53,6 +54,8 @@ async fn keyed_gateway(behaviour: DecoderBehaviour, metrics_require_key: bool) -
             metrics_require_key,
         };
         config.client_limits.max_concurrent_per_key = Some(1);
+        // As the binary's Prometheus recorder would (without one, `/metrics` is a 404).
+        config.metrics_text = Some(Arc::new(|| Some("tandem:requests_total 0\n".to_string())));
     })
     .await
 }
