@@ -4,6 +4,7 @@ mod bench_log;
 mod bench_pd;
 mod bench_routing;
 mod generate;
+mod nats_args;
 mod replay_cli;
 mod role_http;
 mod roles;

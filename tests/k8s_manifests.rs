@@ -202,7 +202,8 @@ fn help_options(role: &str) -> BTreeMap<String, HelpOption> {
     let between = |block: &str, start: &str, end: char| {
         block.find(start).map(|at| {
             let rest = &block[at + start.len()..];
-            rest[..rest.find(end).expect("closed")].to_string()
+            // `[env: NAME]` without `=`: a secret whose value help hides.
+            rest[..rest.find([end, ']']).expect("closed")].to_string()
         })
     };
     blocks
