@@ -6,7 +6,8 @@
 //! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
-//! - `logprobs`, `sse`, and `routes/`: the handlers.
+//! - `logprobs`, `sse`, and `routes/`: the handlers; [`prompt_input`]: a chat body to prompt ids without a server
+//!   (fuzzing).
 //!
 //! Invariant: the gateway never detokenizes generated tokens and never decides when generation stops; it passes on
 //! the decode worker's text and finish reason, and every accepted request has a `Received` on the log before any
@@ -17,6 +18,7 @@ mod errors;
 mod generation;
 mod logprobs;
 mod openai;
+pub mod prompt_input;
 mod reasoning;
 mod routes;
 mod server;
