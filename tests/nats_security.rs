@@ -314,7 +314,7 @@ fn roles_connect_over_tls_with_a_custom_ca_and_refuse_an_unknown_server() {
     // With the CA but no client certificate the server refuses the client.
     let no_client_cert =
         run_to_failure(&["gateway", "--nats", &url], &[("TANDEM_NATS_TLS_CA", &ca)]);
-    assert_contains(&no_client_cert, &format!("at {url}"));
+    assert_contains(&no_client_cert, &format!("TLS to NATS at {url} failed"));
     let half_given = run_to_failure(
         &[
             "scheduler",

@@ -203,6 +203,30 @@ mod tests {
         assert!(!by_token.identity().contains("t0ken"));
     }
 
+    #[tokio::test]
+    async fn missing_credential_and_certificate_files_are_named_before_any_connection() {
+        // Port 1 on loopback: nothing listens, so an error naming the file proves no connection was tried first.
+        let url = "nats://127.0.0.1:1";
+        let creds = NatsConnectOptions {
+            auth: NatsAuth::CredentialsFile("/nonexistent/tandem.creds".into()),
+            ..Default::default()
+        };
+        let error = creds.connect(url).await.unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/tandem.creds"), "{error}");
+        let ca = NatsConnectOptions {
+            tls: NatsTls {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                client_cert_and_key: None,
+            },
+            ..Default::default()
+        };
+        let error = ca.connect(url).await.unwrap_err().to_string();
+        assert!(
+            error.contains("NATS TLS CA file") && error.contains("/nonexistent/ca.pem"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn a_seed_file_without_a_seed_is_refused_before_connecting() {
         let dir = tempfile::tempdir().unwrap();
