@@ -110,27 +110,43 @@ impl NatsConnectOptions {
         let reason = error.to_string();
         match error.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                let identity = match self.auth {
+                    // `nats://user:password@host` carries its own credentials.
+                    NatsAuth::None if url.contains('@') => "the credentials in the URL".to_string(),
+                    _ => self.identity(),
+                };
                 LogError::Authorization {
-                    url: url.to_string(),
-                    identity: self.identity(),
+                    url: redact_url(url),
+                    identity,
                     reason,
                 }
             }
             ConnectErrorKind::Tls => LogError::Tls {
-                url: url.to_string(),
+                url: redact_url(url),
                 reason,
             },
             // A refused handshake (an untrusted server certificate, a missing client certificate) arrives as an
             // I/O error carrying the rustls error.
             ConnectErrorKind::Io if carries_rustls_error(&error) => LogError::Tls {
-                url: url.to_string(),
+                url: redact_url(url),
                 reason,
             },
             _ => LogError::Connect {
-                url: url.to_string(),
+                url: redact_url(url),
                 reason,
             },
         }
+    }
+}
+
+/// The URL without its user info, so a password in it never reaches a log line.
+fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -225,6 +241,15 @@ mod tests {
             error.contains("NATS TLS CA file") && error.contains("/nonexistent/ca.pem"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_redacted() {
+        assert_eq!(
+            redact_url("nats://tandem:s3cret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(redact_url("nats://nats:4222"), "nats://nats:4222");
     }
 
     #[test]
