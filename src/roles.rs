@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use tandem_events::log::EventLog;
 use tandem_events::log::embedded::EmbeddedLog;
 use tandem_events::log::jetstream::{JetStreamLog, JetStreamOptions};
+use tandem_events::log::nats_connection::redact_url;
 use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
 use tandem_gateway::{Gateway, GatewayConfig};
@@ -270,7 +271,7 @@ async fn open_backbone(args: &LogArgs, role_alone: bool) -> Result<Backbone> {
             let log =
                 JetStreamLog::connect_with(url, &connection, JetStreamOptions::default()).await?;
             let tokens = Arc::new(NatsTokenBus::new(log.client().clone()));
-            tracing::info!(%url, "event log: JetStream");
+            tracing::info!(url = %redact_url(url), "event log: JetStream");
             Ok(Backbone {
                 log: Arc::new(log),
                 tokens,

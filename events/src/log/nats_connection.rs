@@ -140,7 +140,7 @@ impl NatsConnectOptions {
 }
 
 /// The URL without its user info, so a password in it never reaches a log line.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.split_once('@') {
             Some((_, host)) => format!("{scheme}://***@{host}"),
