@@ -23,7 +23,8 @@ cargo +nightly fuzz build "${flags[@]}"
 failed=()
 summary=()
 for target in "${targets[@]}"; do
-    mkdir -p "corpus/$target"
+    mkdir -p "corpus/$target" "artifacts/$target"
+    artifacts_before="$(find "artifacts/$target" -type f | wc -l)"
     log="$(mktemp)"
     echo "== $target: ${seconds} s"
     status=0
@@ -35,7 +36,11 @@ for target in "${targets[@]}"; do
     if [[ $status -ne 0 ]]; then
         tail -n 40 "$log"
         failed+=("$target")
-        summary+=("$(printf '%-20s %12s executions  CRASH (see fuzz/artifacts/%s/)' "$target" "${runs:-?}" "$target")")
+        if [[ "$(find "artifacts/$target" -type f | wc -l)" -gt $artifacts_before ]]; then
+            summary+=("$(printf '%-20s %12s executions  CRASH (see fuzz/artifacts/%s/)' "$target" "${runs:-?}" "$target")")
+        else
+            summary+=("$(printf '%-20s %12s executions  FAILED to run (exit %s, log above)' "$target" "${runs:-?}" "$status")")
+        fi
     else
         summary+=("$(printf '%-20s %12s executions  %6s corpus inputs  no crash' "$target" "${runs:-?}" "$corpus_size")")
     fi
@@ -46,6 +51,6 @@ echo
 echo "fuzzing, ${seconds} s per target:"
 printf '  %s\n' "${summary[@]}"
 if [[ ${#failed[@]} -gt 0 ]]; then
-    echo "crashes in: ${failed[*]}" >&2
+    echo "crashed or failed: ${failed[*]}" >&2
     exit 1
 fi
