@@ -7,6 +7,7 @@ mod bench_pd;
 mod bench_routing;
 mod bench_serve;
 mod generate;
+mod nats_args;
 mod replay_cli;
 mod role_http;
 mod roles;

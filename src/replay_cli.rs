@@ -16,12 +16,16 @@ use tandem_replay::text::{bytes, parse_span, parse_wall_time, thousands};
 use tandem_replay::timeline::{Timeline, read_request};
 use tandem_scheduler::projection::Projection;
 
+use crate::nats_args::NatsArgs;
+
 /// Where to read and which part of the log.
 #[derive(clap::Args, Debug)]
 pub struct SourceFlags {
     /// Read the TANDEM stream of this nats-server.
     #[arg(long, env = "TANDEM_NATS", global = true)]
     nats: Option<String>,
+    #[command(flatten)]
+    nats_auth: NatsArgs,
     /// Read the embedded log under this data dir (the one `tandem serve` used; it must not be running).
     #[arg(long, env = "TANDEM_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
@@ -216,7 +220,7 @@ async fn open_source(flags: &SourceFlags) -> Result<Source> {
             .with_context(|| format!("opening the embedded log in {}", dir.display()));
     }
     if let Some(url) = &flags.nats {
-        return Source::nats(url)
+        return Source::nats_with(url, &flags.nats_auth.connect_options()?)
             .await
             .with_context(|| format!("reading the TANDEM stream at {url}"));
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tandem_events::log::EventLog;
 use tandem_events::log::embedded::EmbeddedLog;
-use tandem_events::log::jetstream::JetStreamLog;
+use tandem_events::log::jetstream::{JetStreamLog, JetStreamOptions};
+use tandem_events::log::nats_connection::redact_url;
 use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::tokens::{InProcessTokenBus, NatsTokenBus, TokenBus};
 use tandem_gateway::{Gateway, GatewayConfig};
@@ -31,6 +32,7 @@ use tandem_workers::{
 use tokio::sync::watch;
 
 use crate::api_access::ApiAccessArgs;
+use crate::nats_args::NatsArgs;
 use crate::role_http::{DecodeHttpArgs, PrefillHttpArgs, RoleHttpServer, SchedulerHttpArgs};
 
 /// Where the log is.
@@ -39,6 +41,8 @@ pub struct LogArgs {
     /// NATS URL of the JetStream log; without it, the embedded log under --data-dir.
     #[arg(long, env = "TANDEM_NATS")]
     nats: Option<String>,
+    #[command(flatten)]
+    nats_auth: NatsArgs,
     /// Where the embedded log and the scheduler's projection of the log keep their data.
     #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
     data_dir: PathBuf,
@@ -266,9 +270,11 @@ struct Backbone {
 async fn open_backbone(args: &LogArgs, role_alone: bool) -> Result<Backbone> {
     match &args.nats {
         Some(url) => {
-            let log = JetStreamLog::connect(url).await?;
+            let connection = args.nats_auth.connect_options()?;
+            let log =
+                JetStreamLog::connect_with(url, &connection, JetStreamOptions::default()).await?;
             let tokens = Arc::new(NatsTokenBus::new(log.client().clone()));
-            tracing::info!(%url, "event log: JetStream");
+            tracing::info!(url = %redact_url(url), "event log: JetStream");
             Ok(Backbone {
                 log: Arc::new(log),
                 tokens,

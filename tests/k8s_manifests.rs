@@ -634,6 +634,52 @@ fn manifests_wire_together() {
     }
 }
 
+/// The Secret and key a container's variable comes from (`valueFrom.secretKeyRef`).
+fn secret_ref(container: &Value, variable: &str) -> Option<(String, String)> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["name"] == variable)
+        .map(|entry| &entry["valueFrom"]["secretKeyRef"])
+        .and_then(|reference| {
+            Some((
+                reference["name"].as_str()?.to_string(),
+                reference["key"].as_str()?.to_string(),
+            ))
+        })
+}
+
+#[test]
+fn nats_and_every_role_take_the_nats_credentials_from_one_secret() {
+    let objects = objects();
+    let nats = workloads(&objects)
+        .find(|workload| name(workload) == "nats")
+        .expect("the nats StatefulSet");
+    let server = &containers(nats)[0];
+    let server_user = secret_ref(server, "NATS_USER").expect("nats reads NATS_USER from a Secret");
+    let server_password =
+        secret_ref(server, "NATS_PASSWORD").expect("nats reads NATS_PASSWORD from a Secret");
+    let config = find(&objects, "ConfigMap", "nats-config")["data"]["nats.conf"]
+        .as_str()
+        .expect("nats.conf");
+    assert!(
+        config.contains("user: $NATS_USER") && config.contains("password: $NATS_PASSWORD"),
+        "nats.conf requires the Secret's user and password:\n{config}"
+    );
+    for (workload, _, container) in tandem_containers(&objects) {
+        assert_eq!(
+            secret_ref(&container, "TANDEM_NATS_USER").as_ref(),
+            Some(&server_user),
+            "{workload}: TANDEM_NATS_USER from the server's Secret"
+        );
+        assert_eq!(
+            secret_ref(&container, "TANDEM_NATS_PASSWORD").as_ref(),
+            Some(&server_password),
+            "{workload}: TANDEM_NATS_PASSWORD from the server's Secret"
+        );
+    }
+}
+
 /// Replaces the value of `--flag` in `args`, or appends the flag.
 fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
     match args.iter().position(|arg| arg == flag) {

@@ -345,4 +345,21 @@ mod tests {
             Err(DecodeError::TooLarge { .. })
         ));
     }
+
+    #[test]
+    fn lengths_announced_beyond_the_payload_are_errors_not_allocations() {
+        // Body `Received` (field 10), announcing 2^40 bytes, then a few: a decoder that sized a buffer from the
+        // announced length would try to reserve a terabyte.
+        let huge_message = [0x52, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20, 0x01, 0x02];
+        assert!(matches!(
+            Event::decode(&huge_message),
+            Err(DecodeError::Protobuf(_))
+        ));
+        // Inside `Received` (an empty model name, field 1), a packed `prompt_token_ids` (field 2) announcing
+        // 2^31 bytes of ids with one byte behind it.
+        let received = [0x0a, 0x00, 0x12, 0x80, 0x80, 0x80, 0x80, 0x08, 0x01];
+        let mut payload = vec![0x52, received.len() as u8];
+        payload.extend_from_slice(&received);
+        assert!(Event::decode(&payload).is_err());
+    }
 }

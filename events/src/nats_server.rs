@@ -31,6 +31,8 @@ pub struct NatsServer {
     binary: PathBuf,
     port: u16,
     store_dir: tempfile::TempDir,
+    /// Extra configuration (authorization, TLS), written to a file the server reads at each start.
+    config: Option<String>,
     process: Option<Child>,
 }
 
@@ -75,12 +77,23 @@ fn free_loopback_port() -> Result<u16, NatsServerError> {
 impl NatsServer {
     /// Starts a JetStream-enabled server on a free loopback port with a fresh store.
     pub fn start() -> Result<NatsServer, NatsServerError> {
+        NatsServer::start_configured(None)
+    }
+
+    /// Like [`NatsServer::start`], with `config` (nats-server configuration text: an `authorization` block, a
+    /// `tls` block, ...) added; the port, JetStream and the store still come from the command line.
+    pub fn start_with_config(config: &str) -> Result<NatsServer, NatsServerError> {
+        NatsServer::start_configured(Some(config.to_string()))
+    }
+
+    fn start_configured(config: Option<String>) -> Result<NatsServer, NatsServerError> {
         let binary = find_binary()?;
         check_version(&binary)?;
         let mut server = NatsServer {
             binary,
             port: free_loopback_port()?,
             store_dir: tempfile::Builder::new().prefix("tandem-nats-").tempdir()?,
+            config,
             process: None,
         };
         server.spawn()?;
@@ -96,7 +109,13 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> Result<(), NatsServerError> {
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            let path = self.store_dir.path().join("nats-server.conf");
+            std::fs::write(&path, config)?;
+            command.arg("-c").arg(path);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .arg("-sd")

@@ -9,7 +9,8 @@
 //! - `openai`: wire types; `validation`: request checks; `errors`: OpenAI-shaped errors;
 //! - [`template`]: the chat template (minijinja, HF semantics); [`tokenizer`]: prompt encoding and EOS ids;
 //! - `generation`: a request's life on the log and token bus; `reasoning`: `<think>` splitting;
-//! - `logprobs`, `sse`, and `routes/`: the handlers; `observe`: a request's span and metrics.
+//! - `logprobs`, `sse`, and `routes/`: the handlers; `observe`: a request's span and metrics; [`prompt_input`]: a
+//!   chat body to prompt ids without a server (fuzzing).
 //!
 //! Invariant: the gateway never detokenizes generated tokens and never decides when generation stops; it passes on
 //! the decode worker's text and finish reason, and every accepted request has a `Received` on the log before any
@@ -24,6 +25,7 @@ mod limits;
 mod logprobs;
 mod observe;
 mod openai;
+pub mod prompt_input;
 mod prompt_log;
 mod reasoning;
 mod routes;

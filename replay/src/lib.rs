@@ -30,8 +30,9 @@ pub mod timeline;
 /// Errors of reading and writing logs and files. Bad events are not errors: they become findings.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    // The log's error is in the message, not also a `source`: `{:#}` would print it twice.
     #[error("event log: {0}")]
-    Log(#[from] tandem_events::log::LogError),
+    Log(tandem_events::log::LogError),
     #[error("projection: {0}")]
     Projection(#[from] tandem_scheduler::projection::ProjectionError),
     #[error("{path}: {operation} failed: {error}")]
@@ -50,6 +51,12 @@ pub enum ReplayError {
     NotRerunnable { request_id: String, reason: String },
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+}
+
+impl From<tandem_events::log::LogError> for ReplayError {
+    fn from(error: tandem_events::log::LogError) -> ReplayError {
+        ReplayError::Log(error)
+    }
 }
 
 impl ReplayError {

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_events::log::embedded::EmbeddedLog;
-use tandem_events::log::jetstream::JetStreamLog;
+use tandem_events::log::jetstream::{JetStreamLog, JetStreamOptions};
+use tandem_events::log::nats_connection::NatsConnectOptions;
 use tandem_events::log::{EventLog, LogMessage, StartAt};
 use tandem_events::subjects::matches_any;
 use tokio::sync::mpsc;
@@ -219,7 +220,15 @@ impl Source {
 
     /// The `TANDEM` stream on a nats-server.
     pub async fn nats(url: &str) -> Result<Source, ReplayError> {
-        let log = JetStreamLog::connect(url).await?;
+        Source::nats_with(url, &NatsConnectOptions::default()).await
+    }
+
+    /// The `TANDEM` stream on a nats-server that wants credentials or TLS.
+    pub async fn nats_with(
+        url: &str,
+        connection: &NatsConnectOptions,
+    ) -> Result<Source, ReplayError> {
+        let log = JetStreamLog::connect_with(url, connection, JetStreamOptions::default()).await?;
         Ok(Source::from_log(
             Arc::new(log),
             format!("JetStream stream TANDEM at {url}"),

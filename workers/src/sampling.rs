@@ -196,7 +196,8 @@ fn log_sum_exp(logits: &[f32]) -> f64 {
 
 /// The `n` largest logits as (id, logit), largest first (lower id first on ties).
 fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    // `n` comes from the request's event on the log: reserve for what the logits can fill, never for `n` itself.
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n.min(logits.len()) + 1);
     if n == 0 {
         return top;
     }
@@ -214,6 +215,16 @@ fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_n_asked_for_more_than_the_vocabulary_reserves_only_the_vocabulary() {
+        // A `logprobs` of u32::MAX on a (hostile or corrupt) event must not reserve 32 GiB.
+        let logits = logits();
+        let top = top_n(&logits, u32::MAX as usize);
+        assert_eq!(top.len(), logits.len());
+        assert!(top.capacity() <= logits.len() + 1);
+        assert!(top.windows(2).all(|pair| pair[0].1 >= pair[1].1));
+    }
 
     fn logits() -> Vec<f32> {
         (0..50).map(|i| ((i * 37) % 50) as f32 * 0.1).collect()

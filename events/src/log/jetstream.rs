@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::nats_connection::NatsConnectOptions;
 use super::{
     AckHandle, AckKind, AppendAck, Consumer, ConsumerConfig, Delivery, EventLog, KvBucket,
     LogError, LogMessage, OutgoingMessage, StartAt,
@@ -56,24 +57,23 @@ fn js_error(operation: &'static str, error: impl std::fmt::Display) -> LogError 
 }
 
 impl JetStreamLog {
-    /// Connects and makes sure the stream exists with the expected configuration.
+    /// Connects without credentials and makes sure the stream exists with the expected configuration.
     pub async fn connect(url: &str) -> Result<JetStreamLog, LogError> {
-        JetStreamLog::connect_with(url, JetStreamOptions::default()).await
+        JetStreamLog::connect_with(
+            url,
+            &NatsConnectOptions::default(),
+            JetStreamOptions::default(),
+        )
+        .await
     }
 
+    /// Connects with credentials and TLS as `connection` says; a refused identity fails at once (no retry).
     pub async fn connect_with(
         url: &str,
+        connection: &NatsConnectOptions,
         options: JetStreamOptions,
     ) -> Result<JetStreamLog, LogError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("tandem")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await
-            .map_err(|error| LogError::Connect {
-                url: url.to_string(),
-                reason: error.to_string(),
-            })?;
+        let client = connection.connect(url).await?;
         JetStreamLog::with_client(client, options).await
     }
 

@@ -6,6 +6,7 @@
 
 pub mod embedded;
 pub mod jetstream;
+pub mod nats_connection;
 
 use std::time::Duration;
 
@@ -21,6 +22,20 @@ pub enum LogError {
         "cannot connect to NATS at {url}: {reason} (is nats-server ≥ 2.11 running with JetStream? start it with `nats-server -js`)"
     )]
     Connect { url: String, reason: String },
+    #[error(
+        "nats authorization failed for {identity} at {url}: {reason} (check --nats-user/--nats-password, \
+         --nats-token, --nats-nkey-seed-file or --nats-creds against the server's authorization block)"
+    )]
+    Authorization {
+        url: String,
+        identity: String,
+        reason: String,
+    },
+    #[error(
+        "TLS to NATS at {url} failed: {reason} (check --nats-tls-ca names the CA that signed the server's \
+         certificate, and --nats-tls-cert/--nats-tls-key if the server verifies clients)"
+    )]
+    Tls { url: String, reason: String },
     #[error("JetStream {operation} failed: {reason}")]
     JetStream {
         operation: &'static str,
