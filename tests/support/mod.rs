@@ -310,6 +310,9 @@ impl TandemRole {
             // tests) never collide on the default one; a test that needs the port passes --http-port itself.
             .env("TANDEM_HTTP_HOST", "127.0.0.1")
             .env("TANDEM_HTTP_PORT", "0")
+            // A role's own data dir unless the test names one: parallel tests must not share `./tandem-data` (a
+            // second scheduler would find the first one's projection locked).
+            .env("TANDEM_DATA_DIR", log_dir.join(format!("{name}-data")))
             .envs(env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::null())
             .stderr(log_file)
