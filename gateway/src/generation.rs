@@ -340,15 +340,10 @@ impl Generation {
     /// reason once the log shows the request completed and every one of its tokens is accounted for.
     async fn catch_up_from_the_log(&mut self) -> Result<Option<Progress>, ApiError> {
         self.last_log_read = Some(Instant::now());
-        let subjects: Vec<String> = [
-            EventKind::TokensDecoded,
-            EventKind::Completed,
-            EventKind::Failed,
-            EventKind::Cancelled,
-        ]
-        .into_iter()
-        .filter_map(|kind| subjects::event_subject(kind, &self.request_id).ok())
-        .collect();
+        let subjects = request_subjects(
+            &self.request_id,
+            [EventKind::TokensDecoded].iter().chain(&TERMINAL_KINDS),
+        );
         let read = self
             .guard
             .log
@@ -526,6 +521,24 @@ impl Drop for CancelOnDrop {
 
 /// Whether the log already holds the request's end although its last updates never came (the token bus lost
 /// them): then the stream cannot finish, and the answer is an error naming what the log says.
+/// The kinds that end a request on the log.
+const TERMINAL_KINDS: [EventKind; 3] = [
+    EventKind::Completed,
+    EventKind::Failed,
+    EventKind::Cancelled,
+];
+
+/// The log subjects of `kinds` of events about request `request_id` (a ULID, always a valid subject token).
+fn request_subjects<'a>(
+    request_id: &str,
+    kinds: impl IntoIterator<Item = &'a EventKind>,
+) -> Vec<String> {
+    kinds
+        .into_iter()
+        .filter_map(|&kind| subjects::event_subject(kind, request_id).ok())
+        .collect()
+}
+
 /// A request's end as the log holds it.
 struct Ended {
     kind: EventKind,
@@ -538,14 +551,7 @@ async fn ended_on_the_log(
     request_id: &str,
     received_sequence: u64,
 ) -> Option<Ended> {
-    let subjects: Vec<String> = [
-        EventKind::Completed,
-        EventKind::Failed,
-        EventKind::Cancelled,
-    ]
-    .into_iter()
-    .filter_map(|kind| subjects::event_subject(kind, request_id).ok())
-    .collect();
+    let subjects = request_subjects(request_id, &TERMINAL_KINDS);
     let found = log
         .read(StartAt::Sequence(received_sequence), &subjects, 1)
         .await;

@@ -601,17 +601,8 @@ impl Engine {
         id: SequenceId,
         from_token: usize,
     ) -> Result<(), EngineError> {
-        let sequence = self
-            .sequences
-            .get_mut(&id)
-            .ok_or(EngineError::UnknownSequence(id))?;
+        let sequence = awaiting_kv_from(&mut self.sequences, id, from_token)?;
         let num_tokens = sequence.token_ids.len();
-        if sequence.num_computed_tokens != from_token || from_token >= num_tokens {
-            return Err(EngineError::KvImport(format!(
-                "sequence {id} holds {} of its {num_tokens} prompt tokens; the KV pushed starts at token {from_token}",
-                sequence.num_computed_tokens
-            )));
-        }
         sequence.num_computed_tokens = num_tokens;
         self.kv_cache.register_full_blocks(
             &mut sequence.block_table,
@@ -636,17 +627,8 @@ impl Engine {
         let layout = self.kv_layout();
         let block_size = layout.block_size_tokens;
         let layer_bytes = layout.block_bytes() / layout.num_layers;
-        let sequence = self
-            .sequences
-            .get_mut(&id)
-            .ok_or(EngineError::UnknownSequence(id))?;
+        let sequence = awaiting_kv_from(&mut self.sequences, id, from_token)?;
         let num_tokens = sequence.token_ids.len();
-        if sequence.num_computed_tokens != from_token || from_token >= num_tokens {
-            return Err(EngineError::KvImport(format!(
-                "sequence {id} holds {} of its {num_tokens} prompt tokens; the KV sent starts at token {from_token}",
-                sequence.num_computed_tokens
-            )));
-        }
         let first_block = from_token / block_size;
         let end_block = num_tokens.div_ceil(block_size);
         let expected_bytes = (end_block - first_block) * layer_bytes;
@@ -680,4 +662,24 @@ impl Engine {
         );
         Ok(())
     }
+}
+
+/// The sequence `id`, when it holds exactly its first `from_token` prompt tokens and still lacks the rest: the KV
+/// a prefill engine imports or pushes may only fill blocks that no other sequence shares.
+fn awaiting_kv_from(
+    sequences: &mut HashMap<SequenceId, Sequence>,
+    id: SequenceId,
+    from_token: usize,
+) -> Result<&mut Sequence, EngineError> {
+    let sequence = sequences
+        .get_mut(&id)
+        .ok_or(EngineError::UnknownSequence(id))?;
+    let num_tokens = sequence.token_ids.len();
+    if sequence.num_computed_tokens != from_token || from_token >= num_tokens {
+        return Err(EngineError::KvImport(format!(
+            "sequence {id} holds {} of its {num_tokens} prompt tokens; the KV sent starts at token {from_token}",
+            sequence.num_computed_tokens
+        )));
+    }
+    Ok(sequence)
 }
