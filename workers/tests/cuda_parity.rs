@@ -321,6 +321,27 @@ fn a_random_qwen3_0_6b_matches_the_cpu_backend() {
     );
 }
 
+/// One sequence: its decode steps run at batch 1, the shape whose step is bound by launches, on the
+/// one-token GEMVs.
+#[test]
+fn a_random_qwen3_0_6b_decodes_one_sequence_like_the_cpu_backend() {
+    if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_sequence_like_the_cpu_backend") {
+        return;
+    }
+    let Some(shape) = qwen3_shape("qwen3-0.6b") else {
+        panic!("qwen3-0.6b shape missing");
+    };
+    let vocab_size = shape.vocab_size as u64;
+    let prompt: Vec<u32> = (0..600u64)
+        .map(|i| ((i * 40_503 + 11) % vocab_size) as u32)
+        .collect();
+    let name = "qwen3-0.6b (random, one sequence)";
+    check(
+        name,
+        &compare(name, || random_model(shape.clone(), 11), &[prompt]),
+    );
+}
+
 #[test]
 fn no_driver_is_a_clear_error() {
     if cuda_driver_present() {

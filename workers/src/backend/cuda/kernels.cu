@@ -35,8 +35,33 @@ __device__ float block_sum(float v) {
     return warp_sum(total);
 }
 
-// hidden[t, :] = embedding[token_ids[t], :]
-extern "C" __global__ void embed(float* hidden, const bf16_t* embedding, const unsigned* token_ids, int hidden_size) {
+// Programmatic dependent launch (sm_90; nothing on older GPUs): let the next kernel of the stream launch now
+// (it still waits for this one before touching its results), and wait for the previous kernel's results.
+__device__ __forceinline__ void allow_next_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Starts fetching `bytes` (a multiple of 16, 16-byte aligned) at `address` into L2.
+__device__ __forceinline__ void prefetch_l2(const void* address, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
+#endif
+}
+
+// hidden[t, :] = embedding[token_ids[t], :]; argmax_keys[t] = 0 for this step's fused argmax, when given.
+extern "C" __global__ void embed(float* hidden, const bf16_t* embedding, const unsigned* token_ids, int hidden_size,
+                                 unsigned long long* argmax_keys) {
+    allow_next_grid();
+    wait_for_previous_grid();
+    if (argmax_keys && threadIdx.x == 0) argmax_keys[blockIdx.x] = 0;
     const size_t row = (size_t)token_ids[blockIdx.x] * hidden_size;
     float* out = hidden + (size_t)blockIdx.x * hidden_size;
     for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) out[i] = bf2f(embedding[row + i]);
@@ -70,6 +95,8 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
                                               const unsigned* kv_blocks, int num_q_heads, int num_kv_heads,
                                               int head_dim, int layer, int block_size, size_t block_elems,
                                               float eps) {
+    allow_next_grid();
+    wait_for_previous_grid();
     const int token = blockIdx.x, head = blockIdx.y, half = head_dim / 2, i = threadIdx.x;
     const int q_dim = num_q_heads * head_dim, kv_dim = num_kv_heads * head_dim;
     const float* row = qkv + (size_t)token * (q_dim + 2 * kv_dim);
@@ -149,32 +176,116 @@ __device__ void merge_splits(const float* partial_out, const float* partial_max_
     }
 }
 
-// Causal attention over the paged cache, split over the context: block (token, q_head, split) covers the
-// split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
-// length, so the launch shape depends only on the batch), one key per warp at a time with an online
-// softmax; the last split of a (token, q_head) to finish (split_counters counts them, and is left at 0 again
-// for the next launch) merges all splits into the normalized bf16 output for o_proj: no combine launch. Used
-// for steps of one or two tokens, where launches bound the step; larger ones run attention_partial and
-// attention_combine below (this kernel measured slower there, see PERF.md).
-// token_meta[t] = (position, offset of its sequence's block table from block_tables).
-__device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
-                                                const unsigned* token_meta, float* partial_out,
-                                                float* partial_max_sum, unsigned* split_counters, bf16_t* out,
-                                                int num_q_heads, int num_kv_heads, int head_dim, int layer,
-                                                int block_size, size_t block_elems, float scale) {
-    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const unsigned position = token_meta[2 * token];
-    const unsigned* table = block_tables + token_meta[2 * token + 1];
-    const int kv_head = head / (num_q_heads / num_kv_heads);
-    const int keys_per_split = ((int)position + num_splits) / num_splits;
-    const int first_key = split * keys_per_split;
-    const int end_key = min((int)position + 1, first_key + keys_per_split);
-    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
-    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
+// The keys of one split of one (token, q_head) and where they lie in the paged cache.
+struct KeyRange {
+    const bf16_t* kv_pool;
+    const unsigned* table;
+    int block_size;
+    size_t block_elems, k_offset, v_offset;
+    int first_key, end_key;
+};
 
+#define ATTENTION_LOADS 4  // keys per lane in flight in attend_keys_vec
+
+// One warp's share of `keys` (every ATTENTION_WARPS-th group of keys) with an online softmax: LANES_PER_KEY
+// lanes read one key with 16-byte loads (head_dim = 8 * LANES_PER_KEY), and each lane has ATTENTION_LOADS keys'
+// K and V rows in flight at once, so a split costs about one memory round trip rather than one per key.
+// Leaves the warp's unnormalized output in acc_row and its running max and sum.
+template <int LANES_PER_KEY>
+__device__ __forceinline__ void attend_keys_vec(const float* q_head, float scale, const KeyRange& keys,
+                                                float* acc_row, float& out_max, float& out_sum) {
+    constexpr int KEYS_PER_LOAD = 32 / LANES_PER_KEY;
+    constexpr int KEYS_PER_STEP = KEYS_PER_LOAD * ATTENTION_LOADS;
+    constexpr int HEAD_DIM = LANES_PER_KEY * 8;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sub = lane / LANES_PER_KEY, dim0 = (lane % LANES_PER_KEY) * 8;
+    float q8[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        q8[i] = q_head[dim0 + i] * scale;
+        acc[i] = 0.0f;
+    }
+    float running_max = NEG_INFINITY, running_sum = 0.0f;
+    for (int base = keys.first_key + warp * KEYS_PER_STEP; base < keys.end_key;
+         base += ATTENTION_WARPS * KEYS_PER_STEP) {
+        uint4 k_rows[ATTENTION_LOADS], v_rows[ATTENTION_LOADS];
+#pragma unroll
+        for (int j = 0; j < ATTENTION_LOADS; ++j) {
+            const int key = base + sub + KEYS_PER_LOAD * j;
+            if (key < keys.end_key) {
+                const size_t at = (size_t)keys.table[key / keys.block_size] * keys.block_elems +
+                                  (size_t)(key % keys.block_size) * HEAD_DIM + dim0;
+                k_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.k_offset);
+                v_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.v_offset);
+            }
+        }
+        float score[ATTENTION_LOADS];
+        float step_max = NEG_INFINITY;
+#pragma unroll
+        for (int j = 0; j < ATTENTION_LOADS; ++j) {
+            const bool valid = base + sub + KEYS_PER_LOAD * j < keys.end_key;
+            float dot = 0.0f;
+            if (valid) {
+                const unsigned words[4] = {k_rows[j].x, k_rows[j].y, k_rows[j].z, k_rows[j].w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    dot = fmaf(q8[2 * i], __uint_as_float(words[i] << 16), dot);
+                    dot = fmaf(q8[2 * i + 1], __uint_as_float(words[i] & 0xffff0000u), dot);
+                }
+            }
+#pragma unroll
+            for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
+                dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+            score[j] = valid ? dot : NEG_INFINITY;
+            step_max = fmaxf(step_max, score[j]);
+        }
+#pragma unroll
+        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+            step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, offset));
+        // The step's first key is always valid, so new_max is finite.
+        const float new_max = fmaxf(running_max, step_max);
+        const float correction = expf(running_max - new_max);
+        float step_sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] *= correction;
+#pragma unroll
+        for (int j = 0; j < ATTENTION_LOADS; ++j) {
+            if (score[j] == NEG_INFINITY) continue;
+            const float weight = expf(score[j] - new_max);
+            step_sum += weight;
+            const unsigned words[4] = {v_rows[j].x, v_rows[j].y, v_rows[j].z, v_rows[j].w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                acc[2 * i] = fmaf(weight, __uint_as_float(words[i] << 16), acc[2 * i]);
+                acc[2 * i + 1] = fmaf(weight, __uint_as_float(words[i] & 0xffff0000u), acc[2 * i + 1]);
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+            step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
+        running_sum = running_sum * correction + step_sum;
+        running_max = new_max;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+            acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], offset);
+    }
+    if (sub == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc_row[dim0 + i] = acc[i];
+    }
+    out_max = running_max;
+    out_sum = running_sum;
+}
+
+// The same for any even head_dim up to MAX_DIMS_PER_LANE * 32: one key per warp at a time, 2-byte loads.
+__device__ __forceinline__ void attend_keys_scalar(const float* q_head, float scale, int head_dim,
+                                                   const KeyRange& keys, float* acc_row, float& out_max,
+                                                   float& out_sum) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float q_lane[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
-    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
 #pragma unroll
     for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
         const int d = lane + 32 * r;
@@ -182,9 +293,10 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
         acc[r] = 0.0f;
     }
     float running_max = NEG_INFINITY, running_sum = 0.0f;
-    for (int key = first_key + warp; key < end_key; key += ATTENTION_WARPS) {
-        const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim;
-        const bf16_t* k = kv_pool + base + k_offset;
+    for (int key = keys.first_key + warp; key < keys.end_key; key += ATTENTION_WARPS) {
+        const size_t base = (size_t)keys.table[key / keys.block_size] * keys.block_elems +
+                            (size_t)(key % keys.block_size) * head_dim;
+        const bf16_t* k = keys.kv_pool + base + keys.k_offset;
         float dot = 0.0f;
 #pragma unroll
         for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
@@ -197,22 +309,62 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
         const float weight = expf(score - new_max);
         running_sum = running_sum * correction + weight;
         running_max = new_max;
-        const bf16_t* v = kv_pool + base + v_offset;
+        const bf16_t* v = keys.kv_pool + base + keys.v_offset;
 #pragma unroll
         for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
             const int d = lane + 32 * r;
             if (d < head_dim) acc[r] = acc[r] * correction + weight * bf2f(v[d]);
         }
     }
+#pragma unroll
+    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) acc_row[lane + 32 * r] = acc[r];
+    out_max = running_max;
+    out_sum = running_sum;
+}
 
+// Causal attention over the paged cache, split over the context: block (token, q_head, split) covers the
+// split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
+// length, so the launch shape depends only on the batch), one key per warp at a time with an online
+// softmax; the last split of a (token, q_head) to finish (split_counters counts them, and is left at 0 again
+// for the next launch) merges all splits into the normalized bf16 output for o_proj: no combine launch. Used
+// for steps of one or two tokens, where launches bound the step. Without split_counters (attention_partial:
+// larger steps, where the in-place merge measured slower, see PERF.md) every split leaves its partial for
+// attention_combine.
+// token_meta[t] = (position, offset of its sequence's block table from block_tables).
+__device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
+                                                const unsigned* token_meta, float* partial_out,
+                                                float* partial_max_sum, unsigned* split_counters, bf16_t* out,
+                                                int num_q_heads, int num_kv_heads, int head_dim, int layer,
+                                                int block_size, size_t block_elems, float scale) {
+    allow_next_grid();
+    wait_for_previous_grid();
+    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const unsigned position = token_meta[2 * token];
+    const unsigned* table = block_tables + token_meta[2 * token + 1];
+    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const int keys_per_split = ((int)position + num_splits) / num_splits;
+    const int first_key = split * keys_per_split;
+    const int end_key = min((int)position + 1, first_key + keys_per_split);
+    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
+    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
+
+    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
     __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
-    __shared__ float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    __shared__ __align__(16) float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    const KeyRange keys = {kv_pool, table, block_size, block_elems, k_offset, v_offset, first_key, end_key};
+    float running_max, running_sum;
+    switch (head_dim) {
+        case 128: attend_keys_vec<16>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
+        case 64: attend_keys_vec<8>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
+        case 256: attend_keys_vec<32>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
+        case 32: attend_keys_vec<4>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
+        default: attend_keys_scalar(q_head, scale, head_dim, keys, warp_acc[warp], running_max, running_sum);
+    }
     if (lane == 0) {
         warp_max[warp] = running_max;
         warp_sum_[warp] = running_sum;
     }
-#pragma unroll
-    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) warp_acc[warp][lane + 32 * r] = acc[r];
     __syncthreads();
     float block_max = NEG_INFINITY;
     for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max[w]);
@@ -221,7 +373,7 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
     for (int w = 0; w < ATTENTION_WARPS; ++w)
         if (warp_sum_[w] > 0.0f) total += warp_sum_[w] * expf(warp_max[w] - block_max);
     const size_t pair = (size_t)token * num_q_heads + head;
-    if (num_splits == 1) {
+    if (num_splits == 1 && split_counters) {
         for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float value = 0.0f;
             for (int w = 0; w < ATTENTION_WARPS; ++w)
@@ -240,6 +392,7 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
         partial_max_sum[2 * slot] = block_max;
         partial_max_sum[2 * slot + 1] = total;
     }
+    if (!split_counters) return;  // attention_combine merges
 
     // Publish this split, then let the last one to arrive merge them all.
     __shared__ bool merges;
@@ -266,88 +419,21 @@ extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t
                           num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale);
 }
 
-// Causal attention over the paged cache, split over the context (steps of more than two tokens): block (token, q_head, split) covers the
-// split-th of gridDim.z equal parts of keys 0..=position (each token's context is divided by its own
-// length, so the launch shape depends only on the batch), one key per warp at a time with an online
-// softmax, and writes its unnormalized output with its running max and sum for attention_combine.
-// token_meta[t] = (position, offset of its sequence's block table from block_tables).
+// The same splits for steps of more than two tokens: every split writes its unnormalized output with its
+// running max and sum, and attention_combine merges them.
 extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
                                              const unsigned* token_meta, float* partial_out, float* partial_max_sum,
                                              int num_q_heads, int num_kv_heads, int head_dim, int layer,
                                              int block_size, size_t block_elems, float scale) {
-    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const unsigned position = token_meta[2 * token];
-    const unsigned* table = block_tables + token_meta[2 * token + 1];
-    const int kv_head = head / (num_q_heads / num_kv_heads);
-    const int keys_per_split = ((int)position + num_splits) / num_splits;
-    const int first_key = split * keys_per_split;
-    const int end_key = min((int)position + 1, first_key + keys_per_split);
-    const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
-    const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
-
-    float q_lane[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
-    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
-#pragma unroll
-    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
-        const int d = lane + 32 * r;
-        q_lane[r] = d < head_dim ? q_head[d] * scale : 0.0f;
-        acc[r] = 0.0f;
-    }
-    float running_max = NEG_INFINITY, running_sum = 0.0f;
-    for (int key = first_key + warp; key < end_key; key += ATTENTION_WARPS) {
-        const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim;
-        const bf16_t* k = kv_pool + base + k_offset;
-        float dot = 0.0f;
-#pragma unroll
-        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
-            const int d = lane + 32 * r;
-            if (d < head_dim) dot += q_lane[r] * bf2f(k[d]);
-        }
-        const float score = warp_sum(dot);
-        const float new_max = fmaxf(running_max, score);
-        const float correction = expf(running_max - new_max);
-        const float weight = expf(score - new_max);
-        running_sum = running_sum * correction + weight;
-        running_max = new_max;
-        const bf16_t* v = kv_pool + base + v_offset;
-#pragma unroll
-        for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) {
-            const int d = lane + 32 * r;
-            if (d < head_dim) acc[r] = acc[r] * correction + weight * bf2f(v[d]);
-        }
-    }
-
-    __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
-    __shared__ float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
-    if (lane == 0) {
-        warp_max[warp] = running_max;
-        warp_sum_[warp] = running_sum;
-    }
-#pragma unroll
-    for (int r = 0; r < MAX_DIMS_PER_LANE; ++r) warp_acc[warp][lane + 32 * r] = acc[r];
-    __syncthreads();
-    float block_max = NEG_INFINITY;
-    for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max[w]);
-    const size_t slot = ((size_t)token * num_q_heads + head) * num_splits + split;
-    float total = 0.0f;
-    for (int w = 0; w < ATTENTION_WARPS; ++w)
-        if (warp_sum_[w] > 0.0f) total += warp_sum_[w] * expf(warp_max[w] - block_max);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float out = 0.0f;
-        for (int w = 0; w < ATTENTION_WARPS; ++w)
-            if (warp_sum_[w] > 0.0f) out += warp_acc[w][d] * expf(warp_max[w] - block_max);
-        partial_out[slot * head_dim + d] = out;
-    }
-    if (threadIdx.x == 0) {
-        partial_max_sum[2 * slot] = block_max;
-        partial_max_sum[2 * slot + 1] = total;
-    }
+    attention_split(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
+                    num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale);
 }
 
 // Merges the splits of each (token, q_head) and writes the normalized output in bf16 for o_proj.
 extern "C" __global__ void attention_combine(const float* partial_out, const float* partial_max_sum, bf16_t* out,
                                              int num_q_heads, int head_dim, int num_splits) {
+    allow_next_grid();
+    wait_for_previous_grid();
     const int token = blockIdx.x, head = blockIdx.y;
     const size_t first = ((size_t)token * num_q_heads + head) * num_splits;
     float global_max = NEG_INFINITY;

@@ -2,14 +2,28 @@
 //! each. Every pointer argument is a raw device address (`u64`) the caller took from a live allocation of
 //! the right size; 0 stands for a null pointer where the kernel accepts one.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{
+    CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
+    cuLaunchKernelEx,
+};
+use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::device::{CudaError, DriverContext, GpuContext};
 
-const SOURCE: &str = include_str!("kernels.cu");
+const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("decode_gemv.cu"));
+
+/// Tokens of the largest step the decode GEMVs take (`GEMV_MAX_TOKENS`: the graph buckets 1 and 2). At four
+/// tokens they measured slower than cuBLAS with the separate norm and SwiGLU kernels (PERF.md).
+pub(crate) const DECODE_GEMV_MAX_TOKENS: usize = 2;
+/// Threads of a decode GEMV block (`GEMV_THREADS`), i.e. `GEMV_WARPS` warps.
+const GEMV_THREADS: u32 = 128;
+const GEMV_WARPS: usize = 4;
+/// Shared memory a block may take without opting in, less what the kernels declare statically.
+const GEMV_MAX_SHARED_BYTES: usize = 48 * 1024 - 1024;
 
 /// Threads per block of the attention kernel (4 warps, `ATTENTION_WARPS` in the source).
 const ATTENTION_THREADS: u32 = 128;
@@ -32,6 +46,12 @@ pub(crate) fn prefill_kernel_fits(head_dim: usize) -> bool {
 
 pub(crate) struct Kernels {
     stream: Arc<CudaStream>,
+    /// Whether kernels that wait for their predecessor (`wait_for_previous_grid`) launch with programmatic
+    /// stream serialization: Hopper and later, unless `TANDEM_CUDA_PDL=0`.
+    programmatic: bool,
+    multiprocessors: usize,
+    /// `[epilogue][tokens 1, 2]`, see [`GemvOp`].
+    decode_gemv: [[CudaFunction; 2]; 4],
     embed: CudaFunction,
     add_rms_norm: CudaFunction,
     qk_norm_rope_store: CudaFunction,
@@ -57,6 +77,45 @@ pub(crate) struct LayerSlice {
     pub(crate) layer_elems: usize,
     pub(crate) head_dim: usize,
     pub(crate) block_size: usize,
+}
+
+/// One kernel argument, passed to the driver by the address of its value.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// A device address or a `size_t`.
+    Ptr(u64),
+    Int(i32),
+    Float(f32),
+}
+
+/// What a decode GEMV does around its product (`decode_gemv.cu`); the input is the hidden state normalized
+/// with `norm_weight` for all but `AddTo`, whose input is a bf16 activation.
+#[derive(Clone, Copy)]
+pub(crate) enum GemvOp {
+    /// `out[t, r] = RMSNorm(hidden[t]) · w[r]` (f32).
+    NormStore { out: u64 },
+    /// `hidden[t, r] += input[t] · w[r]`: a projection and its residual add.
+    AddTo { input: u64 },
+    /// `out[t, i] = silu(g) * u` (bf16) with `g, u = RMSNorm(hidden[t]) · w[i], w[n + i]`.
+    NormSwiglu { out: u64 },
+    /// As `NormStore`, and `argmax_keys[t]` (zeroed by `embed`) ends as the greedy token's key.
+    NormArgmax { out: u64, argmax_keys: u64 },
+}
+
+/// One decode GEMV: `n` outputs (the swiglu's intermediate size for `NormSwiglu`, whose `weight` has `2n`
+/// rows) from inputs of `k`, for `num_tokens` tokens.
+pub(crate) struct GemvShape {
+    pub(crate) num_tokens: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
+}
+
+/// Whether the decode GEMVs take a step of `num_tokens` tokens whose widest input is `max_k`.
+pub(crate) fn decode_gemv_fits(num_tokens: usize, max_k: usize) -> bool {
+    num_tokens <= DECODE_GEMV_MAX_TOKENS
+        && num_tokens.is_power_of_two()
+        && max_k.is_multiple_of(8)
+        && num_tokens * max_k * 2 <= GEMV_MAX_SHARED_BYTES
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -117,8 +176,23 @@ impl Kernels {
                 .load_function(name)
                 .during(|| format!("finding kernel `{name}`"))
         };
+        let gemv_set = |epilogue: &str| -> Result<[CudaFunction; 2], CudaError> {
+            Ok([
+                load(&format!("decode_gemv_{epilogue}_t1"))?,
+                load(&format!("decode_gemv_{epilogue}_t2"))?,
+            ])
+        };
+        let pdl_wanted = std::env::var("TANDEM_CUDA_PDL").map_or(true, |value| value != "0");
         Ok(Self {
             stream: Arc::clone(&gpu.stream),
+            programmatic: major >= 9 && pdl_wanted,
+            multiprocessors: gpu.multiprocessors,
+            decode_gemv: [
+                gemv_set("norm_store")?,
+                gemv_set("add")?,
+                gemv_set("norm_swiglu")?,
+                gemv_set("norm_argmax")?,
+            ],
             embed: load("embed")?,
             add_rms_norm: load("add_rms_norm")?,
             qk_norm_rope_store: load("qk_norm_rope_store")?,
@@ -135,6 +209,68 @@ impl Kernels {
         })
     }
 
+    /// Launches `function` on the stream. `waits`: the kernel calls `wait_for_previous_grid` before it
+    /// touches anything an earlier launch writes, so it may launch before its predecessor ends.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and size, every address must be a live
+    /// allocation the kernel may access as its launch shape implies, and `shape` must respect the
+    /// kernel's block size and shared memory.
+    unsafe fn launch(
+        &self,
+        function: &CudaFunction,
+        shape: LaunchConfig,
+        args: &[Arg],
+        waits: bool,
+    ) -> Result<(), DriverError> {
+        let mut values = args.to_vec();
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|value| match value {
+                Arg::Ptr(value) => (value as *mut u64).cast::<c_void>(),
+                Arg::Int(value) => (value as *mut i32).cast::<c_void>(),
+                Arg::Float(value) => (value as *mut f32).cast::<c_void>(),
+            })
+            .collect();
+        let mut attribute = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let overlap = waits && self.programmatic;
+        let config = CUlaunchConfig {
+            gridDimX: shape.grid_dim.0,
+            gridDimY: shape.grid_dim.1,
+            gridDimZ: shape.grid_dim.2,
+            blockDimX: shape.block_dim.0,
+            blockDimY: shape.block_dim.1,
+            blockDimZ: shape.block_dim.2,
+            sharedMemBytes: shape.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if overlap {
+                &mut attribute
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: u32::from(overlap),
+        };
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: `params` points at one value per kernel parameter (the caller's contract), alive until the
+        // call returns (the driver copies them at launch); the stream belongs to the bound context.
+        unsafe {
+            cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    }
+
+    /// Also zeroes `argmax_keys[t]` for every token, when given (non-zero), for the fused lm_head argmax.
     pub(crate) fn embed(
         &self,
         hidden: u64,
@@ -142,19 +278,88 @@ impl Kernels {
         token_ids: u64,
         num_tokens: usize,
         hidden_size: usize,
+        argmax_keys: u64,
     ) -> Result<(), CudaError> {
-        let mut launch = self.stream.launch_builder(&self.embed);
-        let hidden_size = hidden_size as i32;
-        launch
-            .arg(&hidden)
-            .arg(&embedding)
-            .arg(&token_ids)
-            .arg(&hidden_size);
+        let args = [
+            Arg::Ptr(hidden),
+            Arg::Ptr(embedding),
+            Arg::Ptr(token_ids),
+            Arg::Int(hidden_size as i32),
+            Arg::Ptr(argmax_keys),
+        ];
         // SAFETY: the argument list matches `embed` in kernels.cu; the caller passes live buffers of
-        // `num_tokens` ids and `num_tokens * hidden_size` floats, and ids are checked against the vocabulary.
-        unsafe { launch.launch(grid(num_tokens, 1, 1, 256)) }
-            .map(drop)
+        // `num_tokens` ids and `num_tokens * hidden_size` floats (and keys, when given), and ids are checked
+        // against the vocabulary.
+        // It launches after the host's metadata upload, not a kernel: no programmatic overlap.
+        unsafe { self.launch(&self.embed, grid(num_tokens, 1, 1, 256), &args, false) }
             .during(|| "launching embed".into())
+    }
+
+    /// One projection of a decode step of at most [`DECODE_GEMV_MAX_TOKENS`] tokens (`decode_gemv_fits`),
+    /// with the work around it that `op` names; `hidden` is the f32 hidden state (`[num_tokens, k]` read for
+    /// the norm ops, `[num_tokens, n]` added to by `AddTo`).
+    pub(crate) fn decode_gemv(
+        &self,
+        op: GemvOp,
+        weight: u64,
+        hidden: u64,
+        norm_weight: u64,
+        eps: f32,
+        shape: &GemvShape,
+    ) -> Result<(), CudaError> {
+        let token_index = match shape.num_tokens {
+            1 => 0,
+            2 => 1,
+            other => {
+                return Err(CudaError::Unsupported(format!(
+                    "a decode GEMV of {other} tokens (it takes 1 or 2)"
+                )));
+            }
+        };
+        let (epilogue, input, out_f32, out_bf16, keys) = match op {
+            GemvOp::NormStore { out } => (0, 0, out, 0, 0),
+            GemvOp::AddTo { input } => (1, input, hidden, 0, 0),
+            GemvOp::NormSwiglu { out } => (2, 0, 0, out, 0),
+            GemvOp::NormArgmax { out, argmax_keys } => (3, 0, out, 0, argmax_keys),
+        };
+        // Output pairs, and pairs a warp takes at once (`NORM ? 2 : 1` in DECODE_GEMV_ENTRY).
+        let (pairs, pairs_per_warp) = match op {
+            GemvOp::NormSwiglu { .. } => (shape.n, 2),
+            GemvOp::AddTo { .. } => (shape.n.div_ceil(2), 1),
+            _ => (shape.n.div_ceil(2), 2),
+        };
+        let function = &self.decode_gemv[epilogue][token_index];
+        let shared_bytes = shape.num_tokens * shape.k * 2;
+        // One resident wave: warps walk the rest grid-stride, so no block waits for a second wave.
+        let resident = function
+            .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, shared_bytes, None)
+            .during(|| "reading a decode GEMV's occupancy".into())?
+            .max(1) as usize;
+        let blocks = pairs
+            .div_ceil(pairs_per_warp * GEMV_WARPS)
+            .min(resident * self.multiprocessors);
+        let launch_shape = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: shared_bytes as u32,
+        };
+        let args = [
+            Arg::Ptr(weight),
+            Arg::Int(shape.k as i32),
+            Arg::Int(shape.n as i32),
+            Arg::Ptr(hidden),
+            Arg::Ptr(norm_weight),
+            Arg::Float(eps),
+            Arg::Ptr(input),
+            Arg::Ptr(out_f32),
+            Arg::Ptr(out_bf16),
+            Arg::Ptr(keys),
+        ];
+        // SAFETY: matches `decode_gemv_*` in decode_gemv.cu; `weight` holds n (2n for the swiglu) rows of k
+        // bf16, the activations and outputs hold num_tokens rows, k is a multiple of 8 and the input fits the
+        // shared memory (`decode_gemv_fits`, checked by the backend before it takes this path).
+        unsafe { self.launch(function, launch_shape, &args, true) }
+            .during(|| "launching a decode GEMV".into())
     }
 
     /// `rows == 0` means output row r is hidden row r; `delta == 0` skips the residual add.
@@ -170,19 +375,18 @@ impl Kernels {
         hidden_size: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
-        let width = hidden_size as i32;
-        launch
-            .arg(&hidden)
-            .arg(&delta)
-            .arg(&weight)
-            .arg(&out)
-            .arg(&rows)
-            .arg(&width)
-            .arg(&eps);
+        let args = [
+            Arg::Ptr(hidden),
+            Arg::Ptr(delta),
+            Arg::Ptr(weight),
+            Arg::Ptr(out),
+            Arg::Ptr(rows),
+            Arg::Int(hidden_size as i32),
+            Arg::Float(eps),
+        ];
+        let shape = grid(num_rows, 1, 1, threads_for(hidden_size).min(512));
         // SAFETY: matches `add_rms_norm`; `hidden`/`delta` hold every row named, `out` `num_rows` rows.
-        unsafe { launch.launch(grid(num_rows, 1, 1, threads_for(hidden_size).min(512))) }
-            .map(drop)
+        unsafe { self.launch(&self.add_rms_norm, shape, &args, false) }
             .during(|| "launching add_rms_norm".into())
     }
 
@@ -200,46 +404,24 @@ impl Kernels {
         shape: &AttentionShape,
         eps: f32,
     ) -> Result<(), CudaError> {
-        let mut launch = self.stream.launch_builder(&self.qk_norm_rope_store);
-        let (num_q_heads, num_kv_heads, head_dim) = (
-            shape.num_q_heads as i32,
-            shape.num_kv_heads as i32,
-            shape.head_dim as i32,
-        );
-        let (layer, block_size, block_elems) = (
-            shape.layer as i32,
-            shape.block_size as i32,
-            shape.block_elems as u64,
-        );
-        launch
-            .arg(&qkv)
-            .arg(&q_out)
-            .arg(&kv_pool)
-            .arg(&q_norm)
-            .arg(&k_norm)
-            .arg(&inv_freq)
-            .arg(&positions)
-            .arg(&kv_blocks)
-            .arg(&num_q_heads)
-            .arg(&num_kv_heads)
-            .arg(&head_dim)
-            .arg(&layer)
-            .arg(&block_size)
-            .arg(&block_elems)
-            .arg(&eps);
+        let mut args = vec![
+            Arg::Ptr(qkv),
+            Arg::Ptr(q_out),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(q_norm),
+            Arg::Ptr(k_norm),
+            Arg::Ptr(inv_freq),
+            Arg::Ptr(positions),
+            Arg::Ptr(kv_blocks),
+        ];
+        args.extend(shape.attention_args());
+        args.push(Arg::Float(eps));
         let heads = shape.num_q_heads + 2 * shape.num_kv_heads;
+        let launch_shape = grid(shape.num_tokens, heads, 1, threads_for(shape.head_dim / 2));
         // SAFETY: matches `qk_norm_rope_store`; every token's KV block is inside the pool (checked by the
         // backend against its block count) and the buffers hold `num_tokens` rows.
-        unsafe {
-            launch.launch(grid(
-                shape.num_tokens,
-                heads,
-                1,
-                threads_for(shape.head_dim / 2),
-            ))
-        }
-        .map(drop)
-        .during(|| "launching qk_norm_rope_store".into())
+        unsafe { self.launch(&self.qk_norm_rope_store, launch_shape, &args, true) }
+            .during(|| "launching qk_norm_rope_store".into())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -255,89 +437,57 @@ impl Kernels {
         out: u64,
         shape: &AttentionShape,
     ) -> Result<(), CudaError> {
-        let (num_q_heads, num_kv_heads, head_dim) = (
-            shape.num_q_heads as i32,
-            shape.num_kv_heads as i32,
-            shape.head_dim as i32,
-        );
-        let (layer, block_size, block_elems) = (
-            shape.layer as i32,
-            shape.block_size as i32,
-            shape.block_elems as u64,
-        );
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let num_splits = shape.num_splits as i32;
+        let scale = Arg::Float(1.0 / (shape.head_dim as f32).sqrt());
         let launch_shape = grid(
             shape.num_tokens,
             shape.num_q_heads,
             shape.num_splits,
             ATTENTION_THREADS,
         );
+        let mut args = vec![
+            Arg::Ptr(q),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(block_tables),
+            Arg::Ptr(token_meta),
+            Arg::Ptr(partial_out),
+            Arg::Ptr(partial_max_sum),
+        ];
         if shape.num_splits > 1 && shape.num_tokens <= MERGE_IN_PLACE_MAX_TOKENS {
-            let mut launch = self.stream.launch_builder(&self.attention_partial_merged);
-            launch
-                .arg(&q)
-                .arg(&kv_pool)
-                .arg(&block_tables)
-                .arg(&token_meta)
-                .arg(&partial_out)
-                .arg(&partial_max_sum)
-                .arg(&split_counters)
-                .arg(&out)
-                .arg(&num_q_heads)
-                .arg(&num_kv_heads)
-                .arg(&head_dim)
-                .arg(&layer)
-                .arg(&block_size)
-                .arg(&block_elems)
-                .arg(&scale);
+            args.extend([Arg::Ptr(split_counters), Arg::Ptr(out)]);
+            args.extend(shape.attention_args());
+            args.push(scale);
             // SAFETY: matches `attention_partial_merged`; the partial buffers hold num_tokens * heads * splits
             // entries, `split_counters` num_tokens * heads counters left at 0 by every launch, `out` num_tokens *
             // q_dim bf16, splits are at most MAX_ATTENTION_SPLITS, and every block table covers its token's
             // position (checked by the backend).
-            return unsafe { launch.launch(launch_shape) }
-                .map(drop)
-                .during(|| "launching attention_partial_merged".into());
+            return unsafe {
+                self.launch(&self.attention_partial_merged, launch_shape, &args, true)
+            }
+            .during(|| "launching attention_partial_merged".into());
         }
-        let mut launch = self.stream.launch_builder(&self.attention_partial);
-        launch
-            .arg(&q)
-            .arg(&kv_pool)
-            .arg(&block_tables)
-            .arg(&token_meta)
-            .arg(&partial_out)
-            .arg(&partial_max_sum)
-            .arg(&num_q_heads)
-            .arg(&num_kv_heads)
-            .arg(&head_dim)
-            .arg(&layer)
-            .arg(&block_size)
-            .arg(&block_elems)
-            .arg(&scale);
+        args.extend(shape.attention_args());
+        args.push(scale);
         // SAFETY: matches `attention_partial`; the partial buffers hold num_tokens * heads * splits entries,
         // and every block table covers its token's position (checked by the backend).
-        unsafe { launch.launch(launch_shape) }
-            .map(drop)
+        unsafe { self.launch(&self.attention_partial, launch_shape, &args, true) }
             .during(|| "launching attention_partial".into())?;
-        let mut launch = self.stream.launch_builder(&self.attention_combine);
-        launch
-            .arg(&partial_out)
-            .arg(&partial_max_sum)
-            .arg(&out)
-            .arg(&num_q_heads)
-            .arg(&head_dim)
-            .arg(&num_splits);
+        let args = [
+            Arg::Ptr(partial_out),
+            Arg::Ptr(partial_max_sum),
+            Arg::Ptr(out),
+            Arg::Int(shape.num_q_heads as i32),
+            Arg::Int(shape.head_dim as i32),
+            Arg::Int(shape.num_splits as i32),
+        ];
+        let combine_shape = grid(
+            shape.num_tokens,
+            shape.num_q_heads,
+            1,
+            threads_for(shape.head_dim).min(256),
+        );
         // SAFETY: matches `attention_combine`; `out` holds num_tokens * q_dim bf16.
-        unsafe {
-            launch.launch(grid(
-                shape.num_tokens,
-                shape.num_q_heads,
-                1,
-                threads_for(shape.head_dim).min(256),
-            ))
-        }
-        .map(drop)
-        .during(|| "launching attention_combine".into())
+        unsafe { self.launch(&self.attention_combine, combine_shape, &args, true) }
+            .during(|| "launching attention_combine".into())
     }
 
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.
@@ -353,37 +503,21 @@ impl Kernels {
         out: u64,
         shape: &AttentionShape,
     ) -> Result<(), CudaError> {
-        let (num_q_heads, num_kv_heads, head_dim) = (
-            shape.num_q_heads as i32,
-            shape.num_kv_heads as i32,
-            shape.head_dim as i32,
-        );
-        let (layer, block_size, block_elems) = (
-            shape.layer as i32,
-            shape.block_size as i32,
-            shape.block_elems as u64,
-        );
-        let scale = 1.0 / (shape.head_dim as f32).sqrt();
-        let mut launch = self.stream.launch_builder(&self.prefill_attention);
-        launch
-            .arg(&q)
-            .arg(&kv_pool)
-            .arg(&block_tables)
-            .arg(&token_meta)
-            .arg(&tiles)
-            .arg(&out)
-            .arg(&num_q_heads)
-            .arg(&num_kv_heads)
-            .arg(&head_dim)
-            .arg(&layer)
-            .arg(&block_size)
-            .arg(&block_elems)
-            .arg(&scale);
+        let mut args = vec![
+            Arg::Ptr(q),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(block_tables),
+            Arg::Ptr(token_meta),
+            Arg::Ptr(tiles),
+            Arg::Ptr(out),
+        ];
+        args.extend(shape.attention_args());
+        args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
+        let launch_shape = grid(num_tiles, shape.num_q_heads, 1, 128);
         // SAFETY: matches `prefill_attention` (128 threads, static shared memory under 48 KiB); every tile
         // lies inside one sequence's tokens, whose block table covers its last position (checked by the
         // backend), and head_dim passed `prefill_kernel_fits`.
-        unsafe { launch.launch(grid(num_tiles, shape.num_q_heads, 1, 128)) }
-            .map(drop)
+        unsafe { self.launch(&self.prefill_attention, launch_shape, &args, false) }
             .during(|| "launching prefill_attention".into())
     }
 
@@ -394,18 +528,16 @@ impl Kernels {
         num_tokens: usize,
         intermediate: usize,
     ) -> Result<(), CudaError> {
-        let total = (num_tokens * intermediate) as u64;
-        let intermediate = intermediate as i32;
-        let mut launch = self.stream.launch_builder(&self.swiglu);
-        launch
-            .arg(&gate_up)
-            .arg(&out)
-            .arg(&intermediate)
-            .arg(&total);
-        let blocks = (total as usize).div_ceil(256).min(65_535);
+        let total = num_tokens * intermediate;
+        let args = [
+            Arg::Ptr(gate_up),
+            Arg::Ptr(out),
+            Arg::Int(intermediate as i32),
+            Arg::Ptr(total as u64),
+        ];
+        let blocks = total.div_ceil(256).min(65_535);
         // SAFETY: matches `swiglu`; `gate_up` holds num_tokens * 2 * intermediate floats, `out` half that.
-        unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
-            .map(drop)
+        unsafe { self.launch(&self.swiglu, grid(blocks, 1, 1, 256), &args, false) }
             .during(|| "launching swiglu".into())
     }
 
@@ -422,13 +554,10 @@ impl Kernels {
         } else {
             &self.f32_to_bf16
         };
-        let total = count as u64;
-        let mut launch = self.stream.launch_builder(function);
-        launch.arg(&source).arg(&target).arg(&total);
+        let args = [Arg::Ptr(source), Arg::Ptr(target), Arg::Ptr(count as u64)];
         let blocks = count.div_ceil(256).clamp(1, 4096);
         // SAFETY: matches `bf16_to_f32` / `f32_to_bf16`; both buffers hold `count` elements.
-        unsafe { launch.launch(grid(blocks, 1, 1, 256)) }
-            .map(drop)
+        unsafe { self.launch(function, grid(blocks, 1, 1, 256), &args, false) }
             .during(|| "launching a KV block conversion".into())
     }
 
@@ -443,30 +572,29 @@ impl Kernels {
         slice: &LayerSlice,
         last_used_slots: usize,
     ) -> Result<(), CudaError> {
-        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
-        let (layer_elems, head_dim, block_size, used) = (
-            slice.layer_elems as i32,
-            slice.head_dim as i32,
-            slice.block_size as i32,
-            last_used_slots as i32,
-        );
-        let mut launch = self.stream.launch_builder(&self.gather_layer_f32);
-        launch
-            .arg(&kv_pool)
-            .arg(&block_ids)
-            .arg(&chunk)
-            .arg(&block_elems)
-            .arg(&layer_offset)
-            .arg(&layer_elems)
-            .arg(&head_dim)
-            .arg(&block_size)
-            .arg(&used);
+        let args = [
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(block_ids),
+            Arg::Ptr(chunk),
+            Arg::Ptr(slice.block_elems as u64),
+            Arg::Ptr(slice.layer_offset as u64),
+            Arg::Int(slice.layer_elems as i32),
+            Arg::Int(slice.head_dim as i32),
+            Arg::Int(slice.block_size as i32),
+            Arg::Int(last_used_slots as i32),
+        ];
         let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
         // SAFETY: matches `gather_layer_f32`; `block_ids` holds `num_blocks` ids inside the pool and `chunk`
         // has room for `num_blocks * layer_elems` floats.
-        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
-            .map(drop)
-            .during(|| "launching gather_layer_f32".into())
+        unsafe {
+            self.launch(
+                &self.gather_layer_f32,
+                grid(x, num_blocks, 1, 256),
+                &args,
+                false,
+            )
+        }
+        .during(|| "launching gather_layer_f32".into())
     }
 
     /// The f32 `chunk` of `num_blocks` blocks into one layer of the pool blocks listed at `block_ids`.
@@ -478,21 +606,25 @@ impl Kernels {
         kv_pool: u64,
         slice: &LayerSlice,
     ) -> Result<(), CudaError> {
-        let (block_elems, layer_offset) = (slice.block_elems as u64, slice.layer_offset as u64);
-        let layer_elems = slice.layer_elems as i32;
-        let mut launch = self.stream.launch_builder(&self.scatter_layer_f32);
-        launch
-            .arg(&chunk)
-            .arg(&block_ids)
-            .arg(&kv_pool)
-            .arg(&block_elems)
-            .arg(&layer_offset)
-            .arg(&layer_elems);
+        let args = [
+            Arg::Ptr(chunk),
+            Arg::Ptr(block_ids),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(slice.block_elems as u64),
+            Arg::Ptr(slice.layer_offset as u64),
+            Arg::Int(slice.layer_elems as i32),
+        ];
         let x = slice.layer_elems.div_ceil(256).clamp(1, 64);
         // SAFETY: matches `scatter_layer_f32`; as in `gather_layer`.
-        unsafe { launch.launch(grid(x, num_blocks, 1, 256)) }
-            .map(drop)
-            .during(|| "launching scatter_layer_f32".into())
+        unsafe {
+            self.launch(
+                &self.scatter_layer_f32,
+                grid(x, num_blocks, 1, 256),
+                &args,
+                false,
+            )
+        }
+        .during(|| "launching scatter_layer_f32".into())
     }
 
     pub(crate) fn argmax_rows(
@@ -502,12 +634,28 @@ impl Kernels {
         num_rows: usize,
         vocab_size: usize,
     ) -> Result<(), CudaError> {
-        let vocab = vocab_size as i32;
-        let mut launch = self.stream.launch_builder(&self.argmax_rows);
-        launch.arg(&logits).arg(&tokens).arg(&vocab);
+        let args = [
+            Arg::Ptr(logits),
+            Arg::Ptr(tokens),
+            Arg::Int(vocab_size as i32),
+        ];
         // SAFETY: matches `argmax_rows` (1024 threads, its shared arrays' size).
-        unsafe { launch.launch(grid(num_rows, 1, 1, 1024)) }
-            .map(drop)
+        unsafe { self.launch(&self.argmax_rows, grid(num_rows, 1, 1, 1024), &args, false) }
             .during(|| "launching argmax_rows".into())
+    }
+}
+
+impl AttentionShape {
+    /// `num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems`: the arguments the attention
+    /// kernels and `qk_norm_rope_store` take after their buffers.
+    fn attention_args(&self) -> [Arg; 6] {
+        [
+            Arg::Int(self.num_q_heads as i32),
+            Arg::Int(self.num_kv_heads as i32),
+            Arg::Int(self.head_dim as i32),
+            Arg::Int(self.layer as i32),
+            Arg::Int(self.block_size as i32),
+            Arg::Ptr(self.block_elems as u64),
+        ]
     }
 }

@@ -25,12 +25,12 @@ use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
-    AttentionShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS,
-    prefill_kernel_fits,
+    AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
+    PREFILL_TILE_TOKENS, decode_gemv_fits, prefill_kernel_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
-use weights::DeviceWeights;
+use weights::{DeviceLayer, DeviceWeights};
 
 use super::{Backend, SequenceStep};
 use crate::error::EngineError;
@@ -79,6 +79,10 @@ pub struct CudaBackend {
     /// This step's metadata, built on the host: see [`StepMeta`].
     meta: Vec<u32>,
     greedy_tokens: Vec<u32>,
+    greedy_keys: Vec<u64>,
+    /// Whether decode steps of one or two sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
+    /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
+    decode_gemv: bool,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -102,6 +106,8 @@ struct Scratch {
     last_normed: CudaSlice<u16>,
     logits: CudaSlice<f32>,
     tokens: CudaSlice<u32>,
+    /// Per row: the fused lm_head argmax's key of the greedy token (`argmax_key` in decode_gemv.cu).
+    argmax_keys: CudaSlice<u64>,
     meta: CudaSlice<u32>,
 }
 
@@ -189,6 +195,7 @@ impl Scratch {
             last_normed: zeros(gpu, rows * h, "the final norm")?,
             logits: zeros(gpu, rows * config.vocab_size, "the logits")?,
             tokens: zeros(gpu, rows, "the greedy tokens")?,
+            argmax_keys: zeros(gpu, rows, "the greedy token keys")?,
             meta: zeros(gpu, meta, "the step metadata")?,
         })
     }
@@ -289,6 +296,9 @@ impl CudaBackend {
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
             greedy_tokens: Vec::new(),
+            greedy_keys: Vec::new(),
+            decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
+                .map_or(true, |value| value != "0"),
         })
     }
 
@@ -498,7 +508,8 @@ impl CudaBackend {
 
     /// Runs every layer and the lm_head: leaves the logits of each sequence's last new token in the first
     /// `batch.len()` rows of `scratch.logits`. Decode steps replay a captured graph; others launch eagerly.
-    fn run(&mut self, batch: &[SequenceStep<'_>]) -> Result<(), EngineError> {
+    /// Returns whether the step also left each row's greedy token key in `scratch.argmax_keys`.
+    fn run(&mut self, batch: &[SequenceStep<'_>]) -> Result<bool, EngineError> {
         self.check_batch(batch)?;
         let decode_only = batch.iter().all(|step| step.token_ids.len() == 1);
         match bucket_for(batch.len()).filter(|_| decode_only) {
@@ -511,6 +522,7 @@ impl CudaBackend {
                 let capacity = table_capacity(longest_table);
                 let parts = self.build_padded_meta(batch, bucket, capacity);
                 self.prepare(&parts)?;
+                let fused = self.uses_decode_gemv(&parts);
                 let key = (bucket, capacity);
                 if let Some(graph) = self.graphs.by_shape.get(&key) {
                     graph
@@ -524,14 +536,29 @@ impl CudaBackend {
                     let graph = self.capture(&parts)?;
                     self.graphs.by_shape.insert(key, graph);
                 }
+                Ok(fused)
             }
             None => {
                 let parts = self.build_meta(batch);
                 self.prepare(&parts)?;
                 self.launch_step(&parts)?;
+                Ok(self.uses_decode_gemv(&parts))
             }
         }
-        Ok(())
+    }
+
+    /// Whether `parts` runs on the decode GEMVs: a step of one token per sequence (so the logits rows are the
+    /// token rows) of one or two sequences, whose inputs fit a GEMV block's shared memory.
+    fn uses_decode_gemv(&self, parts: &StepMeta) -> bool {
+        let config = &self.config;
+        let widest_input = config
+            .hidden_size
+            .max(config.q_dim())
+            .max(config.intermediate_size);
+        self.decode_gemv
+            && parts.prefill_tiles.is_none()
+            && parts.rows == parts.num_tokens
+            && decode_gemv_fits(parts.num_tokens, widest_input)
     }
 
     /// Grows the work buffers for `parts` and uploads the step metadata.
@@ -575,9 +602,11 @@ impl CudaBackend {
 
     /// Launches every kernel and GEMM of one step whose metadata is uploaded, in stream order.
     fn launch_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
+        if self.uses_decode_gemv(parts) {
+            return self.launch_decode_gemv_step(parts);
+        }
         let num_tokens = parts.num_tokens;
         let rows = parts.rows;
-        let num_splits = parts.num_splits;
         let gpu = &self.gpu;
         let s = &self.scratch;
         let config = &self.config;
@@ -589,11 +618,10 @@ impl CudaBackend {
         let w = &self.weights;
         let meta = addr(&s.meta, gpu);
         let at = |offset: usize| meta + 4 * offset as u64;
-        let (hidden, normed, qkv, q) = (
+        let (hidden, normed, qkv) = (
             addr(&s.hidden, gpu),
             addr(&s.normed, gpu),
             addr(&s.qkv, gpu),
-            addr(&s.q, gpu),
         );
         let (attention, projected, gate_up, activated) = (
             addr(&s.attention, gpu),
@@ -601,9 +629,6 @@ impl CudaBackend {
             addr(&s.gate_up, gpu),
             addr(&s.activated, gpu),
         );
-        let (partial_out, partial_max_sum) =
-            (addr(&s.partial_out, gpu), addr(&s.partial_max_sum, gpu));
-        let kv_pool = self.kv_pool.address;
         let blas = &gpu.blas;
 
         k.embed(
@@ -612,6 +637,7 @@ impl CudaBackend {
             at(parts.token_ids),
             num_tokens,
             h,
+            0,
         )?;
         k.add_rms_norm(
             hidden,
@@ -634,52 +660,7 @@ impl CudaBackend {
                 qkv,
                 "qkv_proj",
             )?;
-            let shape = AttentionShape {
-                num_tokens,
-                num_q_heads: config.num_q_heads,
-                num_kv_heads: config.num_kv_heads,
-                head_dim: config.head_dim,
-                layer: layer_index,
-                block_size: self.layout.block_size_tokens,
-                block_elems: self.layout.block_floats(),
-                num_splits,
-            };
-            k.qk_norm_rope_store(
-                qkv,
-                q,
-                kv_pool,
-                addr(&layer.q_norm, gpu),
-                addr(&layer.k_norm, gpu),
-                addr(&w.rope_inverse_frequencies, gpu),
-                at(parts.positions),
-                at(parts.kv_blocks),
-                &shape,
-                eps,
-            )?;
-            // Block-table offsets in token_meta count from the start of the metadata buffer.
-            match parts.prefill_tiles {
-                Some((tiles, num_tiles)) => k.prefill_attention(
-                    q,
-                    kv_pool,
-                    meta,
-                    at(parts.token_meta),
-                    at(tiles),
-                    num_tiles,
-                    attention,
-                    &shape,
-                )?,
-                None => k.attention(
-                    q,
-                    kv_pool,
-                    meta,
-                    at(parts.token_meta),
-                    partial_out,
-                    partial_max_sum,
-                    addr(&s.split_counters, gpu),
-                    attention,
-                    &shape,
-                )?,
-            }
+            self.launch_attention(parts, layer_index, layer)?;
             matmul_bf16(
                 blas,
                 attention,
@@ -758,6 +739,148 @@ impl CudaBackend {
         )?;
         Ok(())
     }
+
+    /// q/k norm, RoPE and the KV store, then attention, of layer `layer_index`: from `scratch.qkv` to
+    /// `scratch.attention`.
+    fn launch_attention(
+        &self,
+        parts: &StepMeta,
+        layer_index: usize,
+        layer: &DeviceLayer,
+    ) -> Result<(), EngineError> {
+        let gpu = &self.gpu;
+        let s = &self.scratch;
+        let config = &self.config;
+        let meta = addr(&s.meta, gpu);
+        let at = |offset: usize| meta + 4 * offset as u64;
+        let (q, attention, kv_pool) = (
+            addr(&s.q, gpu),
+            addr(&s.attention, gpu),
+            self.kv_pool.address,
+        );
+        let shape = AttentionShape {
+            num_tokens: parts.num_tokens,
+            num_q_heads: config.num_q_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            layer: layer_index,
+            block_size: self.layout.block_size_tokens,
+            block_elems: self.layout.block_floats(),
+            num_splits: parts.num_splits,
+        };
+        self.kernels.qk_norm_rope_store(
+            addr(&s.qkv, gpu),
+            q,
+            kv_pool,
+            addr(&layer.q_norm, gpu),
+            addr(&layer.k_norm, gpu),
+            addr(&self.weights.rope_inverse_frequencies, gpu),
+            at(parts.positions),
+            at(parts.kv_blocks),
+            &shape,
+            config.rms_norm_eps,
+        )?;
+        // Block-table offsets in token_meta count from the start of the metadata buffer.
+        match parts.prefill_tiles {
+            Some((tiles, num_tiles)) => self.kernels.prefill_attention(
+                q,
+                kv_pool,
+                meta,
+                at(parts.token_meta),
+                at(tiles),
+                num_tiles,
+                attention,
+                &shape,
+            )?,
+            None => self.kernels.attention(
+                q,
+                kv_pool,
+                meta,
+                at(parts.token_meta),
+                addr(&s.partial_out, gpu),
+                addr(&s.partial_max_sum, gpu),
+                addr(&s.split_counters, gpu),
+                attention,
+                &shape,
+            )?,
+        }
+        Ok(())
+    }
+
+    /// A decode step of one or two sequences ([`Self::uses_decode_gemv`]): six launches a layer, each
+    /// projection a GEMV carrying its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's.
+    fn launch_decode_gemv_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
+        let gpu = &self.gpu;
+        let s = &self.scratch;
+        let config = &self.config;
+        let w = &self.weights;
+        let k = &self.kernels;
+        let num_tokens = parts.num_tokens;
+        let (h, q_dim, eps) = (config.hidden_size, config.q_dim(), config.rms_norm_eps);
+        let hidden = addr(&s.hidden, gpu);
+        let activated = addr(&s.activated, gpu);
+        let argmax_keys = addr(&s.argmax_keys, gpu);
+        let shape = |k: usize, n: usize| GemvShape { num_tokens, k, n };
+        k.embed(
+            hidden,
+            addr(&w.embed_tokens, gpu),
+            addr(&s.meta, gpu) + 4 * parts.token_ids as u64,
+            num_tokens,
+            h,
+            argmax_keys,
+        )?;
+        for (layer_index, layer) in w.layers.iter().enumerate() {
+            k.decode_gemv(
+                GemvOp::NormStore {
+                    out: addr(&s.qkv, gpu),
+                },
+                addr(&layer.qkv_proj, gpu),
+                hidden,
+                addr(&layer.input_norm, gpu),
+                eps,
+                &shape(h, q_dim + 2 * config.kv_dim()),
+            )?;
+            self.launch_attention(parts, layer_index, layer)?;
+            k.decode_gemv(
+                GemvOp::AddTo {
+                    input: addr(&s.attention, gpu),
+                },
+                addr(&layer.o_proj, gpu),
+                hidden,
+                0,
+                eps,
+                &shape(q_dim, h),
+            )?;
+            k.decode_gemv(
+                GemvOp::NormSwiglu { out: activated },
+                addr(&layer.gate_up_proj, gpu),
+                hidden,
+                addr(&layer.post_attention_norm, gpu),
+                eps,
+                &shape(h, config.intermediate_size),
+            )?;
+            k.decode_gemv(
+                GemvOp::AddTo { input: activated },
+                addr(&layer.down_proj, gpu),
+                hidden,
+                0,
+                eps,
+                &shape(config.intermediate_size, h),
+            )?;
+        }
+        k.decode_gemv(
+            GemvOp::NormArgmax {
+                out: addr(&s.logits, gpu),
+                argmax_keys,
+            },
+            addr(w.lm_head(), gpu),
+            hidden,
+            addr(&w.final_norm, gpu),
+            eps,
+            &shape(h, config.vocab_size),
+        )?;
+        Ok(())
+    }
 }
 
 impl Backend for CudaBackend {
@@ -778,6 +901,7 @@ impl Backend for CudaBackend {
         batch: &[SequenceStep<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
+        // The fused argmax's keys, if any, are left unread.
         self.run(batch)?;
         let len = batch.len() * self.config.vocab_size;
         logits.clear();
@@ -797,9 +921,35 @@ impl Backend for CudaBackend {
         batch: &[SequenceStep<'_>],
         tokens: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
-        self.run(batch)?;
+        let picked_on_gpu = self.run(batch)?;
         let gpu = &self.gpu;
         let s = &self.scratch;
+        tokens.clear();
+        if picked_on_gpu {
+            self.greedy_keys.clear();
+            self.greedy_keys.resize(batch.len(), 0);
+            gpu.stream
+                .memcpy_dtoh(
+                    &s.argmax_keys.slice(..batch.len()),
+                    &mut self.greedy_keys[..],
+                )
+                .during(|| "copying the greedy token keys to the host".into())?;
+            gpu.stream
+                .synchronize()
+                .during(|| "running a greedy forward step".into())?;
+            for &key in &self.greedy_keys {
+                // The low half of a key is u32::MAX - token (argmax_key in decode_gemv.cu); 0 means no logit.
+                let token = u32::MAX - key as u32;
+                if key == 0 || token as usize >= self.config.vocab_size {
+                    return Err(CudaError::Unsupported(format!(
+                        "the GPU argmax returned no token (key {key:#x})"
+                    ))
+                    .into());
+                }
+                tokens.push(token);
+            }
+            return Ok(());
+        }
         self.kernels.argmax_rows(
             addr(&s.logits, gpu),
             addr(&s.tokens, gpu),
@@ -814,7 +964,6 @@ impl Backend for CudaBackend {
         gpu.stream
             .synchronize()
             .during(|| "running a greedy forward step".into())?;
-        tokens.clear();
         tokens.extend_from_slice(&self.greedy_tokens);
         Ok(())
     }
