@@ -321,25 +321,37 @@ fn a_random_qwen3_0_6b_matches_the_cpu_backend() {
     );
 }
 
-/// One sequence: its decode steps run at batch 1, the shape whose step is bound by launches, on the
-/// one-token GEMVs.
+/// Prompts of `lengths` tokens for a model of `vocab_size` tokens, from a fixed pattern per sequence.
+fn patterned_prompts(lengths: &[usize], vocab_size: usize) -> Vec<Vec<u32>> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(index, &len)| {
+            (0..len as u64)
+                .map(|i| ((i * 40_503 + index as u64 * 7_919 + 11) % vocab_size as u64) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// One sequence, then two: decode steps of one and two tokens run on the fused decode GEMVs and attention,
+/// the shapes whose step is bound by launches.
 #[test]
-fn a_random_qwen3_0_6b_decodes_one_sequence_like_the_cpu_backend() {
-    if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_sequence_like_the_cpu_backend") {
+fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
+    if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend") {
         return;
     }
     let Some(shape) = qwen3_shape("qwen3-0.6b") else {
         panic!("qwen3-0.6b shape missing");
     };
-    let vocab_size = shape.vocab_size as u64;
-    let prompt: Vec<u32> = (0..600u64)
-        .map(|i| ((i * 40_503 + 11) % vocab_size) as u32)
-        .collect();
-    let name = "qwen3-0.6b (random, one sequence)";
-    check(
-        name,
-        &compare(name, || random_model(shape.clone(), 11), &[prompt]),
-    );
+    for lengths in [&[600][..], &[41, 600]] {
+        let prompts = patterned_prompts(lengths, shape.vocab_size);
+        let name = format!("qwen3-0.6b (random, prompts of {lengths:?} tokens)");
+        check(
+            &name,
+            &compare(&name, || random_model(shape.clone(), 11), &prompts),
+        );
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //   hidden  += act · Wdownᵀ                                (decode_gemv_add_t*)
 //   logits   = RMSNorm(hidden) · Wlm_headᵀ, and argmax     (decode_gemv_norm_argmax_t*)
 // At one token a projection reads each weight once, so it is bound by how many weight bytes are in flight:
-// each warp owns two or four output rows and keeps 16 16-byte loads in flight per lane, and the grid is one
+// each warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is one
 // resident wave, so the fixed cost of a block (its prologue) is paid once per multiprocessor slot. The block's
 // input (normalized here when the GEMV starts with the RMSNorm, every block recomputing it: a few KB from L2)
 // sits in shared memory in bf16, the precision the cuBLAS path feeds its GEMMs, so both paths round alike.
@@ -210,12 +210,13 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
 }
 
 // Projections from the hidden size (qkv, gate_up, lm_head: k of 1024-4096) take two pairs a warp, 4 chunks
-// of each row in flight; those from the wider attention output or intermediate (o_proj, down) one pair, 8.
+// of each row in flight; those from the wider attention output or intermediate (o_proj, down) one pair, 12
+// (all of a 3072-wide row).
 #define DECODE_GEMV_ENTRY(name, T, EPILOGUE, NORM)                                                              \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS)                                                  \
         name(const bf16_t* w, int k, int n, const float* hidden, const float* norm_weight, float eps,           \
              const bf16_t* x_bf16, float* out_f32, bf16_t* out_bf16, unsigned long long* argmax_keys) {         \
-        decode_gemv<T, EPILOGUE, NORM, NORM ? 2 : 1, NORM ? 4 : 8>(w, k, n, hidden, norm_weight, eps, x_bf16,   \
+        decode_gemv<T, EPILOGUE, NORM, NORM ? 2 : 1, NORM ? 4 : 12>(w, k, n, hidden, norm_weight, eps, x_bf16,  \
                                                                    out_f32, out_bf16, argmax_keys);            \
     }
 

@@ -187,16 +187,48 @@ struct KeyRange {
 
 #define ATTENTION_LOADS 4  // keys per lane in flight in attend_keys_vec
 
+// The K and V rows (this lane's 8 dims) of the keys this lane reads in the step starting at `base`: key
+// base + sub + KEYS_PER_LOAD * j for j < ATTENTION_LOADS. Key `new_key` is made in this launch
+// (attention_decode_fused): it comes from new_k/new_v (shared memory), or stays unloaded when they are null.
+template <int LANES_PER_KEY>
+__device__ __forceinline__ void load_key_rows(const KeyRange& keys, int base, int new_key, const bf16_t* new_k,
+                                              const bf16_t* new_v, uint4 (&k_rows)[ATTENTION_LOADS],
+                                              uint4 (&v_rows)[ATTENTION_LOADS]) {
+    constexpr int KEYS_PER_LOAD = 32 / LANES_PER_KEY;
+    constexpr int HEAD_DIM = LANES_PER_KEY * 8;
+    const int lane = threadIdx.x & 31;
+    const int sub = lane / LANES_PER_KEY, dim0 = (lane % LANES_PER_KEY) * 8;
+#pragma unroll
+    for (int j = 0; j < ATTENTION_LOADS; ++j) {
+        const int key = base + sub + KEYS_PER_LOAD * j;
+        if (key >= keys.end_key) continue;
+        if (key == new_key) {
+            if (new_k) {
+                k_rows[j] = *reinterpret_cast<const uint4*>(new_k + dim0);
+                v_rows[j] = *reinterpret_cast<const uint4*>(new_v + dim0);
+            }
+            continue;
+        }
+        const size_t at = (size_t)keys.table[key / keys.block_size] * keys.block_elems +
+                          (size_t)(key % keys.block_size) * HEAD_DIM + dim0;
+        k_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.k_offset);
+        v_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.v_offset);
+    }
+}
+
 // One warp's share of `keys` (every ATTENTION_WARPS-th group of keys) with an online softmax: LANES_PER_KEY
 // lanes read one key with 16-byte loads (head_dim = 8 * LANES_PER_KEY), and each lane has ATTENTION_LOADS keys'
 // K and V rows in flight at once, so a split costs about one memory round trip rather than one per key.
-// Leaves the warp's unnormalized output in acc_row and its running max and sum.
+// With first_loaded, k_rows/v_rows already hold the warp's first step. Leaves the warp's unnormalized output
+// in acc_row and its running max and sum.
 template <int LANES_PER_KEY>
 __device__ __forceinline__ void attend_keys_vec(const float* q_head, float scale, const KeyRange& keys,
-                                                float* acc_row, float& out_max, float& out_sum) {
+                                                int new_key, const bf16_t* new_k, const bf16_t* new_v,
+                                                bool first_loaded, uint4 (&k_rows)[ATTENTION_LOADS],
+                                                uint4 (&v_rows)[ATTENTION_LOADS], float* acc_row, float& out_max,
+                                                float& out_sum) {
     constexpr int KEYS_PER_LOAD = 32 / LANES_PER_KEY;
     constexpr int KEYS_PER_STEP = KEYS_PER_LOAD * ATTENTION_LOADS;
-    constexpr int HEAD_DIM = LANES_PER_KEY * 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int sub = lane / LANES_PER_KEY, dim0 = (lane % LANES_PER_KEY) * 8;
     float q8[8], acc[8];
@@ -206,19 +238,10 @@ __device__ __forceinline__ void attend_keys_vec(const float* q_head, float scale
         acc[i] = 0.0f;
     }
     float running_max = NEG_INFINITY, running_sum = 0.0f;
-    for (int base = keys.first_key + warp * KEYS_PER_STEP; base < keys.end_key;
-         base += ATTENTION_WARPS * KEYS_PER_STEP) {
-        uint4 k_rows[ATTENTION_LOADS], v_rows[ATTENTION_LOADS];
-#pragma unroll
-        for (int j = 0; j < ATTENTION_LOADS; ++j) {
-            const int key = base + sub + KEYS_PER_LOAD * j;
-            if (key < keys.end_key) {
-                const size_t at = (size_t)keys.table[key / keys.block_size] * keys.block_elems +
-                                  (size_t)(key % keys.block_size) * HEAD_DIM + dim0;
-                k_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.k_offset);
-                v_rows[j] = *reinterpret_cast<const uint4*>(keys.kv_pool + at + keys.v_offset);
-            }
-        }
+    const int first_base = keys.first_key + warp * KEYS_PER_STEP;
+    for (int base = first_base; base < keys.end_key; base += ATTENTION_WARPS * KEYS_PER_STEP) {
+        if (!(first_loaded && base == first_base))
+            load_key_rows<LANES_PER_KEY>(keys, base, new_key, new_k, new_v, k_rows, v_rows);
         float score[ATTENTION_LOADS];
         float step_max = NEG_INFINITY;
 #pragma unroll
@@ -280,6 +303,97 @@ __device__ __forceinline__ void attend_keys_vec(const float* q_head, float scale
     out_sum = running_sum;
 }
 
+// What attention_decode_fused reads to make, per block, its own q and the step's new key and value: the qkv
+// projection of the step and the q/k norms and RoPE frequencies (qk_norm_rope_store's work).
+struct FusedQkv {
+    const float* qkv;
+    const float* q_norm;
+    const float* k_norm;
+    const float* inv_freq;
+    float eps;
+};
+
+// RMSNorm over one head of a qkv row, then RoPE at `position`, into out[0..head_dim): qk_norm_rope_store's
+// arithmetic. Called by every thread of the block.
+__device__ __forceinline__ void norm_rope_head(const float* x, const float* norm, const float* inv_freq,
+                                               unsigned position, int head_dim, float eps, float* out) {
+    const int half = head_dim / 2;
+    float sum_squares = 0.0f;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) sum_squares += x[i] * x[i] + x[i + half] * x[i + half];
+    const float scale = 1.0f / sqrtf(block_sum(sum_squares) / head_dim + eps);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float x1 = norm[i] * (x[i] * scale), x2 = norm[i + half] * (x[i + half] * scale);
+        const float angle = (float)position * inv_freq[i];
+        const float c = cosf(angle), s = sinf(angle);
+        out[i] = x1 * c - x2 * s;
+        out[i + half] = x2 * c + x1 * s;
+    }
+}
+
+// One split's walk over its keys for head_dim = 8 * LANES_PER_KEY. FUSED (attention_decode_fused, one token per
+// sequence): the K and V of the warp's first keys are loaded before the wait for the previous kernel, since
+// only the step's own key (`position`) is written by this step; then the block makes its q from the qkv
+// projection, and the block whose split holds `position` makes that key's K and V (and, for the first q head of
+// the KV group, stores them in the cache for later steps).
+template <int LANES_PER_KEY, bool FUSED>
+__device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& fused, const KeyRange& keys,
+                                           unsigned position, int q_dim, int kv_dim, int head, int kv_head,
+                                           bool stores_new_key, float scale, float* acc_row, float& out_max,
+                                           float& out_sum) {
+    constexpr int HEAD_DIM = LANES_PER_KEY * 8;
+    constexpr int KEYS_PER_STEP = 32 / LANES_PER_KEY * ATTENTION_LOADS;
+    const int warp = threadIdx.x >> 5;
+    uint4 k_rows[ATTENTION_LOADS], v_rows[ATTENTION_LOADS];
+    const int first_base = keys.first_key + warp * KEYS_PER_STEP;
+    if (!FUSED) {
+        wait_for_previous_grid();
+        attend_keys_vec<LANES_PER_KEY>(q_head, scale, keys, -1, nullptr, nullptr, false, k_rows, v_rows, acc_row,
+                                       out_max, out_sum);
+        return;
+    }
+    const int new_key = (int)position;
+    if (first_base < keys.end_key) load_key_rows<LANES_PER_KEY>(keys, first_base, new_key, nullptr, nullptr, k_rows, v_rows);
+    wait_for_previous_grid();
+    __shared__ float q_made[HEAD_DIM], k_made[HEAD_DIM];
+    __shared__ __align__(16) bf16_t new_k[HEAD_DIM], new_v[HEAD_DIM];
+    const float* row = fused.qkv + (size_t)blockIdx.x * (q_dim + 2 * kv_dim);
+    norm_rope_head(row + head * HEAD_DIM, fused.q_norm, fused.inv_freq, position, HEAD_DIM, fused.eps, q_made);
+    const bool holds_new_key = keys.first_key <= new_key && new_key < keys.end_key;
+    if (holds_new_key) {
+        norm_rope_head(row + q_dim + kv_head * HEAD_DIM, fused.k_norm, fused.inv_freq, position, HEAD_DIM, fused.eps,
+                       k_made);
+        __syncthreads();
+        const float* v = row + q_dim + kv_dim + kv_head * HEAD_DIM;
+        for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x) {
+            new_k[i] = f2bf(k_made[i]);
+            new_v[i] = f2bf(v[i]);
+        }
+        if (stores_new_key) {
+            bf16_t* slot = const_cast<bf16_t*>(keys.kv_pool) +
+                           (size_t)keys.table[new_key / keys.block_size] * keys.block_elems +
+                           (size_t)(new_key % keys.block_size) * HEAD_DIM;
+            for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x) {
+                slot[keys.k_offset + i] = f2bf(k_made[i]);
+                slot[keys.v_offset + i] = f2bf(v[i]);
+            }
+        }
+    }
+    __syncthreads();
+    // The first step's copy of the new key, which the loads before the wait left out.
+    if (holds_new_key) {
+        const int lane = threadIdx.x & 31, dim0 = (lane % LANES_PER_KEY) * 8;
+#pragma unroll
+        for (int j = 0; j < ATTENTION_LOADS; ++j) {
+            if (first_base + lane / LANES_PER_KEY + (32 / LANES_PER_KEY) * j == new_key) {
+                k_rows[j] = *reinterpret_cast<const uint4*>(new_k + dim0);
+                v_rows[j] = *reinterpret_cast<const uint4*>(new_v + dim0);
+            }
+        }
+    }
+    attend_keys_vec<LANES_PER_KEY>(q_made, scale, keys, new_key, new_k, new_v, true, k_rows, v_rows, acc_row, out_max,
+                                   out_sum);
+}
+
 // The same for any even head_dim up to MAX_DIMS_PER_LANE * 32: one key per warp at a time, 2-byte loads.
 __device__ __forceinline__ void attend_keys_scalar(const float* q_head, float scale, int head_dim,
                                                    const KeyRange& keys, float* acc_row, float& out_max,
@@ -331,13 +445,15 @@ __device__ __forceinline__ void attend_keys_scalar(const float* q_head, float sc
 // larger steps, where the in-place merge measured slower, see PERF.md) every split leaves its partial for
 // attention_combine.
 // token_meta[t] = (position, offset of its sequence's block table from block_tables).
+template <bool FUSED>
 __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
                                                 const unsigned* token_meta, float* partial_out,
                                                 float* partial_max_sum, unsigned* split_counters, bf16_t* out,
                                                 int num_q_heads, int num_kv_heads, int head_dim, int layer,
-                                                int block_size, size_t block_elems, float scale) {
+                                                int block_size, size_t block_elems, float scale,
+                                                const FusedQkv& fused) {
+    // The step metadata is uploaded before the step's first kernel, so it may be read before the wait.
     allow_next_grid();
-    wait_for_previous_grid();
     const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const unsigned position = token_meta[2 * token];
@@ -349,18 +465,27 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
     const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
     const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
 
-    const float* q_head = q + ((size_t)token * num_q_heads + head) * head_dim;
+    const float* q_head = q ? q + ((size_t)token * num_q_heads + head) * head_dim : nullptr;
     __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
     __shared__ __align__(16) float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
     const KeyRange keys = {kv_pool, table, block_size, block_elems, k_offset, v_offset, first_key, end_key};
     float running_max, running_sum;
+    const int q_dim = num_q_heads * head_dim, kv_dim = num_kv_heads * head_dim;
+    const bool stores_new_key = head % (num_q_heads / num_kv_heads) == 0;
+#define SPLIT_WALK(lanes)                                                                                      \
+    split_walk<lanes, FUSED>(q_head, fused, keys, position, q_dim, kv_dim, head, kv_head, stores_new_key, scale, \
+                             warp_acc[warp], running_max, running_sum)
     switch (head_dim) {
-        case 128: attend_keys_vec<16>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
-        case 64: attend_keys_vec<8>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
-        case 256: attend_keys_vec<32>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
-        case 32: attend_keys_vec<4>(q_head, scale, keys, warp_acc[warp], running_max, running_sum); break;
-        default: attend_keys_scalar(q_head, scale, head_dim, keys, warp_acc[warp], running_max, running_sum);
+        case 128: SPLIT_WALK(16); break;
+        case 64: SPLIT_WALK(8); break;
+        case 256: SPLIT_WALK(32); break;
+        case 32: SPLIT_WALK(4); break;
+        case 16: SPLIT_WALK(2); break;
+        default:  // never FUSED: the backend takes attention_decode_fused only for the head sizes above
+            wait_for_previous_grid();
+            attend_keys_scalar(q_head, scale, head_dim, keys, warp_acc[warp], running_max, running_sum);
     }
+#undef SPLIT_WALK
     if (lane == 0) {
         warp_max[warp] = running_max;
         warp_sum_[warp] = running_sum;
@@ -415,8 +540,23 @@ extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t
                                                     unsigned* split_counters, bf16_t* out, int num_q_heads,
                                                     int num_kv_heads, int head_dim, int layer, int block_size,
                                                     size_t block_elems, float scale) {
-    attention_split(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
-                          num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale);
+    attention_split<false>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
+                           num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
+}
+
+// attention_partial_merged for decode steps (one token per sequence) that also does qk_norm_rope_store's work:
+// each block makes its q from the qkv projection, and the block holding the new key stores its K and V; the
+// K and V of earlier keys are loaded before the wait for the previous kernel. head_dim is 16, 32, 64, 128 or 256.
+extern "C" __global__ void attention_decode_fused(const float* qkv, const float* q_norm, const float* k_norm,
+                                                  const float* inv_freq, float eps, bf16_t* kv_pool,
+                                                  const unsigned* block_tables, const unsigned* token_meta,
+                                                  float* partial_out, float* partial_max_sum,
+                                                  unsigned* split_counters, bf16_t* out, int num_q_heads,
+                                                  int num_kv_heads, int head_dim, int layer, int block_size,
+                                                  size_t block_elems, float scale) {
+    const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};
+    attention_split<true>(nullptr, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters,
+                          out, num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, fused);
 }
 
 // The same splits for steps of more than two tokens: every split writes its unnormalized output with its
@@ -425,8 +565,8 @@ extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_po
                                              const unsigned* token_meta, float* partial_out, float* partial_max_sum,
                                              int num_q_heads, int num_kv_heads, int head_dim, int layer,
                                              int block_size, size_t block_elems, float scale) {
-    attention_split(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
-                    num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale);
+    attention_split<false>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
+                           num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
 }
 
 // Merges the splits of each (token, q_head) and writes the normalized output in bf16 for o_proj.

@@ -39,6 +39,11 @@ pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Query tokens per block of `prefill_attention` (`PREFILL_TILE_Q`).
 pub(crate) const PREFILL_TILE_TOKENS: usize = 64;
 
+/// Whether `attention_decode_fused` (one 16-byte load per 8 dims of a key) takes this head size.
+pub(crate) fn decode_attention_fits(head_dim: usize) -> bool {
+    matches!(head_dim, 16 | 32 | 64 | 128 | 256)
+}
+
 /// Whether `prefill_attention` (tensor cores, m16n8k16 steps over the head) takes this head size.
 pub(crate) fn prefill_kernel_fits(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16) && head_dim <= 128
@@ -57,6 +62,7 @@ pub(crate) struct Kernels {
     qk_norm_rope_store: CudaFunction,
     attention_partial: CudaFunction,
     attention_partial_merged: CudaFunction,
+    attention_decode_fused: CudaFunction,
     attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
@@ -198,6 +204,7 @@ impl Kernels {
             qk_norm_rope_store: load("qk_norm_rope_store")?,
             attention_partial: load("attention_partial")?,
             attention_partial_merged: load("attention_partial_merged")?,
+            attention_decode_fused: load("attention_decode_fused")?,
             attention_combine: load("attention_combine")?,
             prefill_attention: load("prefill_attention")?,
             swiglu: load("swiglu")?,
@@ -488,6 +495,59 @@ impl Kernels {
         // SAFETY: matches `attention_combine`; `out` holds num_tokens * q_dim bf16.
         unsafe { self.launch(&self.attention_combine, combine_shape, &args, true) }
             .during(|| "launching attention_combine".into())
+    }
+
+    /// `qk_norm_rope_store` and `attention` in one launch, for a decode step of at most
+    /// `MERGE_IN_PLACE_MAX_TOKENS` sequences (one token each) whose head size `decode_attention_fits`: q and
+    /// the new K and V come from `qkv`, and the earlier keys' K and V load while the previous kernel ends.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_decode_fused(
+        &self,
+        qkv: u64,
+        norms: (u64, u64),
+        inv_freq: u64,
+        eps: f32,
+        kv_pool: u64,
+        block_tables: u64,
+        token_meta: u64,
+        partials: (u64, u64, u64),
+        out: u64,
+        shape: &AttentionShape,
+    ) -> Result<(), CudaError> {
+        if shape.num_tokens > MERGE_IN_PLACE_MAX_TOKENS || !decode_attention_fits(shape.head_dim) {
+            return Err(CudaError::Unsupported(format!(
+                "fused decode attention of {} tokens with head_dim {}",
+                shape.num_tokens, shape.head_dim
+            )));
+        }
+        let (partial_out, partial_max_sum, split_counters) = partials;
+        let mut args = vec![
+            Arg::Ptr(qkv),
+            Arg::Ptr(norms.0),
+            Arg::Ptr(norms.1),
+            Arg::Ptr(inv_freq),
+            Arg::Float(eps),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(block_tables),
+            Arg::Ptr(token_meta),
+            Arg::Ptr(partial_out),
+            Arg::Ptr(partial_max_sum),
+            Arg::Ptr(split_counters),
+            Arg::Ptr(out),
+        ];
+        args.extend(shape.attention_args());
+        args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
+        let launch_shape = grid(
+            shape.num_tokens,
+            shape.num_q_heads,
+            shape.num_splits,
+            ATTENTION_THREADS,
+        );
+        // SAFETY: matches `attention_decode_fused`; `qkv` holds num_tokens rows of q_dim + 2 * kv_dim floats,
+        // the partial buffers and counters as for `attention_partial_merged`, `out` num_tokens * q_dim bf16,
+        // every token's block table covers its position (checked by the backend), and the head size fits.
+        unsafe { self.launch(&self.attention_decode_fused, launch_shape, &args, true) }
+            .during(|| "launching attention_decode_fused".into())
     }
 
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.

@@ -26,7 +26,7 @@ use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, decode_gemv_fits, prefill_kernel_fits,
+    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, prefill_kernel_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -758,16 +758,7 @@ impl CudaBackend {
             addr(&s.attention, gpu),
             self.kv_pool.address,
         );
-        let shape = AttentionShape {
-            num_tokens: parts.num_tokens,
-            num_q_heads: config.num_q_heads,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-            layer: layer_index,
-            block_size: self.layout.block_size_tokens,
-            block_elems: self.layout.block_floats(),
-            num_splits: parts.num_splits,
-        };
+        let shape = self.attention_shape(parts, layer_index);
         self.kernels.qk_norm_rope_store(
             addr(&s.qkv, gpu),
             q,
@@ -807,8 +798,23 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A decode step of one or two sequences ([`Self::uses_decode_gemv`]): six launches a layer, each
-    /// projection a GEMV carrying its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's.
+    fn attention_shape(&self, parts: &StepMeta, layer_index: usize) -> AttentionShape {
+        let config = &self.config;
+        AttentionShape {
+            num_tokens: parts.num_tokens,
+            num_q_heads: config.num_q_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            layer: layer_index,
+            block_size: self.layout.block_size_tokens,
+            block_elems: self.layout.block_floats(),
+            num_splits: parts.num_splits,
+        }
+    }
+
+    /// A decode step of one or two sequences ([`Self::uses_decode_gemv`]): five launches a layer, each
+    /// projection a GEMV carrying its norm, residual add or SwiGLU, q/k norm, RoPE and the KV store inside
+    /// the attention (for the usual head sizes), and the greedy argmax in the lm_head's GEMV.
     fn launch_decode_gemv_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
@@ -840,7 +846,27 @@ impl CudaBackend {
                 eps,
                 &shape(h, q_dim + 2 * config.kv_dim()),
             )?;
-            self.launch_attention(parts, layer_index, layer)?;
+            if decode_attention_fits(config.head_dim) {
+                let meta = addr(&s.meta, gpu);
+                k.attention_decode_fused(
+                    addr(&s.qkv, gpu),
+                    (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
+                    addr(&w.rope_inverse_frequencies, gpu),
+                    eps,
+                    self.kv_pool.address,
+                    meta,
+                    meta + 4 * parts.token_meta as u64,
+                    (
+                        addr(&s.partial_out, gpu),
+                        addr(&s.partial_max_sum, gpu),
+                        addr(&s.split_counters, gpu),
+                    ),
+                    addr(&s.attention, gpu),
+                    &self.attention_shape(parts, layer_index),
+                )?;
+            } else {
+                self.launch_attention(parts, layer_index, layer)?;
+            }
             k.decode_gemv(
                 GemvOp::AddTo {
                     input: addr(&s.attention, gpu),
