@@ -140,6 +140,7 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
 #define ATTENTION_WARPS 4
 #define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
+#define MERGE_LOADS 8  // partial rows in flight per lane in merge_splits
 
 // Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output: every
 // split's weight once, by the lanes of warp 0 with all their loads in flight, then one pass over the head
@@ -168,10 +169,47 @@ __device__ void merge_splits(const float* partial_out, const float* partial_max_
         if (lane == 0) merged_inverse_total = 1.0f / t;
     }
     __syncthreads();
+    // Each warp sums every ATTENTION_WARPS-th split with MERGE_LOADS partial rows in flight per lane (16-byte
+    // loads when a lane's four dims tile the head), then the warps' sums are added. An empty split's partial
+    // is zeros with weight 0, so every split is read without a branch.
+    __shared__ __align__(16) float warp_value[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    const int warp = threadIdx.x >> 5;
+    if (head_dim == 128) {
+        const int d = 4 * lane;
+        float4 value = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int s = warp; s < num_splits; s += ATTENTION_WARPS * MERGE_LOADS) {
+            float4 part[MERGE_LOADS];
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u) {
+                const int split = s + ATTENTION_WARPS * u;
+                if (split < num_splits)
+                    part[u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[(first + split) * head_dim + d]));
+            }
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u) {
+                const int split = s + ATTENTION_WARPS * u;
+                if (split >= num_splits) continue;
+                const float weight = split_weight[split];
+                value.x += part[u].x * weight;
+                value.y += part[u].y * weight;
+                value.z += part[u].z * weight;
+                value.w += part[u].w * weight;
+            }
+        }
+        *reinterpret_cast<float4*>(&warp_value[warp][d]) = value;
+    } else {
+        for (int d = lane; d < head_dim; d += 32) {
+            float value = 0.0f;
+            for (int s = warp; s < num_splits; s += ATTENTION_WARPS)
+                value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
+            warp_value[warp][d] = value;
+        }
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float value = 0.0f;
-        for (int s = 0; s < num_splits; ++s)
-            if (split_weight[s] != 0.0f) value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w) value += warp_value[w][d];
         out_row[d] = f2bf(value * merged_inverse_total);
     }
 }
