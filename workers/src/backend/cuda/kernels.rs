@@ -116,12 +116,14 @@ pub(crate) struct GemvShape {
     pub(crate) n: usize,
 }
 
-/// Whether the decode GEMVs take a step of `num_tokens` tokens whose widest input is `max_k`.
-pub(crate) fn decode_gemv_fits(num_tokens: usize, max_k: usize) -> bool {
+/// Whether the decode GEMVs take a step of `num_tokens` tokens whose projections read inputs of the
+/// `input_widths`: each a whole number of 16-byte chunks, the widest fitting a block's shared memory.
+pub(crate) fn decode_gemv_fits(num_tokens: usize, input_widths: &[usize]) -> bool {
+    let widest = input_widths.iter().copied().max().unwrap_or(0);
     num_tokens <= DECODE_GEMV_MAX_TOKENS
         && num_tokens.is_power_of_two()
-        && max_k.is_multiple_of(8)
-        && num_tokens * max_k * 2 <= GEMV_MAX_SHARED_BYTES
+        && input_widths.iter().all(|width| width.is_multiple_of(8))
+        && num_tokens * widest * 2 <= GEMV_MAX_SHARED_BYTES
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -717,5 +719,36 @@ impl AttentionShape {
             Arg::Int(self.block_size as i32),
             Arg::Ptr(self.block_elems as u64),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_gemvs_take_one_or_two_tokens_whose_inputs_fit_shared_memory() {
+        let qwen3_0_6b = [1024, 2048, 3072];
+        assert!(decode_gemv_fits(1, &qwen3_0_6b));
+        assert!(decode_gemv_fits(2, &qwen3_0_6b));
+        assert!(!decode_gemv_fits(3, &qwen3_0_6b));
+        assert!(!decode_gemv_fits(4, &qwen3_0_6b), "slower than cuBLAS at four");
+        assert!(!decode_gemv_fits(0, &qwen3_0_6b));
+        // Qwen3-8B: a 12288-wide down_proj input is 24 KiB a token in bf16.
+        let qwen3_8b = [4096, 4096, 12288];
+        assert!(decode_gemv_fits(1, &qwen3_8b));
+        assert!(!decode_gemv_fits(2, &qwen3_8b));
+        // Every input, not only the widest, must be whole 16-byte chunks.
+        assert!(!decode_gemv_fits(1, &[1024, 1028, 3072]));
+    }
+
+    #[test]
+    fn fused_decode_attention_takes_head_sizes_a_warp_tiles() {
+        for head_dim in [16, 32, 64, 128, 256] {
+            assert!(decode_attention_fits(head_dim), "{head_dim}");
+        }
+        for head_dim in [8, 24, 80, 96, 512] {
+            assert!(!decode_attention_fits(head_dim), "{head_dim}");
+        }
     }
 }

@@ -551,14 +551,11 @@ impl CudaBackend {
     /// token rows) of one or two sequences, whose inputs fit a GEMV block's shared memory.
     fn uses_decode_gemv(&self, parts: &StepMeta) -> bool {
         let config = &self.config;
-        let widest_input = config
-            .hidden_size
-            .max(config.q_dim())
-            .max(config.intermediate_size);
+        let input_widths = [config.hidden_size, config.q_dim(), config.intermediate_size];
         self.decode_gemv
             && parts.prefill_tiles.is_none()
             && parts.rows == parts.num_tokens
-            && decode_gemv_fits(parts.num_tokens, widest_input)
+            && decode_gemv_fits(parts.num_tokens, &input_widths)
     }
 
     /// Grows the work buffers for `parts` and uploads the step metadata.
