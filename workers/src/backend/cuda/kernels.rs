@@ -732,7 +732,10 @@ mod tests {
         assert!(decode_gemv_fits(1, &qwen3_0_6b));
         assert!(decode_gemv_fits(2, &qwen3_0_6b));
         assert!(!decode_gemv_fits(3, &qwen3_0_6b));
-        assert!(!decode_gemv_fits(4, &qwen3_0_6b), "slower than cuBLAS at four");
+        assert!(
+            !decode_gemv_fits(4, &qwen3_0_6b),
+            "slower than cuBLAS at four"
+        );
         assert!(!decode_gemv_fits(0, &qwen3_0_6b));
         // Qwen3-8B: a 12288-wide down_proj input is 24 KiB a token in bf16.
         let qwen3_8b = [4096, 4096, 12288];
