@@ -1,6 +1,8 @@
-//! The NVRTC kernels of `kernels.cu`: compiled once when a backend starts, and one typed launch function
-//! each. Every pointer argument is a raw device address (`u64`) the caller took from a live allocation of
-//! the right size; 0 stands for a null pointer where the kernel accepts one.
+//! The NVRTC kernels of `kernels.cu` and `decode_gemv.cu`: compiled once when a backend starts, and one
+//! typed launch function each, all through `cuLaunchKernelEx` so that kernels which wait for their
+//! predecessor can launch with programmatic dependent launch. Every pointer argument is a raw device address
+//! (`u64`) the caller took from a live allocation of the right size; 0 stands for a null pointer where the
+//! kernel accepts one.
 
 use std::ffi::c_void;
 use std::sync::Arc;

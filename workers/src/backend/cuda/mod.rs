@@ -1,7 +1,9 @@
 //! [`CudaBackend`]: the Qwen3 forward pass on one NVIDIA GPU through cudarc. Weights live on the GPU in
 //! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
-//! reductions stay in f32. Greedy steps pick their tokens on the GPU, so only the token ids come back.
+//! reductions stay in f32. Decode steps of one or two sequences run on fused GEMVs instead of cuBLAS
+//! (`decode_gemv.cu`, five launches a layer). Greedy steps pick their tokens on the GPU, so only the token
+//! ids come back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
 //! block tables) in one buffer and uploads it with one copy. Decode steps replay CUDA graphs captured per
