@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tandem_events::Event;
 use tandem_events::log::embedded::EmbeddedLog;
-use tandem_events::log::jetstream::JetStreamLog;
+use tandem_events::log::jetstream::{JetStreamLog, JetStreamOptions};
 use tandem_events::log::{ConsumerConfig, EventLog, OutgoingMessage, StartAt};
 use tandem_events::nats_server::NatsServer;
 use tandem_events::schema::{Body, Received, SamplingParams};
+
+use crate::nats_args::NatsArgs;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -28,6 +30,9 @@ pub struct BenchLogArgs {
     /// JetStream server to use; without it a nats-server is started on a free loopback port.
     #[arg(long, env = "TANDEM_NATS")]
     nats: Option<String>,
+    /// Credentials and TLS for `--nats`, as the roles take them.
+    #[command(flatten)]
+    nats_auth: NatsArgs,
     /// Where the embedded log is written; a temp dir when absent.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -181,7 +186,10 @@ pub fn run(args: BenchLogArgs) -> Result<()> {
                     (server.url(), Some(server))
                 }
             };
-            let log = Arc::new(JetStreamLog::connect(&url).await?);
+            let connection = args.nats_auth.connect_options()?;
+            let log = Arc::new(
+                JetStreamLog::connect_with(&url, &connection, JetStreamOptions::default()).await?,
+            );
             results.push(measure("jetstream", log, &args).await?);
         }
         println!(

@@ -1,7 +1,7 @@
-//! NATS authentication and TLS, end to end: tandem's roles as processes against a nats-server that requires
-//! user/password or nkey authentication, one that requires a token, and one that requires TLS with client
-//! certificates from a CA this test generates. With the right credentials a request completes; with wrong or
-//! missing ones a role stops at start with a message that names the method and the URL.
+//! NATS authentication and TLS, end to end: tandem's roles (and `tandem bench log`) as processes against a
+//! nats-server that requires user/password or nkey authentication, one that requires a token, and one that
+//! requires TLS with client certificates from a CA this test generates. With the right credentials a request
+//! completes; with wrong or missing ones a role stops at start with a message that names the method and the URL.
 
 mod support;
 
@@ -207,6 +207,27 @@ fn roles_authenticate_by_token_and_stop_on_a_wrong_one() {
     );
     complete(serve.port);
     serve.stop();
+
+    // `tandem bench log` reaches the same server with the same flags.
+    let bench = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["bench", "log", "--backend", "jetstream", "--nats", &url])
+        .args(["--nats-token", "right-token", "--count", "50"])
+        .output()
+        .expect("tandem bench log runs");
+    let bench_out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success() && bench_out.contains("jetstream"),
+        "bench log with the token: {bench_out}\n{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let bench_without = run_to_failure(
+        &["bench", "log", "--backend", "jetstream", "--nats", &url],
+        &[],
+    );
+    assert_contains(
+        &bench_without,
+        &format!("nats authorization failed for no credentials at {url}"),
+    );
 
     let wrong = run_to_failure(
         &["decode", "--nats", &url],
