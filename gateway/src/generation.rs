@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tandem_events::log::{EventLog, StartAt};
-use tandem_events::schema::{Cancelled, Received, TokensDecoded};
+use tandem_events::schema::{Cancelled, Received, TokensDecoded, TraceContext};
 use tandem_events::tokens::{TokenBus, TokenLogprob, TokenStream, TokenUpdate};
 use tandem_events::{Body, Event, EventKind, subjects};
 use tokio::time::Instant;
@@ -106,6 +106,7 @@ pub async fn submit(
         log: Arc::clone(&backplane.log),
         request_id: request_id.clone(),
         gateway_id: backplane.gateway_id.clone(),
+        trace: event.trace().cloned(),
         armed: true,
     };
     let received_sequence =
@@ -456,6 +457,7 @@ impl Generation {
             self.guard.log.as_ref(),
             &self.request_id,
             &self.guard.gateway_id,
+            self.guard.trace.clone(),
             reason,
         )
         .await
@@ -465,10 +467,12 @@ impl Generation {
     }
 }
 
+/// Appends the request's `Cancelled`, in the request's trace (`trace`: what its `Received` carried).
 async fn append_cancelled(
     log: &dyn EventLog,
     request_id: &str,
     gateway_id: &str,
+    trace: Option<TraceContext>,
     reason: &str,
 ) -> Result<(), tandem_events::log::LogError> {
     let event = Event::new(
@@ -477,7 +481,8 @@ async fn append_cancelled(
         Body::Cancelled(Cancelled {
             reason: reason.to_string(),
         }),
-    );
+    )
+    .with_trace_context(trace);
     // Occurrence 1: a request is cancelled at most once; a racing second append is dropped as a duplicate.
     log.append_event(&event, 1).await.map(|_ack| ())
 }
@@ -488,6 +493,8 @@ struct CancelOnDrop {
     log: Arc<dyn EventLog>,
     request_id: String,
     gateway_id: String,
+    /// The trace context the request's `Received` carried, for its `Cancelled`.
+    trace: Option<TraceContext>,
     armed: bool,
 }
 
@@ -503,12 +510,14 @@ impl Drop for CancelOnDrop {
         let log = Arc::clone(&self.log);
         let request_id = std::mem::take(&mut self.request_id);
         let gateway_id = std::mem::take(&mut self.gateway_id);
+        let trace = self.trace.take();
         tracing::debug!(%request_id, "client disconnected; cancelling");
         runtime.spawn(async move {
             if let Err(error) = append_cancelled(
                 log.as_ref(),
                 &request_id,
                 &gateway_id,
+                trace,
                 "client_disconnected",
             )
             .await
@@ -756,5 +765,40 @@ mod tests {
         let digest = prompt_sha256(&[1, 256]);
         let expected = Sha256::digest([1u8, 0, 0, 0, 0, 1, 0, 0]).to_vec();
         assert_eq!(digest, expected);
+    }
+
+    /// A client gone mid-request: the `Cancelled` the gateway appends stays in the request's trace.
+    #[tokio::test]
+    async fn a_client_gone_is_cancelled_in_the_request_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(tandem_events::log::embedded::EmbeddedLog::open(dir.path()).unwrap());
+        let trace = TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: "vendor=1".into(),
+        };
+        drop(CancelOnDrop {
+            log: Arc::clone(&log),
+            request_id: "req-gone".into(),
+            gateway_id: "gateway-test".into(),
+            trace: Some(trace.clone()),
+            armed: true,
+        });
+        // The append runs on a task the drop spawned.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let cancelled = loop {
+            let messages = log.read(StartAt::Beginning, &[], 10).await.unwrap();
+            if let Some(message) = messages.first() {
+                break message.event().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no Cancelled appended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(cancelled.id(), "req-gone");
+        let Body::Cancelled(body) = cancelled.body() else {
+            panic!("{cancelled:?}");
+        };
+        assert_eq!(body.reason, "client_disconnected");
+        assert_eq!(cancelled.trace(), Some(&trace));
     }
 }
