@@ -6,10 +6,8 @@
 mod support;
 
 use serde_json::json;
-use support::{TandemServe, kinds_of};
+use support::{TandemServe, first_kv_transferred, kinds_of, read_embedded_log};
 use tandem_events::EventKind;
-use tandem_events::log::embedded::EmbeddedLog;
-use tandem_events::log::{EventLog, LogMessage, StartAt};
 use tandem_workers::{cuda_device_count, cuda_driver_present};
 
 fn long_prompt() -> Vec<u32> {
@@ -38,14 +36,6 @@ fn complete_both(server: &TandemServe) -> Vec<(String, String)> {
             (body["choices"][0]["text"].as_str().unwrap().to_string(), id)
         })
         .collect()
-}
-
-fn read_log(data_dir: &std::path::Path) -> Vec<LogMessage> {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let log = EmbeddedLog::open(data_dir).unwrap();
-        log.read(StartAt::Beginning, &[], 100_000).await.unwrap()
-    })
 }
 
 #[test]
@@ -93,7 +83,7 @@ fn gpu_prefill_pushes_the_kv_device_to_device() {
         "local prefill gives the aggregated tokens"
     );
 
-    let messages = read_log(&disaggregated_dir);
+    let messages = read_embedded_log(&disaggregated_dir);
     let long_kinds = kinds_of(&messages, &answers[0].1);
     assert!(
         long_kinds.contains(&EventKind::KvTransferred),
@@ -103,14 +93,7 @@ fn gpu_prefill_pushes_the_kv_device_to_device() {
         !long_kinds.contains(&EventKind::PrefillLocal),
         "{long_kinds:?}"
     );
-    let transferred = messages
-        .iter()
-        .filter_map(|m| m.event().ok())
-        .find_map(|e| match e.body() {
-            tandem_events::Body::KvTransferred(body) => Some(body.clone()),
-            _ => None,
-        })
-        .expect("a KvTransferred event");
+    let transferred = first_kv_transferred(&messages);
     eprintln!(
         "KvTransferred: {} bytes in {} blocks over {} in {} µs",
         transferred.bytes,

@@ -5,11 +5,9 @@
 mod support;
 
 use serde_json::json;
-use support::{TandemServe, kinds_of, lifecycle_states};
+use support::{TandemServe, first_kv_transferred, kinds_of, lifecycle_states, read_embedded_log};
 use tandem_events::EventKind;
 use tandem_events::lifecycle::RequestState;
-use tandem_events::log::embedded::EmbeddedLog;
-use tandem_events::log::{EventLog, LogMessage, StartAt};
 
 fn long_prompt() -> Vec<u32> {
     (0..150).map(|t| 1000 + 7 * t).collect()
@@ -45,14 +43,6 @@ fn complete_both(server: &TandemServe) -> Vec<(String, String)> {
     .collect()
 }
 
-fn read_log(data_dir: &std::path::Path) -> Vec<LogMessage> {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let log = EmbeddedLog::open(data_dir).unwrap();
-        log.read(StartAt::Beginning, &[], 100_000).await.unwrap()
-    })
-}
-
 #[test]
 fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,7 +74,7 @@ fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
         "a seeded sampled request gives the same tokens whichever worker sampled the first one"
     );
 
-    let messages = read_log(&disaggregated_dir);
+    let messages = read_embedded_log(&disaggregated_dir);
     let long_kinds = kinds_of(&messages, &answers[0].1);
     for kind in [
         EventKind::PrefillQueued,
@@ -117,14 +107,7 @@ fn long_prompts_prefill_remotely_short_ones_locally_with_the_same_tokens() {
         !short_kinds.contains(&EventKind::PrefillQueued),
         "{short_kinds:?}"
     );
-    let transferred = messages
-        .iter()
-        .filter_map(|m| m.event().ok())
-        .find_map(|e| match e.body() {
-            tandem_events::Body::KvTransferred(body) => Some(body.clone()),
-            _ => None,
-        })
-        .expect("a KvTransferred event");
+    let transferred = first_kv_transferred(&messages);
     assert_eq!(transferred.transport, "in_process");
     assert_eq!(transferred.blocks, 150u32.div_ceil(16));
     assert!(transferred.bytes > 0);

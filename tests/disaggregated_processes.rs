@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::{
-    TandemRole, TandemServe, free_port, kinds_of, lifecycle_states, request, wait_ready,
+    TandemRole, TandemServe, free_port, kinds_of, lifecycle_states, request, wait_for_workers,
+    wait_ready,
 };
 use tandem_events::lifecycle::RequestState;
 use tandem_events::log::jetstream::JetStreamLog;
 use tandem_events::log::{EventLog, LogMessage, StartAt};
 use tandem_events::nats_server::NatsServer;
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::{Body, EventKind};
 
 fn prompt(len: u32, seed: u32) -> Vec<u32> {
@@ -104,29 +104,8 @@ fn separate_processes_prefill_remotely_and_survive_a_killed_prefill_worker() {
         logs,
     );
     wait_ready(port, "/ready", "the gateway");
-    // The decode worker sends prompts away once it has seen live prefill workers: wait for both heartbeats, then
-    // for the decode worker's next look at them.
+    wait_for_workers(&url, &["prefill-a", "prefill-b"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let log = JetStreamLog::connect(&url).await.unwrap();
-        let workers = log
-            .kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL)
-            .await
-            .unwrap();
-        let started = Instant::now();
-        loop {
-            let keys = workers.keys().await.unwrap();
-            if keys.iter().any(|k| k == "prefill-a") && keys.iter().any(|k| k == "prefill-b") {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "prefill workers never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    std::thread::sleep(Duration::from_millis(1000));
 
     let (long_text, long_id) = complete(port, &long);
     let (short_text, short_id) = complete(port, &short);

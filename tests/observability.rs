@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::telemetry::{OtlpCollector, ReceivedSpan, Scrape};
-use support::{TandemRole, TandemServe, free_port, request, request_with_headers, wait_ready};
-use tandem_events::log::EventLog;
-use tandem_events::log::jetstream::JetStreamLog;
+use support::{
+    TandemRole, TandemServe, free_port, request, request_with_headers, wait_for_workers, wait_ready,
+};
 use tandem_events::nats_server::NatsServer;
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 
 /// The client's trace: the gateway's span must continue it.
 const CLIENT_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -127,31 +126,7 @@ fn a_remote_prefill_is_one_trace_across_four_processes_and_every_role_serves_met
     );
     wait_ready(gateway_port, "/ready", "the gateway");
     wait_ready(prefill_port, "/ready", "the prefill worker");
-    // The decode worker sends prompts away once it has seen a live prefill worker: wait for its heartbeat, then
-    // for the decode worker's next look.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let log = JetStreamLog::connect(&url).await.unwrap();
-        let workers = log
-            .kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL)
-            .await
-            .unwrap();
-        let started = Instant::now();
-        while !workers
-            .keys()
-            .await
-            .unwrap()
-            .iter()
-            .any(|key| key == "prefill-1")
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the prefill worker never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_for_workers(&url, &["prefill-1"]);
 
     // A prompt over --max-local-prefill-tokens: prefilled by the prefill worker, its KV sent over TCP.
     let prompt: Vec<u32> = (0..200).map(|t| 1000 + (t * 7) % 50_000).collect();

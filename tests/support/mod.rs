@@ -270,6 +270,62 @@ pub fn lifecycle_states(
         .collect()
 }
 
+/// Every message of the embedded log under `data_dir` (its server stopped), in sequence order.
+pub fn read_embedded_log(data_dir: &Path) -> Vec<tandem_events::log::LogMessage> {
+    use tandem_events::log::EventLog;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log = tandem_events::log::embedded::EmbeddedLog::open(data_dir).unwrap();
+        log.read(tandem_events::log::StartAt::Beginning, &[], 100_000)
+            .await
+            .unwrap()
+    })
+}
+
+/// The first `KvTransferred` on the log.
+pub fn first_kv_transferred(
+    messages: &[tandem_events::log::LogMessage],
+) -> tandem_events::schema::KvTransferred {
+    messages
+        .iter()
+        .filter_map(|message| message.event().ok())
+        .find_map(|event| match event.body() {
+            tandem_events::Body::KvTransferred(body) => Some(body.clone()),
+            _ => None,
+        })
+        .expect("a KvTransferred event")
+}
+
+/// Waits until every one of `worker_ids` heartbeats in the JetStream server at `url`, then a second more: a decode
+/// worker sends prompts away only once it has seen a live prefill worker, at its next look.
+pub fn wait_for_workers(url: &str, worker_ids: &[&str]) {
+    use tandem_events::log::EventLog;
+    use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log = tandem_events::log::jetstream::JetStreamLog::connect(url)
+            .await
+            .unwrap();
+        let workers = log
+            .kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        loop {
+            let keys = workers.keys().await.unwrap();
+            if worker_ids.iter().all(|id| keys.iter().any(|key| key == id)) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "workers {worker_ids:?} never came up (seen: {keys:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+}
+
 /// The kinds of one request's events, in log order.
 pub fn kinds_of(
     messages: &[tandem_events::log::LogMessage],
