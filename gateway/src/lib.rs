@@ -43,4 +43,5 @@ pub use config::{
 pub use errors::GatewayError;
 pub use limits::ClientLimits;
 pub use prompt_log::PromptLogging;
+pub use routes::meta::prometheus_text_response;
 pub use server::Gateway;

@@ -124,17 +124,7 @@ impl DirectTarget {
             logprobs: None,
             ignore_eos: sampling.ignore_eos,
         };
-        let job = Job {
-            request_id: request_id.clone(),
-            prompt_token_ids,
-            sampling: wire,
-            routed_attempt: 1,
-            routed_sequence: 0,
-            resumed_token_ids: Vec::new(),
-            resumed_logprobs: Vec::new(),
-            span: tracing::Span::none(),
-            prompt_redacted: false,
-        };
+        let job = Job::first_attempt(request_id.clone(), prompt_token_ids, wire);
         let (sender, mut updates) = unbounded_channel();
         self.waiters
             .lock()

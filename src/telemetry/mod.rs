@@ -207,18 +207,10 @@ pub fn metrics_router() -> axum::Router {
 }
 
 async fn metrics_handler() -> axum::response::Response {
-    use axum::http::{StatusCode, header};
+    use axum::http::StatusCode;
     use axum::response::IntoResponse;
     match prometheus_text() {
-        Some(text) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Some(text) => tandem_gateway::prometheus_text_response(text),
         None => (StatusCode::NOT_FOUND, "this process records no metrics\n").into_response(),
     }
 }

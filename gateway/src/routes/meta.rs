@@ -44,17 +44,22 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
 /// without the binary's recorder).
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.metrics_text.as_ref().and_then(|render| render()) {
-        Some(text) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Some(text) => prometheus_text_response(text),
         None => ApiError::route_not_found("GET", "/metrics").into_response(),
     }
+}
+
+/// A `/metrics` answer: `text` in the Prometheus text exposition format; every role's `/metrics` answers so.
+pub fn prometheus_text_response(text: String) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// The gateway's own OpenAPI document (see `api_document`).

@@ -60,6 +60,25 @@ pub struct Job {
 }
 
 impl Job {
+    /// A first attempt at a request outside the log's routing (benchmarks, tests): not resumed, untraced.
+    pub fn first_attempt(
+        request_id: String,
+        prompt_token_ids: Vec<u32>,
+        sampling: WireSampling,
+    ) -> Job {
+        Job {
+            request_id,
+            prompt_token_ids,
+            prompt_redacted: false,
+            sampling,
+            routed_attempt: 1,
+            routed_sequence: 0,
+            resumed_token_ids: Vec::new(),
+            resumed_logprobs: Vec::new(),
+            span: tracing::Span::none(),
+        }
+    }
+
     /// What the engine computes before the next token: the prompt, then the tokens already generated.
     fn input_token_ids(&self) -> Vec<u32> {
         let mut input = self.prompt_token_ids.clone();
@@ -916,22 +935,16 @@ mod tests {
     use crate::{EngineConfig, builtin_model};
 
     fn job(request_id: &str, prompt_tokens: u32, max_tokens: u32) -> Job {
-        Job {
-            request_id: request_id.into(),
-            prompt_token_ids: (0..prompt_tokens).map(|i| 1000 + i).collect(),
-            sampling: WireSampling {
+        Job::first_attempt(
+            request_id.into(),
+            (0..prompt_tokens).map(|i| 1000 + i).collect(),
+            WireSampling {
                 max_tokens,
                 ignore_eos: true,
                 top_p: 1.0,
                 ..WireSampling::default()
             },
-            routed_attempt: 1,
-            routed_sequence: 0,
-            resumed_token_ids: Vec::new(),
-            resumed_logprobs: Vec::new(),
-            span: tracing::Span::none(),
-            prompt_redacted: false,
-        }
+        )
     }
 
     /// A finished request's slot is taken by the newest one (`swap_remove`); prefill must still go oldest first.
