@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{TandemRole, TandemServe, free_port, open_stream, request, wait_ready};
+use support::{
+    TandemRole, TandemServe, free_port, open_stream, request, wait_for_workers, wait_ready,
+};
 use tandem_events::lifecycle::RequestState;
 use tandem_events::log::jetstream::JetStreamLog;
 use tandem_events::log::{EventLog, LogMessage, StartAt};
 use tandem_events::nats_server::NatsServer;
-use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
 use tandem_events::{Body, EventKind};
 use tandem_scheduler::projection::Projection;
 
@@ -257,32 +258,8 @@ impl Fleet {
         };
         wait_ready(fleet.gateway_port, "/ready", "the gateway");
         wait_ready(fleet.scheduler_port, "/ready", "the scheduler");
-        let expected: Vec<String> = decode_ids
-            .iter()
-            .chain(prefill_ids)
-            .map(|id| id.to_string())
-            .collect();
-        fleet.runtime.block_on(async {
-            let log = JetStreamLog::connect(&fleet.nats.url()).await.unwrap();
-            let workers = log
-                .kv_bucket(WORKERS_BUCKET, WORKER_HEARTBEAT_TTL)
-                .await
-                .unwrap();
-            let started = Instant::now();
-            loop {
-                let live = workers.keys().await.unwrap();
-                if expected.iter().all(|id| live.contains(id)) {
-                    break;
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(120),
-                    "workers never came up: {live:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        // Decode workers look at the live prefill workers every second before they send prompts away.
-        std::thread::sleep(Duration::from_millis(1200));
+        let expected: Vec<&str> = decode_ids.iter().chain(prefill_ids).copied().collect();
+        wait_for_workers(&fleet.nats.url(), &expected);
         fleet
     }
 

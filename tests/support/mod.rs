@@ -296,8 +296,8 @@ pub fn first_kv_transferred(
         .expect("a KvTransferred event")
 }
 
-/// Waits until every one of `worker_ids` heartbeats in the JetStream server at `url`, then a second more: a decode
-/// worker sends prompts away only once it has seen a live prefill worker, at its next look.
+/// Waits until every one of `worker_ids` heartbeats in the JetStream server at `url`, then 1.2 s more: a decode
+/// worker sends prompts away only once it has seen a live prefill worker, and it looks every second.
 pub fn wait_for_workers(url: &str, worker_ids: &[&str]) {
     use tandem_events::log::EventLog;
     use tandem_events::subjects::{WORKER_HEARTBEAT_TTL, WORKERS_BUCKET};
@@ -323,7 +323,7 @@ pub fn wait_for_workers(url: &str, worker_ids: &[&str]) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_millis(1200));
 }
 
 /// The kinds of one request's events, in log order.
