@@ -150,17 +150,7 @@ impl DirectTarget {
         let Some(&ttft_ms) = arrivals_ms.first() else {
             return RequestOutcome::failed("the engine thread sent nothing".into());
         };
-        RequestOutcome {
-            ttft_ms,
-            e2e_ms,
-            itl_ms: arrivals_ms
-                .windows(2)
-                .map(|pair| pair[1] - pair[0])
-                .collect(),
-            prompt_tokens,
-            output_tokens,
-            error: None,
-        }
+        RequestOutcome::finished(ttft_ms, e2e_ms, &arrivals_ms, prompt_tokens, output_tokens)
     }
 
     /// Lets running requests finish, then stops the engine thread.

@@ -162,18 +162,13 @@ impl HttpTarget {
         let Some(&ttft_ms) = timing.chunk_arrivals_ms.first() else {
             bail!("no chunk carried choices");
         };
-        Ok(RequestOutcome {
+        Ok(RequestOutcome::finished(
             ttft_ms,
             e2e_ms,
-            itl_ms: timing
-                .chunk_arrivals_ms
-                .windows(2)
-                .map(|pair| pair[1] - pair[0])
-                .collect(),
+            &timing.chunk_arrivals_ms,
             prompt_tokens,
             output_tokens,
-            error: None,
-        })
+        ))
     }
 }
 

@@ -107,6 +107,27 @@ pub struct RequestOutcome {
 }
 
 impl RequestOutcome {
+    /// A request that finished: its first and last arrival, and every chunk's arrival (for the gaps between them).
+    fn finished(
+        ttft_ms: f64,
+        e2e_ms: f64,
+        arrivals_ms: &[f64],
+        prompt_tokens: u64,
+        output_tokens: u64,
+    ) -> RequestOutcome {
+        RequestOutcome {
+            ttft_ms,
+            e2e_ms,
+            itl_ms: arrivals_ms
+                .windows(2)
+                .map(|pair| pair[1] - pair[0])
+                .collect(),
+            prompt_tokens,
+            output_tokens,
+            error: None,
+        }
+    }
+
     fn failed(error: String) -> RequestOutcome {
         RequestOutcome {
             ttft_ms: 0.0,
