@@ -97,28 +97,66 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
                 if (lane == r) prefetch_l2(rows[r] + preloaded, (unsigned)(chunks - preloaded) * 16);
         }
     }
+    // The norm weights of this thread's first NORM_KEPT quads (all of them up to a hidden size of 1024) do not
+    // depend on the previous kernel either; those quads of the hidden state stay in registers between the
+    // sum of squares and the scaling.
+    constexpr int NORM_KEPT = 2;
+    const int quads = k >> 2;
+    const float4* weight = reinterpret_cast<const float4*>(norm_weight);
+    float4 kept_weight[NORM_KEPT];
+    if (NORM) {
+#pragma unroll
+        for (int j = 0; j < NORM_KEPT; ++j) {
+            const int i = threadIdx.x + j * GEMV_THREADS;
+            if (i < quads) kept_weight[j] = __ldg(weight + i);
+        }
+    }
     wait_for_previous_grid();
 
+    // The residual's current value of the first group's rows, read now rather than after the products.
+    float residual[ROWS][T];
+    if (EPILOGUE == GEMV_ADD && lane == 0 && first_group < groups) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+            for (int t = 0; t < T; ++t) residual[r][t] = out_f32[(size_t)t * n + row_of(first_group, r)];
+        }
+    }
+
     if (NORM) {
-        const int quads = k >> 2;
+        auto store_normed = [&](int t, int i, float4 v, float4 g, float scale) {
+            bf16_t* target = x_shared + t * k + 4 * i;
+            target[0] = f2bf(g.x * (v.x * scale));
+            target[1] = f2bf(g.y * (v.y * scale));
+            target[2] = f2bf(g.z * (v.z * scale));
+            target[3] = f2bf(g.w * (v.w * scale));
+        };
 #pragma unroll
         for (int t = 0; t < T; ++t) {
             const float4* x = reinterpret_cast<const float4*>(hidden + (size_t)t * k);
+            float4 kept[NORM_KEPT];
             float sum_squares = 0.0f;
-            for (int i = threadIdx.x; i < quads; i += blockDim.x) {
+#pragma unroll
+            for (int j = 0; j < NORM_KEPT; ++j) {
+                const int i = threadIdx.x + j * GEMV_THREADS;
+                if (i < quads) {
+                    kept[j] = x[i];
+                    sum_squares += kept[j].x * kept[j].x + kept[j].y * kept[j].y + kept[j].z * kept[j].z +
+                                   kept[j].w * kept[j].w;
+                }
+            }
+            for (int i = threadIdx.x + NORM_KEPT * GEMV_THREADS; i < quads; i += GEMV_THREADS) {
                 const float4 v = x[i];
                 sum_squares += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             }
             const float scale = 1.0f / sqrtf(block_sum(sum_squares) / k + eps);
-            const float4* weight = reinterpret_cast<const float4*>(norm_weight);
-            for (int i = threadIdx.x; i < quads; i += blockDim.x) {
-                const float4 v = x[i], g = weight[i];
-                bf16_t* target = x_shared + t * k + 4 * i;
-                target[0] = f2bf(g.x * (v.x * scale));
-                target[1] = f2bf(g.y * (v.y * scale));
-                target[2] = f2bf(g.z * (v.z * scale));
-                target[3] = f2bf(g.w * (v.w * scale));
+#pragma unroll
+            for (int j = 0; j < NORM_KEPT; ++j) {
+                const int i = threadIdx.x + j * GEMV_THREADS;
+                if (i < quads) store_normed(t, i, kept[j], kept_weight[j], scale);
             }
+            for (int i = threadIdx.x + NORM_KEPT * GEMV_THREADS; i < quads; i += GEMV_THREADS)
+                store_normed(t, i, x[i], weight[i], scale);
         }
     } else {
         const uint4* source = reinterpret_cast<const uint4*>(x_bf16);
@@ -177,8 +215,13 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
                     out_f32[(size_t)t * n + row0] = first_value;
                     if (has_row1) out_f32[(size_t)t * n + row1] = second_value;
                 } else if (EPILOGUE == GEMV_ADD) {
-                    out_f32[(size_t)t * n + row0] += first_value;
-                    if (has_row1) out_f32[(size_t)t * n + row1] += second_value;
+                    const bool first = group == first_group;
+                    const float old0 = first ? residual[2 * p][t] : out_f32[(size_t)t * n + row0];
+                    out_f32[(size_t)t * n + row0] = old0 + first_value;
+                    if (has_row1) {
+                        const float old1 = first ? residual[2 * p + 1][t] : out_f32[(size_t)t * n + row1];
+                        out_f32[(size_t)t * n + row1] = old1 + second_value;
+                    }
                 } else {
                     out_bf16[(size_t)t * n + pair] = f2bf(first_value / (1.0f + expf(-first_value)) * second_value);
                 }

@@ -142,15 +142,82 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
 #define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
 #define MERGE_LOADS 8  // partial rows in flight per lane in merge_splits
 
-// Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output: every
-// split's weight once, by the lanes of warp 0 with all their loads in flight, then one pass over the head
-// (the old per-thread loop over splits re-read the maxima with a chain of dependent loads). L2 reads
-// (__ldcg): other blocks of the same launch may have written the partials. Called by every thread of a block.
+// Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output. L2 reads
+// (__ldcg): other blocks of the same launch wrote the partials. Called by every thread of a block.
+// head_dim 128 (the usual size) takes one round trip to L2: each warp loads MERGE_LOADS splits' rows together
+// with their maxima and sums, and keeps its own running maximum, which the warps' sums are rescaled to at the
+// end. Other sizes first weigh every split (warp 0), then sum the rows: two round trips.
 __device__ void merge_splits(const float* partial_out, const float* partial_max_sum, size_t first, int num_splits,
                              int head_dim, bf16_t* out_row) {
+    __shared__ __align__(16) float warp_value[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (head_dim == 128) {
+        __shared__ float warp_max[ATTENTION_WARPS], warp_total[ATTENTION_WARPS];
+        const int d = 4 * lane;
+        float4 value = {0.0f, 0.0f, 0.0f, 0.0f};
+        float running_max = NEG_INFINITY, total = 0.0f;
+        for (int s = warp; s < num_splits; s += ATTENTION_WARPS * MERGE_LOADS) {
+            float4 part[MERGE_LOADS];
+            float2 max_sum[MERGE_LOADS];
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u) {
+                const int split = s + ATTENTION_WARPS * u;
+                max_sum[u] = make_float2(NEG_INFINITY, 0.0f);
+                if (split < num_splits) {
+                    part[u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[(first + split) * head_dim + d]));
+                    max_sum[u] = __ldcg(reinterpret_cast<const float2*>(&partial_max_sum[2 * (first + split)]));
+                }
+            }
+            float new_max = running_max;
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u)
+                if (max_sum[u].y > 0.0f) new_max = fmaxf(new_max, max_sum[u].x);
+            if (new_max == NEG_INFINITY) continue;  // only empty splits so far
+            const float rescale = total > 0.0f ? expf(running_max - new_max) : 0.0f;
+            value.x *= rescale;
+            value.y *= rescale;
+            value.z *= rescale;
+            value.w *= rescale;
+            total *= rescale;
+#pragma unroll
+            for (int u = 0; u < MERGE_LOADS; ++u) {
+                if (!(max_sum[u].y > 0.0f)) continue;
+                const float weight = expf(max_sum[u].x - new_max);
+                value.x += part[u].x * weight;
+                value.y += part[u].y * weight;
+                value.z += part[u].z * weight;
+                value.w += part[u].w * weight;
+                total += max_sum[u].y * weight;
+            }
+            running_max = new_max;
+        }
+        *reinterpret_cast<float4*>(&warp_value[warp][d]) = value;
+        if (lane == 0) {
+            warp_max[warp] = running_max;
+            warp_total[warp] = total;
+        }
+        __syncthreads();
+        float block_max = NEG_INFINITY;
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w)
+            if (warp_total[w] > 0.0f) block_max = fmaxf(block_max, warp_max[w]);
+        float factor[ATTENTION_WARPS], block_total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w) {
+            factor[w] = warp_total[w] > 0.0f ? expf(warp_max[w] - block_max) : 0.0f;
+            block_total += warp_total[w] * factor[w];
+        }
+        const float inverse_total = 1.0f / block_total;
+        for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
+            float merged = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTENTION_WARPS; ++w) merged += warp_value[w][i] * factor[w];
+            out_row[i] = f2bf(merged * inverse_total);
+        }
+        return;
+    }
     __shared__ float split_weight[MAX_MERGED_SPLITS];
     __shared__ float merged_inverse_total;
-    const int lane = threadIdx.x & 31;
     if (threadIdx.x < 32) {
         float m = NEG_INFINITY;
         for (int s = lane; s < num_splits; s += 32) {
@@ -169,41 +236,12 @@ __device__ void merge_splits(const float* partial_out, const float* partial_max_
         if (lane == 0) merged_inverse_total = 1.0f / t;
     }
     __syncthreads();
-    // Each warp sums every ATTENTION_WARPS-th split with MERGE_LOADS partial rows in flight per lane (16-byte
-    // loads when a lane's four dims tile the head), then the warps' sums are added. An empty split's partial
-    // is zeros with weight 0, so every split is read without a branch.
-    __shared__ __align__(16) float warp_value[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
-    const int warp = threadIdx.x >> 5;
-    if (head_dim == 128) {
-        const int d = 4 * lane;
-        float4 value = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int s = warp; s < num_splits; s += ATTENTION_WARPS * MERGE_LOADS) {
-            float4 part[MERGE_LOADS];
-#pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u) {
-                const int split = s + ATTENTION_WARPS * u;
-                if (split < num_splits)
-                    part[u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[(first + split) * head_dim + d]));
-            }
-#pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u) {
-                const int split = s + ATTENTION_WARPS * u;
-                if (split >= num_splits) continue;
-                const float weight = split_weight[split];
-                value.x += part[u].x * weight;
-                value.y += part[u].y * weight;
-                value.z += part[u].z * weight;
-                value.w += part[u].w * weight;
-            }
-        }
-        *reinterpret_cast<float4*>(&warp_value[warp][d]) = value;
-    } else {
-        for (int d = lane; d < head_dim; d += 32) {
-            float value = 0.0f;
-            for (int s = warp; s < num_splits; s += ATTENTION_WARPS)
-                value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
-            warp_value[warp][d] = value;
-        }
+    // Each warp sums every ATTENTION_WARPS-th split, then the warps' sums are added.
+    for (int d = lane; d < head_dim; d += 32) {
+        float value = 0.0f;
+        for (int s = warp; s < num_splits; s += ATTENTION_WARPS)
+            value += __ldcg(&partial_out[(first + s) * head_dim + d]) * split_weight[s];
+        warp_value[warp][d] = value;
     }
     __syncthreads();
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -351,20 +389,39 @@ struct FusedQkv {
     float eps;
 };
 
-// RMSNorm over one head of a qkv row, then RoPE at `position`, into out[0..head_dim): qk_norm_rope_store's
-// arithmetic. Called by every thread of the block.
-__device__ __forceinline__ void norm_rope_head(const float* x, const float* norm, const float* inv_freq,
-                                               unsigned position, int head_dim, float eps, float* out) {
-    const int half = head_dim / 2;
-    float sum_squares = 0.0f;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) sum_squares += x[i] * x[i] + x[i + half] * x[i + half];
-    const float scale = 1.0f / sqrtf(block_sum(sum_squares) / head_dim + eps);
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float x1 = norm[i] * (x[i] * scale), x2 = norm[i + half] * (x[i + half] * scale);
+// What thread i of a block needs for the rotate-half pair (i, i + head_dim / 2) of one head: RoPE's cosine and
+// sine at the step's position and the q and k norm weights of the pair. None of it depends on the previous
+// kernel, so attention_decode_fused reads and computes it before the wait. head_dim / 2 <= blockDim.x.
+struct RopePair {
+    float c, s, q_weight1, q_weight2, k_weight1, k_weight2;
+};
+
+__device__ __forceinline__ RopePair rope_pair(const float* q_norm, const float* k_norm, const float* inv_freq,
+                                              unsigned position, int head_dim) {
+    const int half = head_dim / 2, i = threadIdx.x;
+    RopePair pair = {1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (i < half) {
         const float angle = (float)position * inv_freq[i];
-        const float c = cosf(angle), s = sinf(angle);
-        out[i] = x1 * c - x2 * s;
-        out[i + half] = x2 * c + x1 * s;
+        pair.c = cosf(angle);
+        pair.s = sinf(angle);
+        pair.q_weight1 = q_norm[i];
+        pair.q_weight2 = q_norm[i + half];
+        pair.k_weight1 = k_norm[i];
+        pair.k_weight2 = k_norm[i + half];
+    }
+    return pair;
+}
+
+// RMSNorm over one head whose pair (x1, x2) this thread holds (zeros past the half), then RoPE, into
+// out[0..head_dim): qk_norm_rope_store's arithmetic, in the same order.
+__device__ __forceinline__ void norm_rope_pair(float x1, float x2, float weight1, float weight2, const RopePair& pair,
+                                               int head_dim, float eps, float* out) {
+    const int half = head_dim / 2, i = threadIdx.x;
+    const float scale = 1.0f / sqrtf(block_sum(x1 * x1 + x2 * x2) / head_dim + eps);
+    if (i < half) {
+        const float normed1 = weight1 * (x1 * scale), normed2 = weight2 * (x2 * scale);
+        out[i] = normed1 * pair.c - normed2 * pair.s;
+        out[i + half] = normed2 * pair.c + normed1 * pair.s;
     }
 }
 
@@ -389,30 +446,48 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
                                        out_max, out_sum);
         return;
     }
+    constexpr int HALF = HEAD_DIM / 2;
     const int new_key = (int)position;
     if (first_base < keys.end_key) load_key_rows<LANES_PER_KEY>(keys, first_base, new_key, nullptr, nullptr, k_rows, v_rows);
+    const RopePair rope = rope_pair(fused.q_norm, fused.k_norm, fused.inv_freq, position, HEAD_DIM);
+    const bool holds_new_key = keys.first_key <= new_key && new_key < keys.end_key;
+    bf16_t* new_slot = nullptr;
+    if (holds_new_key && stores_new_key)
+        new_slot = const_cast<bf16_t*>(keys.kv_pool) + (size_t)keys.table[new_key / keys.block_size] * keys.block_elems +
+                   (size_t)(new_key % keys.block_size) * HEAD_DIM;
     wait_for_previous_grid();
     __shared__ float q_made[HEAD_DIM], k_made[HEAD_DIM];
     __shared__ __align__(16) bf16_t new_k[HEAD_DIM], new_v[HEAD_DIM];
+    // This thread's pair of the q head, and for the block holding the new key of its K head and (at the same
+    // dims) of its V head, all loaded at once.
     const float* row = fused.qkv + (size_t)blockIdx.x * (q_dim + 2 * kv_dim);
-    norm_rope_head(row + head * HEAD_DIM, fused.q_norm, fused.inv_freq, position, HEAD_DIM, fused.eps, q_made);
-    const bool holds_new_key = keys.first_key <= new_key && new_key < keys.end_key;
+    const int i = threadIdx.x;
+    const bool in_half = i < HALF;
+    const float* q_row = row + head * HEAD_DIM;
+    const float* k_row = row + q_dim + kv_head * HEAD_DIM;
+    const float* v_row = row + q_dim + kv_dim + kv_head * HEAD_DIM;
+    const float q1 = in_half ? q_row[i] : 0.0f, q2 = in_half ? q_row[i + HALF] : 0.0f;
+    float k1 = 0.0f, k2 = 0.0f, v1 = 0.0f, v2 = 0.0f;
+    if (holds_new_key && in_half) {
+        k1 = k_row[i];
+        k2 = k_row[i + HALF];
+        v1 = v_row[i];
+        v2 = v_row[i + HALF];
+    }
+    norm_rope_pair(q1, q2, rope.q_weight1, rope.q_weight2, rope, HEAD_DIM, fused.eps, q_made);
     if (holds_new_key) {
-        norm_rope_head(row + q_dim + kv_head * HEAD_DIM, fused.k_norm, fused.inv_freq, position, HEAD_DIM, fused.eps,
-                       k_made);
+        norm_rope_pair(k1, k2, rope.k_weight1, rope.k_weight2, rope, HEAD_DIM, fused.eps, k_made);
         __syncthreads();
-        const float* v = row + q_dim + kv_dim + kv_head * HEAD_DIM;
-        for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x) {
+        if (in_half) {
             new_k[i] = f2bf(k_made[i]);
-            new_v[i] = f2bf(v[i]);
-        }
-        if (stores_new_key) {
-            bf16_t* slot = const_cast<bf16_t*>(keys.kv_pool) +
-                           (size_t)keys.table[new_key / keys.block_size] * keys.block_elems +
-                           (size_t)(new_key % keys.block_size) * HEAD_DIM;
-            for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x) {
-                slot[keys.k_offset + i] = f2bf(k_made[i]);
-                slot[keys.v_offset + i] = f2bf(v[i]);
+            new_k[i + HALF] = f2bf(k_made[i + HALF]);
+            new_v[i] = f2bf(v1);
+            new_v[i + HALF] = f2bf(v2);
+            if (new_slot) {
+                new_slot[keys.k_offset + i] = new_k[i];
+                new_slot[keys.k_offset + i + HALF] = new_k[i + HALF];
+                new_slot[keys.v_offset + i] = new_v[i];
+                new_slot[keys.v_offset + i + HALF] = new_v[i + HALF];
             }
         }
     }
