@@ -20,8 +20,8 @@ mod common;
 
 use common::{FIXTURES, load_fixture, log_softmax, reference};
 use tandem_workers::{
-    Engine, EngineConfig, ModelWeights, cuda_device_count, cuda_driver_present, qwen3_shape,
-    random_model,
+    Engine, EngineConfig, ModelConfig, ModelWeights, cuda_device_count, cuda_driver_present,
+    qwen3_shape, random_model,
 };
 
 const DECODE_STEPS: usize = 64;
@@ -352,6 +352,31 @@ fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
             &compare(&name, || random_model(shape.clone(), 11), &prompts),
         );
     }
+}
+
+/// A hidden size of 2048 (Qwen3-1.7B's widths, four layers): the decode GEMVs' RMSNorm keeps only the first
+/// 1024 of the hidden state in registers, so this runs the rest of the norm path, and the down_proj input is
+/// 6144 wide.
+#[test]
+fn a_random_wider_model_decodes_one_sequence_like_the_cpu_backend() {
+    if !driver_or_skip("a_random_wider_model_decodes_one_sequence_like_the_cpu_backend") {
+        return;
+    }
+    let Some(base) = qwen3_shape("qwen3-0.6b") else {
+        panic!("qwen3-0.6b shape missing");
+    };
+    let shape = ModelConfig {
+        hidden_size: 2048,
+        intermediate_size: 6144,
+        num_layers: 4,
+        ..base
+    };
+    let prompts = patterned_prompts(&[300], shape.vocab_size);
+    let name = "hidden 2048, 4 layers (random, a prompt of 300 tokens)";
+    check(
+        name,
+        &compare(name, || random_model(shape.clone(), 13), &prompts),
+    );
 }
 
 #[test]
