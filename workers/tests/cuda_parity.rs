@@ -300,9 +300,7 @@ fn a_random_qwen3_0_6b_matches_the_cpu_backend() {
     if !driver_or_skip("a_random_qwen3_0_6b_matches_the_cpu_backend") {
         return;
     }
-    let Some(shape) = qwen3_shape("qwen3-0.6b") else {
-        panic!("qwen3-0.6b shape missing");
-    };
+    let shape = qwen3_0_6b_shape();
     let vocab_size = shape.vocab_size as u64;
     // Lengths that end mid-block, span many blocks, and one long enough for the attention to split.
     let prompts: Vec<Vec<u32>> = [7usize, 100, 333, 1500]
@@ -319,6 +317,10 @@ fn a_random_qwen3_0_6b_matches_the_cpu_backend() {
         name,
         &compare(name, || random_model(shape.clone(), 7), &prompts),
     );
+}
+
+fn qwen3_0_6b_shape() -> ModelConfig {
+    qwen3_shape("qwen3-0.6b").expect("the built-in shapes include qwen3-0.6b")
 }
 
 /// Prompts of `lengths` tokens for a model of `vocab_size` tokens, from a fixed pattern per sequence.
@@ -341,9 +343,7 @@ fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
     if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend") {
         return;
     }
-    let Some(shape) = qwen3_shape("qwen3-0.6b") else {
-        panic!("qwen3-0.6b shape missing");
-    };
+    let shape = qwen3_0_6b_shape();
     for lengths in [&[600][..], &[41, 600]] {
         let prompts = patterned_prompts(lengths, shape.vocab_size);
         let name = format!("qwen3-0.6b (random, prompts of {lengths:?} tokens)");
@@ -362,14 +362,11 @@ fn a_random_wider_model_decodes_one_sequence_like_the_cpu_backend() {
     if !driver_or_skip("a_random_wider_model_decodes_one_sequence_like_the_cpu_backend") {
         return;
     }
-    let Some(base) = qwen3_shape("qwen3-0.6b") else {
-        panic!("qwen3-0.6b shape missing");
-    };
     let shape = ModelConfig {
         hidden_size: 2048,
         intermediate_size: 6144,
         num_layers: 4,
-        ..base
+        ..qwen3_0_6b_shape()
     };
     let prompts = patterned_prompts(&[300], shape.vocab_size);
     let name = "hidden 2048, 4 layers (random, a prompt of 300 tokens)";
