@@ -215,11 +215,12 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
                     out_f32[(size_t)t * n + row0] = first_value;
                     if (has_row1) out_f32[(size_t)t * n + row1] = second_value;
                 } else if (EPILOGUE == GEMV_ADD) {
-                    const bool first = group == first_group;
-                    const float old0 = first ? residual[2 * p][t] : out_f32[(size_t)t * n + row0];
+                    // The first group's residual was read at the wait; a later group's is read now.
+                    const bool residual_read = group == first_group;
+                    const float old0 = residual_read ? residual[2 * p][t] : out_f32[(size_t)t * n + row0];
                     out_f32[(size_t)t * n + row0] = old0 + first_value;
                     if (has_row1) {
-                        const float old1 = first ? residual[2 * p + 1][t] : out_f32[(size_t)t * n + row1];
+                        const float old1 = residual_read ? residual[2 * p + 1][t] : out_f32[(size_t)t * n + row1];
                         out_f32[(size_t)t * n + row1] = old1 + second_value;
                     }
                 } else {
