@@ -218,17 +218,16 @@ impl Kernels {
             gather_layer_f32: load("gather_layer_f32")?,
             scatter_layer_f32: load("scatter_layer_f32")?,
         };
-        kernels.prefer_one_shared_memory_split()?;
         Ok(kernels)
     }
 
     /// Asks for the largest shared-memory part of L1 for every kernel of a decode GEMV step. Kernels
     /// the driver gives different splits of L1 (cache against shared memory) cannot share a
     /// multiprocessor, which only changes its split when idle: the next kernel's blocks, launched early to
-    /// load their weights, waited for the previous kernel's blocks to drain. One split for all of them
-    /// measured 0.905 -> 0.860 ms per batch-1 step of the Qwen3-0.6B shape (H100, PERF.md). The larger
-    /// steps' kernels keep the driver's choice: the same request for them made batch 64 7 % slower.
-    fn prefer_one_shared_memory_split(&self) -> Result<(), CudaError> {
+    /// load their weights, wait for the previous kernel's blocks to drain. Whether that pays depends on
+    /// the model (see `one_shared_memory_split` in mod.rs); the larger steps' kernels always keep the
+    /// driver's choice (the same request for them made batch 64 of the 0.6B shape 7 % slower).
+    pub(crate) fn prefer_one_shared_memory_split(&self) -> Result<(), CudaError> {
         for function in self
             .decode_gemv
             .iter()

@@ -135,6 +135,19 @@ struct StepMeta {
     prefill_tiles: Option<(usize, usize)>,
 }
 
+/// Whether the kernels of decode GEMV steps all ask for one shared-memory split of L1
+/// ([`Kernels::prefer_one_shared_memory_split`]). On the H100 at batch 1 it made the Qwen3-0.6B shape
+/// (hidden 1024) 5-6 % faster and Qwen3-8B (hidden 4096) 6 % slower (PERF.md), so it is on up to a hidden
+/// size of 1024 and left to the driver above; `TANDEM_CUDA_ONE_SHARED_SPLIT=1` or `0` (the override)
+/// decides instead, for measurements of the sizes in between.
+fn one_shared_memory_split(hidden_size: usize, override_split: Option<&str>) -> bool {
+    match override_split {
+        Some("1") => true,
+        Some("0") => false,
+        _ => hidden_size <= 1024,
+    }
+}
+
 /// The raw device address of a buffer, for kernel arguments and cuBLAS.
 fn addr<T>(buffer: &CudaSlice<T>, gpu: &GpuContext) -> u64 {
     // Event tracking is off (one stream), so the guard returned beside the pointer does nothing.
@@ -259,6 +272,10 @@ impl CudaBackend {
         }
 
         let kernels = Kernels::compile(&gpu)?;
+        let override_split = std::env::var("TANDEM_CUDA_ONE_SHARED_SPLIT").ok();
+        if one_shared_memory_split(config.hidden_size, override_split.as_deref()) {
+            kernels.prefer_one_shared_memory_split()?;
+        }
         let device_weights = DeviceWeights::upload(&gpu, weights)?;
         let kv_pool = DevicePool::new(&gpu, (num_blocks + 1) * layout.block_floats() * 2)?;
         let blas_workspace: CudaSlice<u8> =
@@ -1234,5 +1251,27 @@ impl Drop for CudaBackend {
         if self.gpu.context.bind_to_thread().is_ok() {
             self.destinations.close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_shared_memory_split;
+
+    #[test]
+    fn one_shared_memory_split_for_small_models_unless_overridden() {
+        assert!(one_shared_memory_split(1024, None), "Qwen3-0.6B");
+        assert!(one_shared_memory_split(64, None), "the fixtures");
+        assert!(!one_shared_memory_split(4096, None), "Qwen3-8B");
+        assert!(
+            !one_shared_memory_split(2048, None),
+            "not measured: the driver's choice"
+        );
+        assert!(one_shared_memory_split(4096, Some("1")));
+        assert!(!one_shared_memory_split(1024, Some("0")));
+        assert!(
+            one_shared_memory_split(1024, Some("yes")),
+            "only 0 and 1 override"
+        );
     }
 }
