@@ -193,7 +193,7 @@ impl Kernels {
             ])
         };
         let pdl_wanted = std::env::var("TANDEM_CUDA_PDL").map_or(true, |value| value != "0");
-        let kernels = Self {
+        Ok(Self {
             stream: Arc::clone(&gpu.stream),
             programmatic: major >= 9 && pdl_wanted,
             multiprocessors: gpu.multiprocessors,
@@ -217,16 +217,16 @@ impl Kernels {
             f32_to_bf16: load("f32_to_bf16")?,
             gather_layer_f32: load("gather_layer_f32")?,
             scatter_layer_f32: load("scatter_layer_f32")?,
-        };
-        Ok(kernels)
+        })
     }
 
-    /// Asks for the largest shared-memory part of L1 for every kernel of a decode GEMV step. Kernels
-    /// the driver gives different splits of L1 (cache against shared memory) cannot share a
-    /// multiprocessor, which only changes its split when idle: the next kernel's blocks, launched early to
-    /// load their weights, wait for the previous kernel's blocks to drain. Whether that pays depends on
-    /// the model (see `one_shared_memory_split` in mod.rs); the larger steps' kernels always keep the
-    /// driver's choice (the same request for them made batch 64 of the 0.6B shape 7 % slower).
+    /// Asks for the largest shared-memory part of L1 for every kernel of a decode GEMV step. Left to the
+    /// driver, they may get different splits of L1 (cache against shared memory), and a multiprocessor
+    /// set up for one split takes no block that needs another until it drains: the reading of the
+    /// measurements (not of a profile) is that the next kernel's blocks, launched early to load their
+    /// weights, waited for the previous kernel's. Whether one split pays depends on the model (see
+    /// `one_shared_memory_split` in mod.rs); the larger steps' kernels always keep the driver's choice
+    /// (the same request for them made batch 64 of the 0.6B shape 7 % slower).
     pub(crate) fn prefer_one_shared_memory_split(&self) -> Result<(), CudaError> {
         for function in self
             .decode_gemv
