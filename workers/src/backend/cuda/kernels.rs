@@ -225,8 +225,9 @@ impl Kernels {
     /// set up for one split takes no block that needs another until it drains: the reading of the
     /// measurements (not of a profile) is that the next kernel's blocks, launched early to load their
     /// weights, waited for the previous kernel's. Whether one split pays depends on the model (see
-    /// `one_shared_memory_split` in mod.rs); the larger steps' kernels always keep the driver's choice
-    /// (the same request for them made batch 64 of the 0.6B shape 7 % slower).
+    /// `one_shared_memory_split` in mod.rs). Of the larger steps' kernels only `embed`, which every step
+    /// starts with, asks too; the others keep the driver's choice (the same request for them made batch 64
+    /// of the 0.6B shape 7 % slower).
     pub(crate) fn prefer_one_shared_memory_split(&self) -> Result<(), CudaError> {
         for function in self
             .decode_gemv
