@@ -779,14 +779,20 @@ extern "C" __global__ void argmax_rows(const float* logits, unsigned* tokens, in
 
 // ---- Prefill attention on the tensor cores ----
 // Block (tile, q_head): up to PREFILL_TILE_Q consecutive query tokens of one sequence (tiles[2 * tile] = first
-// token row, tiles[2 * tile + 1] = count), 4 warps of 16 queries each. Keys stream through shared memory
-// PREFILL_TILE_K at a time from the paged cache; S = Q·Kᵀ and O += P·V run as bf16 mma.sync m16n8k16 with
-// f32 accumulators and an online softmax per query row (FlashAttention-2's scheme). head_dim is a multiple of
-// 16, at most 128.
+// token row, tiles[2 * tile + 1] = count), 4 warps of 16 queries each, FlashAttention-2's scheme: S = Q·Kᵀ and
+// O += P·V as bf16 mma.sync m16n8k16 with f32 accumulators and an online softmax per query row. Keys stream
+// through shared memory PREFILL_TILE_K at a time from the paged cache with cp.async (16 bytes a thread, two
+// stages: the next tile loads while this one computes); the K and V fragments come from ldmatrix (V transposed
+// by ldmatrix.trans), rows padded so its eight row addresses fall in different banks. Q's fragments stay in
+// registers for the whole walk. head_dim is a multiple of 16, at most 128. Tiles run last first: the causal
+// walk of a later tile is longer, so the long ones start in the first wave.
 #define PREFILL_TILE_Q 64
-#define PREFILL_TILE_K 32
+#define PREFILL_TILE_K 64
 #define PREFILL_MAX_DIM 128
-#define PREFILL_PAD 8
+#define PREFILL_STRIDE (PREFILL_MAX_DIM + 8)  // bf16 per shared row: 272 bytes, rows 16 bytes apart in the banks
+#define PREFILL_THREADS 128
+// Shared memory of prefill_attention: the Q tile, then two stages of K and V tiles.
+#define PREFILL_SHARED_BYTES ((PREFILL_TILE_Q + 4 * PREFILL_TILE_K) * PREFILL_STRIDE * 2)
 
 __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
@@ -799,16 +805,47 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-extern "C" __global__ void __launch_bounds__(128) prefill_attention(
+__device__ __forceinline__ unsigned shared_u32(const void* pointer) {
+    return (unsigned)__cvta_generic_to_shared(pointer);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_u32(row)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_u32(row)));
+}
+
+// 16 bytes global -> shared without registers; `bytes` 0 fills the 16 bytes with zeros (keys past the end).
+__device__ __forceinline__ void copy_16_async(void* target, const void* source, unsigned bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_u32(target)), "l"(source), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int PENDING>
+__device__ __forceinline__ void copies_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
     const float* q, const bf16_t* kv_pool, const unsigned* block_tables, const unsigned* token_meta,
     const unsigned* tiles, bf16_t* out, int num_q_heads, int num_kv_heads, int head_dim, int layer,
     int block_size, size_t block_elems, float scale) {
-    __shared__ __align__(16) bf16_t q_tile[PREFILL_TILE_Q][PREFILL_MAX_DIM + PREFILL_PAD];
-    __shared__ __align__(16) bf16_t k_tile[PREFILL_TILE_K][PREFILL_MAX_DIM + PREFILL_PAD];
-    __shared__ __align__(16) bf16_t v_tile_t[PREFILL_MAX_DIM][PREFILL_TILE_K + PREFILL_PAD];
+    extern __shared__ __align__(16) bf16_t prefill_shared[];
+    bf16_t(*q_tile)[PREFILL_STRIDE] = reinterpret_cast<bf16_t(*)[PREFILL_STRIDE]>(prefill_shared);
+    // Stage s: K rows at kv_tiles[2 s], V rows at kv_tiles[2 s + 1].
+    bf16_t(*kv_tiles)[PREFILL_TILE_K][PREFILL_STRIDE] =
+        reinterpret_cast<bf16_t(*)[PREFILL_TILE_K][PREFILL_STRIDE]>(prefill_shared + PREFILL_TILE_Q * PREFILL_STRIDE);
 
-    const int head = blockIdx.y;
-    const int first_row = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1];
+    const int tile = gridDim.x - 1 - blockIdx.x, head = blockIdx.y;
+    const int first_row = tiles[2 * tile], count = tiles[2 * tile + 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
     const int kv_head = head / (num_q_heads / num_kv_heads);
     const unsigned* table = block_tables + token_meta[2 * first_row + 1];
@@ -817,123 +854,143 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
     const size_t k_offset = (size_t)(layer * 2 * num_kv_heads + kv_head) * block_size * head_dim;
     const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
     const int dim_steps = head_dim / 16;
+    const int chunks_per_key = head_dim / 8;
+
+    // Starts the copy of keys key_start.. into stage `stage`; keys past last_position become zeros.
+    auto load_tile = [&](int key_start, int stage) {
+        for (int index = threadIdx.x; index < PREFILL_TILE_K * chunks_per_key; index += PREFILL_THREADS) {
+            const int j = index / chunks_per_key, d = (index % chunks_per_key) * 8;
+            const int key = key_start + j;
+            const bool inside = key <= last_position;
+            const size_t base = inside ? (size_t)table[key / block_size] * block_elems +
+                                             (size_t)(key % block_size) * head_dim + d
+                                       : 0;
+            copy_16_async(&kv_tiles[2 * stage][j][d], kv_pool + base + k_offset, inside ? 16 : 0);
+            copy_16_async(&kv_tiles[2 * stage + 1][j][d], kv_pool + base + v_offset, inside ? 16 : 0);
+        }
+        copies_commit();
+    };
+    load_tile(0, 0);
 
     // Q tile to bf16; rows past `count` repeat the last query (finite, never written out).
-    for (int index = threadIdx.x; index < PREFILL_TILE_Q * head_dim; index += blockDim.x) {
-        const int row = index / head_dim, d = index % head_dim;
+    for (int index = threadIdx.x; index < PREFILL_TILE_Q * head_dim / 4; index += PREFILL_THREADS) {
+        const int row = index / (head_dim / 4), d = (index % (head_dim / 4)) * 4;
         const int token = first_row + min(row, count - 1);
-        q_tile[row][d] = f2bf(q[((size_t)token * num_q_heads + head) * head_dim + d]);
+        const float4 value = *reinterpret_cast<const float4*>(q + ((size_t)token * num_q_heads + head) * head_dim + d);
+        *reinterpret_cast<uint2*>(&q_tile[row][d]) = make_uint2(pack_bf16x2(value.x, value.y), pack_bf16x2(value.z, value.w));
     }
+    __syncthreads();
+    // This warp's Q fragments (rows warp * 16.., A layout of m16n8k16), one per 16 dims.
+    unsigned q_frag[PREFILL_MAX_DIM / 16][4];
+#pragma unroll
+    for (int step = 0; step < PREFILL_MAX_DIM / 16; ++step)
+        if (step < dim_steps) ldmatrix_x4(q_frag[step], &q_tile[warp * 16 + (lane & 15)][step * 16 + (lane >> 4) * 8]);
 
     // This thread's two query rows (group, group + 8 of its warp's 16) and their positions.
     const int row_a = warp * 16 + group, row_b = row_a + 8;
     const int position_a = first_position + min(row_a, count - 1);
     const int position_b = first_position + min(row_b, count - 1);
+    const int warp_last_position = first_position + min(warp * 16 + 15, count - 1);
 
     float o[PREFILL_MAX_DIM / 8][4];
 #pragma unroll
     for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float max_a = NEG_INFINITY, max_b = NEG_INFINITY, sum_a = 0.0f, sum_b = 0.0f;
 
-    for (int key_start = 0; key_start <= last_position; key_start += PREFILL_TILE_K) {
-        __syncthreads();  // the previous tile's readers are done
-        for (int index = threadIdx.x; index < PREFILL_TILE_K * head_dim; index += blockDim.x) {
-            const int j = index / head_dim, d = index % head_dim;
-            const int key = key_start + j;
-            bf16_t k_value = 0, v_value = 0;
-            if (key <= last_position) {
-                const size_t base = (size_t)table[key / block_size] * block_elems + (size_t)(key % block_size) * head_dim + d;
-                k_value = kv_pool[base + k_offset];
-                v_value = kv_pool[base + v_offset];
-            }
-            k_tile[j][d] = k_value;
-            v_tile_t[d][j] = v_value;
+    // ldmatrix row addresses: K as B (keys are B's columns, dims contiguous), V as B through .trans.
+    const int matrix = lane >> 3, matrix_row = lane & 7;
+    for (int key_start = 0, stage = 0; key_start <= last_position; key_start += PREFILL_TILE_K, stage ^= 1) {
+        if (key_start + PREFILL_TILE_K <= last_position) {
+            load_tile(key_start + PREFILL_TILE_K, stage ^ 1);
+            copies_wait<1>();
+        } else {
+            copies_wait<0>();
         }
         __syncthreads();
+        const bf16_t(*k_tile)[PREFILL_STRIDE] = kv_tiles[2 * stage];
+        const bf16_t(*v_tile)[PREFILL_STRIDE] = kv_tiles[2 * stage + 1];
 
-        // S = Q Kᵀ for this warp's 16 rows and the tile's 32 keys: 4 n-tiles of 8 keys.
-        float s[PREFILL_TILE_K / 8][4];
+        // A warp whose queries all precede the tile has nothing to add from it.
+        if (key_start <= warp_last_position) {
+            // S = Q Kᵀ for this warp's 16 rows and the tile's keys: n-tiles of 8 keys, taken two at a time.
+            float s[PREFILL_TILE_K / 8][4];
 #pragma unroll
-        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            for (int n = 0; n < PREFILL_TILE_K / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-        for (int step = 0; step < PREFILL_MAX_DIM / 16; ++step) {
-            if (step < dim_steps) {
-                const int d0 = step * 16 + 2 * quad;
-                unsigned a[4];
-                a[0] = *(const unsigned*)&q_tile[warp * 16 + group][d0];
-                a[1] = *(const unsigned*)&q_tile[warp * 16 + group + 8][d0];
-                a[2] = *(const unsigned*)&q_tile[warp * 16 + group][d0 + 8];
-                a[3] = *(const unsigned*)&q_tile[warp * 16 + group + 8][d0 + 8];
+            for (int step = 0; step < PREFILL_MAX_DIM / 16; ++step) {
+                if (step < dim_steps) {
 #pragma unroll
-                for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
-                    unsigned b[2];
-                    b[0] = *(const unsigned*)&k_tile[n * 8 + group][d0];
-                    b[1] = *(const unsigned*)&k_tile[n * 8 + group][d0 + 8];
-                    mma_bf16_16816(s[n], a, b);
+                    for (int n = 0; n < PREFILL_TILE_K / 8; n += 2) {
+                        unsigned b[4];
+                        ldmatrix_x4(b, &k_tile[(n + (matrix >> 1)) * 8 + matrix_row][step * 16 + (matrix & 1) * 8]);
+                        mma_bf16_16816(s[n], q_frag[step], b);
+                        mma_bf16_16816(s[n + 1], q_frag[step], b + 2);
+                    }
                 }
             }
-        }
 
-        // Causal mask, scale, online softmax over the rows a (c0, c1) and b (c2, c3).
-        float tile_max_a = NEG_INFINITY, tile_max_b = NEG_INFINITY;
+            // Causal mask, scale, online softmax over the rows a (c0, c1) and b (c2, c3).
+            float tile_max_a = NEG_INFINITY, tile_max_b = NEG_INFINITY;
 #pragma unroll
-        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
-            const int key = key_start + n * 8 + 2 * quad;
-            s[n][0] = key <= position_a ? s[n][0] * scale : NEG_INFINITY;
-            s[n][1] = key + 1 <= position_a ? s[n][1] * scale : NEG_INFINITY;
-            s[n][2] = key <= position_b ? s[n][2] * scale : NEG_INFINITY;
-            s[n][3] = key + 1 <= position_b ? s[n][3] * scale : NEG_INFINITY;
-            tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
-            tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
-        }
-        for (int offset = 1; offset < 4; offset <<= 1) {
-            tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
-            tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, offset));
-        }
-        // Key 0 is visible to every query, so after the first tile every row's max is finite.
-        const float new_max_a = fmaxf(max_a, tile_max_a), new_max_b = fmaxf(max_b, tile_max_b);
-        const float correction_a = expf(max_a - new_max_a), correction_b = expf(max_b - new_max_b);
-        max_a = new_max_a;
-        max_b = new_max_b;
-        float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
+            for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+                const int key = key_start + n * 8 + 2 * quad;
+                s[n][0] = key <= position_a ? s[n][0] * scale : NEG_INFINITY;
+                s[n][1] = key + 1 <= position_a ? s[n][1] * scale : NEG_INFINITY;
+                s[n][2] = key <= position_b ? s[n][2] * scale : NEG_INFINITY;
+                s[n][3] = key + 1 <= position_b ? s[n][3] * scale : NEG_INFINITY;
+                tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
+                tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
+            }
+            for (int offset = 1; offset < 4; offset <<= 1) {
+                tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
+                tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, offset));
+            }
+            // Key 0 is visible to every query, so after the first tile every row's max is finite.
+            const float new_max_a = fmaxf(max_a, tile_max_a), new_max_b = fmaxf(max_b, tile_max_b);
+            const float correction_a = expf(max_a - new_max_a), correction_b = expf(max_b - new_max_b);
+            max_a = new_max_a;
+            max_b = new_max_b;
+            float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
 #pragma unroll
-        for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
-            s[n][0] = expf(s[n][0] - max_a);
-            s[n][1] = expf(s[n][1] - max_a);
-            s[n][2] = expf(s[n][2] - max_b);
-            s[n][3] = expf(s[n][3] - max_b);
-            tile_sum_a += s[n][0] + s[n][1];
-            tile_sum_b += s[n][2] + s[n][3];
-        }
-        sum_a = sum_a * correction_a + tile_sum_a;  // per-thread partial sums, reduced over the quad at the end
-        sum_b = sum_b * correction_b + tile_sum_b;
-#pragma unroll
-        for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
-            o[n][0] *= correction_a;
-            o[n][1] *= correction_a;
-            o[n][2] *= correction_b;
-            o[n][3] *= correction_b;
-        }
-
-        // O += P V: P's accumulator layout is the A layout of the next product, two key n-tiles per k16 step.
-#pragma unroll
-        for (int kstep = 0; kstep < PREFILL_TILE_K / 16; ++kstep) {
-            unsigned a[4];
-            a[0] = pack_bf16x2(s[2 * kstep][0], s[2 * kstep][1]);
-            a[1] = pack_bf16x2(s[2 * kstep][2], s[2 * kstep][3]);
-            a[2] = pack_bf16x2(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
-            a[3] = pack_bf16x2(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
-            const int k0 = kstep * 16 + 2 * quad;
+            for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+                s[n][0] = expf(s[n][0] - max_a);
+                s[n][1] = expf(s[n][1] - max_a);
+                s[n][2] = expf(s[n][2] - max_b);
+                s[n][3] = expf(s[n][3] - max_b);
+                tile_sum_a += s[n][0] + s[n][1];
+                tile_sum_b += s[n][2] + s[n][3];
+            }
+            sum_a = sum_a * correction_a + tile_sum_a;  // per-thread partial sums, reduced over the quad at the end
+            sum_b = sum_b * correction_b + tile_sum_b;
 #pragma unroll
             for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
-                if (n < head_dim / 8) {
-                    unsigned b[2];
-                    b[0] = *(const unsigned*)&v_tile_t[n * 8 + group][k0];
-                    b[1] = *(const unsigned*)&v_tile_t[n * 8 + group][k0 + 8];
-                    mma_bf16_16816(o[n], a, b);
+                o[n][0] *= correction_a;
+                o[n][1] *= correction_a;
+                o[n][2] *= correction_b;
+                o[n][3] *= correction_b;
+            }
+
+            // O += P V: P's accumulator layout is the A layout of the next product, two key n-tiles per k16
+            // step; V's fragments for two 8-dim n-tiles per ldmatrix.
+#pragma unroll
+            for (int kstep = 0; kstep < PREFILL_TILE_K / 16; ++kstep) {
+                unsigned a[4];
+                a[0] = pack_bf16x2(s[2 * kstep][0], s[2 * kstep][1]);
+                a[1] = pack_bf16x2(s[2 * kstep][2], s[2 * kstep][3]);
+                a[2] = pack_bf16x2(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+                a[3] = pack_bf16x2(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+#pragma unroll
+                for (int n = 0; n < PREFILL_MAX_DIM / 8; n += 2) {
+                    if (n < head_dim / 8) {
+                        unsigned b[4];
+                        ldmatrix_x4_trans(b, &v_tile[kstep * 16 + (matrix & 1) * 8 + matrix_row][(n + (matrix >> 1)) * 8]);
+                        mma_bf16_16816(o[n], a, b);
+                        mma_bf16_16816(o[n + 1], a, b + 2);
+                    }
                 }
             }
         }
+        __syncthreads();  // every warp is done with this stage before the next iteration refills it
     }
 
     for (int offset = 1; offset < 4; offset <<= 1) {
@@ -945,16 +1002,12 @@ extern "C" __global__ void __launch_bounds__(128) prefill_attention(
     for (int n = 0; n < PREFILL_MAX_DIM / 8; ++n) {
         if (n < head_dim / 8) {
             const int d = n * 8 + 2 * quad;
-            if (row_a < count) {
-                bf16_t* dst = out + ((size_t)(first_row + row_a) * num_q_heads + head) * head_dim + d;
-                dst[0] = f2bf(o[n][0] * inverse_a);
-                dst[1] = f2bf(o[n][1] * inverse_a);
-            }
-            if (row_b < count) {
-                bf16_t* dst = out + ((size_t)(first_row + row_b) * num_q_heads + head) * head_dim + d;
-                dst[0] = f2bf(o[n][2] * inverse_b);
-                dst[1] = f2bf(o[n][3] * inverse_b);
-            }
+            if (row_a < count)
+                *reinterpret_cast<unsigned*>(out + ((size_t)(first_row + row_a) * num_q_heads + head) * head_dim + d) =
+                    pack_bf16x2(o[n][0] * inverse_a, o[n][1] * inverse_a);
+            if (row_b < count)
+                *reinterpret_cast<unsigned*>(out + ((size_t)(first_row + row_b) * num_q_heads + head) * head_dim + d) =
+                    pack_bf16x2(o[n][2] * inverse_b, o[n][3] * inverse_b);
         }
     }
 }

@@ -40,6 +40,9 @@ pub(crate) const MAX_ATTENTION_SPLITS: usize = 1024;
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Query tokens per block of `prefill_attention` (`PREFILL_TILE_Q`).
 pub(crate) const PREFILL_TILE_TOKENS: usize = 64;
+/// Dynamic shared memory of `prefill_attention` (`PREFILL_SHARED_BYTES`): its Q tile and two stages of K
+/// and V tiles of 64 keys, rows of 136 bf16.
+const PREFILL_SHARED_BYTES: u32 = (64 + 4 * 64) * 136 * 2;
 
 /// Whether `attention_decode_fused` (one 16-byte load per 8 dims of a key) takes this head size.
 pub(crate) fn decode_attention_fits(head_dim: usize) -> bool {
@@ -192,6 +195,14 @@ impl Kernels {
                 load(&format!("decode_gemv_{epilogue}_t2"))?,
             ])
         };
+        let prefill_attention = load("prefill_attention")?;
+        // Above the 48 KiB a kernel gets without asking; every architecture this compiles for has it.
+        prefill_attention
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                PREFILL_SHARED_BYTES as i32,
+            )
+            .during(|| "setting prefill_attention's shared memory size".into())?;
         let pdl_wanted = std::env::var("TANDEM_CUDA_PDL").map_or(true, |value| value != "0");
         Ok(Self {
             stream: Arc::clone(&gpu.stream),
@@ -210,7 +221,7 @@ impl Kernels {
             attention_partial_merged: load("attention_partial_merged")?,
             attention_decode_fused: load("attention_decode_fused")?,
             attention_combine: load("attention_combine")?,
-            prefill_attention: load("prefill_attention")?,
+            prefill_attention,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
             bf16_to_f32: load("bf16_to_f32")?,
@@ -602,10 +613,13 @@ impl Kernels {
         ];
         args.extend(shape.attention_args());
         args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
-        let launch_shape = grid(num_tiles, shape.num_q_heads, 1, 128);
-        // SAFETY: matches `prefill_attention` (128 threads, static shared memory under 48 KiB); every tile
-        // lies inside one sequence's tokens, whose block table covers its last position (checked by the
-        // backend), and head_dim passed `prefill_kernel_fits`.
+        let launch_shape = LaunchConfig {
+            shared_mem_bytes: PREFILL_SHARED_BYTES,
+            ..grid(num_tiles, shape.num_q_heads, 1, 128)
+        };
+        // SAFETY: matches `prefill_attention` (128 threads, the dynamic shared memory `compile` allowed);
+        // every tile lies inside one sequence's tokens, whose block table covers its last position (checked
+        // by the backend), and head_dim passed `prefill_kernel_fits`.
         unsafe { self.launch(&self.prefill_attention, launch_shape, &args, false) }
             .during(|| "launching prefill_attention".into())
     }
