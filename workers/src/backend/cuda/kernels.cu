@@ -87,17 +87,22 @@ extern "C" __global__ void add_rms_norm(float* hidden, const float* delta, const
     for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) o[i] = f2bf(weight[i] * (x[i] * scale));
 }
 
-// One block per (token, head) of the qkv projection: blockIdx.y < num_q_heads are q heads (RMSNorm, RoPE,
-// written to q_out in f32), then k heads (RMSNorm, RoPE, into the cache), then v heads (into the cache).
-// Thread i owns the rotate-half pair (i, i + head_dim / 2).
-extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf16_t* kv_pool, const float* q_norm,
-                                              const float* k_norm, const float* inv_freq, const unsigned* positions,
-                                              const unsigned* kv_blocks, int num_q_heads, int num_kv_heads,
-                                              int head_dim, int layer, int block_size, size_t block_elems,
-                                              float eps) {
+// One warp per (token, head) of the qkv projection, QK_ROPE_WARPS heads of one token a block (grid: tokens,
+// heads / QK_ROPE_WARPS rounded up): q heads first (RMSNorm, RoPE, written to q_out in f32), then k heads
+// (RMSNorm, RoPE, into the cache), then v heads (into the cache). Lane l owns the rotate-half pairs
+// (i, i + head_dim / 2) for i = l, l + 32, ...; a warp per head keeps the norm's sum a warp reduction, with no
+// block barrier, and a block per token keeps a long prompt's launch to a few blocks per token.
+#define QK_ROPE_WARPS 8
+#define QK_ROPE_MAX_PAIRS_PER_LANE 4  // head_dim up to 256
+extern "C" __global__ void __launch_bounds__(QK_ROPE_WARPS * 32) qk_norm_rope_store(
+    const float* qkv, float* q_out, bf16_t* kv_pool, const float* q_norm, const float* k_norm, const float* inv_freq,
+    const unsigned* positions, const unsigned* kv_blocks, int num_q_heads, int num_kv_heads, int head_dim, int layer,
+    int block_size, size_t block_elems, float eps) {
     allow_next_grid();
     wait_for_previous_grid();
-    const int token = blockIdx.x, head = blockIdx.y, half = head_dim / 2, i = threadIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int token = blockIdx.x, head = blockIdx.y * QK_ROPE_WARPS + warp, half = head_dim / 2;
+    if (head >= num_q_heads + 2 * num_kv_heads) return;
     const int q_dim = num_q_heads * head_dim, kv_dim = num_kv_heads * head_dim;
     const float* row = qkv + (size_t)token * (q_dim + 2 * kv_dim);
     const unsigned position = positions[token];
@@ -107,33 +112,40 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, float* q_out, bf
         const int kv_head = head - num_q_heads - num_kv_heads;
         const float* v = row + q_dim + kv_dim + kv_head * head_dim;
         bf16_t* dst = kv_pool + slot_base + ((size_t)((layer * 2 + 1) * num_kv_heads + kv_head) * block_size + slot) * head_dim;
-        for (int d = i; d < head_dim; d += blockDim.x) dst[d] = f2bf(v[d]);
+        for (int d = lane; d < head_dim; d += 32) dst[d] = f2bf(v[d]);
         return;
     }
     const bool is_q = head < num_q_heads;
     const float* x = is_q ? row + head * head_dim : row + q_dim + (head - num_q_heads) * head_dim;
     const float* norm = is_q ? q_norm : k_norm;
-    float x1 = 0.0f, x2 = 0.0f;
-    if (i < half) {
-        x1 = x[i];
-        x2 = x[i + half];
+    float x1[QK_ROPE_MAX_PAIRS_PER_LANE], x2[QK_ROPE_MAX_PAIRS_PER_LANE];
+    float sum_squares = 0.0f;
+#pragma unroll
+    for (int j = 0; j < QK_ROPE_MAX_PAIRS_PER_LANE; ++j) {
+        const int i = lane + 32 * j;
+        x1[j] = i < half ? x[i] : 0.0f;
+        x2[j] = i < half ? x[i + half] : 0.0f;
+        sum_squares += x1[j] * x1[j] + x2[j] * x2[j];
     }
-    const float scale = 1.0f / sqrtf(block_sum(x1 * x1 + x2 * x2) / head_dim + eps);
-    if (i >= half) return;
-    x1 = norm[i] * (x1 * scale);
-    x2 = norm[i + half] * (x2 * scale);
-    const float angle = (float)position * inv_freq[i];
-    const float c = cosf(angle), s = sinf(angle);
-    const float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
-    if (is_q) {
-        float* dst = q_out + ((size_t)token * num_q_heads + head) * head_dim;
-        dst[i] = r1;
-        dst[i + half] = r2;
-    } else {
-        const int kv_head = head - num_q_heads;
-        bf16_t* dst = kv_pool + slot_base + ((size_t)(layer * 2 * num_kv_heads + kv_head) * block_size + slot) * head_dim;
-        dst[i] = f2bf(r1);
-        dst[i + half] = f2bf(r2);
+    const float scale = 1.0f / sqrtf(warp_sum(sum_squares) / head_dim + eps);
+    float* q_dst = q_out + ((size_t)token * num_q_heads + head) * head_dim;
+    bf16_t* k_dst = kv_pool + slot_base +
+                    ((size_t)(layer * 2 * num_kv_heads + (head - num_q_heads)) * block_size + slot) * head_dim;
+#pragma unroll
+    for (int j = 0; j < QK_ROPE_MAX_PAIRS_PER_LANE; ++j) {
+        const int i = lane + 32 * j;
+        if (i >= half) break;
+        const float normed1 = norm[i] * (x1[j] * scale), normed2 = norm[i + half] * (x2[j] * scale);
+        const float angle = (float)position * inv_freq[i];
+        const float c = cosf(angle), s = sinf(angle);
+        const float r1 = normed1 * c - normed2 * s, r2 = normed2 * c + normed1 * s;
+        if (is_q) {
+            q_dst[i] = r1;
+            q_dst[i + half] = r2;
+        } else {
+            k_dst[i] = f2bf(r1);
+            k_dst[i + half] = f2bf(r2);
+        }
     }
 }
 
@@ -708,12 +720,25 @@ extern "C" __global__ void attention_combine(const float* partial_out, const flo
     }
 }
 
-// out[t, i] = silu(gate[t, i]) * up[t, i], where gate_up[t] = [gate | up].
-extern "C" __global__ void swiglu(const float* gate_up, bf16_t* out, int intermediate, size_t total) {
-    for (size_t index = (size_t)blockIdx.x * blockDim.x + threadIdx.x; index < total; index += (size_t)gridDim.x * blockDim.x) {
-        const size_t token = index / intermediate, i = index % intermediate;
-        const float g = gate_up[token * 2 * intermediate + i], u = gate_up[token * 2 * intermediate + intermediate + i];
-        out[index] = f2bf(g / (1.0f + expf(-g)) * u);
+// out[t, i] = silu(g) * u for g, u = gate_up[t, i], gate_up[t, intermediate + i]. grid: (x over the
+// intermediate size, four values a thread; y over tokens, striding past 65535): no index division per value,
+// and 16-byte loads when the intermediate size is a multiple of four.
+extern "C" __global__ void swiglu(const float* gate_up, bf16_t* out, int intermediate, int num_tokens) {
+    const int first = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (first >= intermediate) return;
+    for (int token = blockIdx.y; token < num_tokens; token += gridDim.y) {
+        const float* gate = gate_up + (size_t)token * 2 * intermediate;
+        const float* up = gate + intermediate;
+        bf16_t* o = out + (size_t)token * intermediate;
+        if ((intermediate & 3) == 0) {
+            const float4 g = *reinterpret_cast<const float4*>(gate + first);
+            const float4 u = *reinterpret_cast<const float4*>(up + first);
+            *reinterpret_cast<uint2*>(o + first) =
+                make_uint2((unsigned)f2bf(g.x / (1.0f + expf(-g.x)) * u.x) | ((unsigned)f2bf(g.y / (1.0f + expf(-g.y)) * u.y) << 16),
+                           (unsigned)f2bf(g.z / (1.0f + expf(-g.z)) * u.z) | ((unsigned)f2bf(g.w / (1.0f + expf(-g.w)) * u.w) << 16));
+        } else {
+            for (int i = first; i < min(first + 4, intermediate); ++i) o[i] = f2bf(gate[i] / (1.0f + expf(-gate[i])) * up[i]);
+        }
     }
 }
 

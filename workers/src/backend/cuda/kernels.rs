@@ -38,6 +38,8 @@ const MERGE_IN_PLACE_MAX_TOKENS: usize = 2;
 pub(crate) const MAX_ATTENTION_SPLITS: usize = 1024;
 /// The widest head the attention kernel holds in registers (`MAX_DIMS_PER_LANE * 32`).
 pub(crate) const MAX_HEAD_DIM: usize = 256;
+/// Heads a block of `qk_norm_rope_store` takes, one warp each (`QK_ROPE_WARPS`).
+const QK_ROPE_WARPS: usize = 8;
 /// Query tokens per block of `prefill_attention` (`PREFILL_TILE_Q`).
 pub(crate) const PREFILL_TILE_TOKENS: usize = 64;
 /// Dynamic shared memory of `prefill_attention` (`PREFILL_SHARED_BYTES`): its Q tile and two stages of K
@@ -464,7 +466,13 @@ impl Kernels {
         args.extend(shape.attention_args());
         args.push(Arg::Float(eps));
         let heads = shape.num_q_heads + 2 * shape.num_kv_heads;
-        let launch_shape = grid(shape.num_tokens, heads, 1, threads_for(shape.head_dim / 2));
+        // One warp a head, QK_ROPE_WARPS of one token a block.
+        let launch_shape = grid(
+            shape.num_tokens,
+            heads.div_ceil(QK_ROPE_WARPS),
+            1,
+            32 * QK_ROPE_WARPS as u32,
+        );
         // SAFETY: matches `qk_norm_rope_store`; every token's KV block is inside the pool (checked by the
         // backend against its block count) and the buffers hold `num_tokens` rows.
         unsafe { self.launch(&self.qk_norm_rope_store, launch_shape, &args, true) }
@@ -631,16 +639,21 @@ impl Kernels {
         num_tokens: usize,
         intermediate: usize,
     ) -> Result<(), CudaError> {
-        let total = num_tokens * intermediate;
         let args = [
             Arg::Ptr(gate_up),
             Arg::Ptr(out),
             Arg::Int(intermediate as i32),
-            Arg::Ptr(total as u64),
+            Arg::Int(num_tokens as i32),
         ];
-        let blocks = total.div_ceil(256).min(65_535);
+        // Four values a thread along x; tokens along y, the kernel striding past the grid's limit.
+        let launch_shape = grid(
+            intermediate.div_ceil(4 * 256),
+            num_tokens.min(65_535),
+            1,
+            256,
+        );
         // SAFETY: matches `swiglu`; `gate_up` holds num_tokens * 2 * intermediate floats, `out` half that.
-        unsafe { self.launch(&self.swiglu, grid(blocks, 1, 1, 256), &args, false) }
+        unsafe { self.launch(&self.swiglu, launch_shape, &args, false) }
             .during(|| "launching swiglu".into())
     }
 
