@@ -830,6 +830,21 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Two floats to bf16x2 (round to nearest even) in one instruction (sm_80): `lo` in the low half.
+__device__ __forceinline__ unsigned pack_bf16x2_rn(float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+// 2^x on the special-function unit (-inf gives 0). The softmax weights it makes are rounded to bf16 for the
+// tensor cores, so its 2^-22 relative error is far below what they keep.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ unsigned shared_u32(const void* pointer) {
     return (unsigned)__cvta_generic_to_shared(pointer);
 }
@@ -880,6 +895,8 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
     const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
     const int dim_steps = head_dim / 16;
     const int chunks_per_key = head_dim / 8;
+    // Scores in base 2 (log2(e) folded into the scale), so each exponential is one exp2_approx.
+    const float scale_log2 = scale * 1.4426950408889634f;
 
     // Starts the copy of keys key_start.. into stage `stage`; keys past last_position become zeros.
     auto load_tile = [&](int key_start, int stage) {
@@ -915,6 +932,7 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
     const int row_a = warp * 16 + group, row_b = row_a + 8;
     const int position_a = first_position + min(row_a, count - 1);
     const int position_b = first_position + min(row_b, count - 1);
+    const int warp_first_position = first_position + min(warp * 16, count - 1);
     const int warp_last_position = first_position + min(warp * 16 + 15, count - 1);
 
     float o[PREFILL_MAX_DIM / 8][4];
@@ -954,17 +972,28 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
                 }
             }
 
-            // Causal mask, scale, online softmax over the rows a (c0, c1) and b (c2, c3).
+            // Scale, causal mask (only a tile reaching past the warp's first query needs one), online softmax
+            // over the rows a (c0, c1) and b (c2, c3).
             float tile_max_a = NEG_INFINITY, tile_max_b = NEG_INFINITY;
+            if (key_start + PREFILL_TILE_K - 1 <= warp_first_position) {
 #pragma unroll
-            for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
-                const int key = key_start + n * 8 + 2 * quad;
-                s[n][0] = key <= position_a ? s[n][0] * scale : NEG_INFINITY;
-                s[n][1] = key + 1 <= position_a ? s[n][1] * scale : NEG_INFINITY;
-                s[n][2] = key <= position_b ? s[n][2] * scale : NEG_INFINITY;
-                s[n][3] = key + 1 <= position_b ? s[n][3] * scale : NEG_INFINITY;
-                tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
-                tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
+                for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) s[n][c] *= scale_log2;
+                    tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
+                    tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
+                }
+            } else {
+#pragma unroll
+                for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
+                    const int key = key_start + n * 8 + 2 * quad;
+                    s[n][0] = key <= position_a ? s[n][0] * scale_log2 : NEG_INFINITY;
+                    s[n][1] = key + 1 <= position_a ? s[n][1] * scale_log2 : NEG_INFINITY;
+                    s[n][2] = key <= position_b ? s[n][2] * scale_log2 : NEG_INFINITY;
+                    s[n][3] = key + 1 <= position_b ? s[n][3] * scale_log2 : NEG_INFINITY;
+                    tile_max_a = fmaxf(tile_max_a, fmaxf(s[n][0], s[n][1]));
+                    tile_max_b = fmaxf(tile_max_b, fmaxf(s[n][2], s[n][3]));
+                }
             }
             for (int offset = 1; offset < 4; offset <<= 1) {
                 tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
@@ -972,16 +1001,16 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
             }
             // Key 0 is visible to every query, so after the first tile every row's max is finite.
             const float new_max_a = fmaxf(max_a, tile_max_a), new_max_b = fmaxf(max_b, tile_max_b);
-            const float correction_a = expf(max_a - new_max_a), correction_b = expf(max_b - new_max_b);
+            const float correction_a = exp2_approx(max_a - new_max_a), correction_b = exp2_approx(max_b - new_max_b);
             max_a = new_max_a;
             max_b = new_max_b;
             float tile_sum_a = 0.0f, tile_sum_b = 0.0f;
 #pragma unroll
             for (int n = 0; n < PREFILL_TILE_K / 8; ++n) {
-                s[n][0] = expf(s[n][0] - max_a);
-                s[n][1] = expf(s[n][1] - max_a);
-                s[n][2] = expf(s[n][2] - max_b);
-                s[n][3] = expf(s[n][3] - max_b);
+                s[n][0] = exp2_approx(s[n][0] - max_a);
+                s[n][1] = exp2_approx(s[n][1] - max_a);
+                s[n][2] = exp2_approx(s[n][2] - max_b);
+                s[n][3] = exp2_approx(s[n][3] - max_b);
                 tile_sum_a += s[n][0] + s[n][1];
                 tile_sum_b += s[n][2] + s[n][3];
             }
@@ -1000,10 +1029,10 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
 #pragma unroll
             for (int kstep = 0; kstep < PREFILL_TILE_K / 16; ++kstep) {
                 unsigned a[4];
-                a[0] = pack_bf16x2(s[2 * kstep][0], s[2 * kstep][1]);
-                a[1] = pack_bf16x2(s[2 * kstep][2], s[2 * kstep][3]);
-                a[2] = pack_bf16x2(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
-                a[3] = pack_bf16x2(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+                a[0] = pack_bf16x2_rn(s[2 * kstep][0], s[2 * kstep][1]);
+                a[1] = pack_bf16x2_rn(s[2 * kstep][2], s[2 * kstep][3]);
+                a[2] = pack_bf16x2_rn(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+                a[3] = pack_bf16x2_rn(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
 #pragma unroll
                 for (int n = 0; n < PREFILL_MAX_DIM / 8; n += 2) {
                     if (n < head_dim / 8) {
