@@ -45,6 +45,8 @@ pub(crate) const PREFILL_TILE_TOKENS: usize = 64;
 /// Dynamic shared memory of `prefill_attention` (`PREFILL_SHARED_BYTES`): its Q tile and two stages of K
 /// and V tiles of 64 keys, rows of 136 bf16.
 const PREFILL_SHARED_BYTES: u32 = (64 + 4 * 64) * 136 * 2;
+/// Threads of a `prefill_attention` block: four warps of 16 queries (`PREFILL_THREADS`).
+const PREFILL_THREADS: u32 = 128;
 
 /// Whether `attention_decode_fused` (one 16-byte load per 8 dims of a key) takes this head size.
 pub(crate) fn decode_attention_fits(head_dim: usize) -> bool {
@@ -623,9 +625,9 @@ impl Kernels {
         args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
         let launch_shape = LaunchConfig {
             shared_mem_bytes: PREFILL_SHARED_BYTES,
-            ..grid(num_tiles, shape.num_q_heads, 1, 128)
+            ..grid(num_tiles, shape.num_q_heads, 1, PREFILL_THREADS)
         };
-        // SAFETY: matches `prefill_attention` (128 threads, the dynamic shared memory `compile` allowed);
+        // SAFETY: matches `prefill_attention` (its thread count, the dynamic shared memory `compile` allowed);
         // every tile lies inside one sequence's tokens, whose block table covers its last position (checked
         // by the backend), and head_dim passed `prefill_kernel_fits`.
         unsafe { self.launch(&self.prefill_attention, launch_shape, &args, false) }
@@ -797,6 +799,35 @@ mod tests {
         assert!(!decode_gemv_fits(2, &qwen3_8b));
         // Every input, not only the widest, must be whole 16-byte chunks.
         assert!(!decode_gemv_fits(1, &[1024, 1028, 3072]));
+    }
+
+    /// The value of `#define name <integer>` in the kernels' source.
+    fn source_define(name: &str) -> usize {
+        let prefix = format!("#define {name} ");
+        SOURCE
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no integer #define {name} in the kernels' source"))
+    }
+
+    #[test]
+    fn launch_shapes_follow_the_kernels_defines() {
+        assert_eq!(source_define("PREFILL_TILE_Q"), PREFILL_TILE_TOKENS);
+        assert_eq!(source_define("PREFILL_THREADS"), PREFILL_THREADS as usize);
+        // PREFILL_SHARED_BYTES: the Q tile and two stages of K and V tiles, rows of PREFILL_MAX_DIM + 8 bf16.
+        assert!(SOURCE.contains("#define PREFILL_STRIDE (PREFILL_MAX_DIM + 8)"));
+        let rows = source_define("PREFILL_TILE_Q") + 4 * source_define("PREFILL_TILE_K");
+        let shared = rows * (source_define("PREFILL_MAX_DIM") + 8) * 2;
+        assert_eq!(shared, PREFILL_SHARED_BYTES as usize);
+        assert_eq!(source_define("QK_ROPE_WARPS"), QK_ROPE_WARPS);
+        assert_eq!(source_define("GEMV_WARPS"), GEMV_WARPS);
+        assert_eq!(source_define("GEMV_WARPS") * 32, GEMV_THREADS as usize);
+        assert_eq!(source_define("GEMV_MAX_TOKENS"), DECODE_GEMV_MAX_TOKENS);
+        assert_eq!(
+            source_define("ATTENTION_WARPS") * 32,
+            ATTENTION_THREADS as usize
+        );
     }
 
     #[test]
