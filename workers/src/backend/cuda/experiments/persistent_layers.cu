@@ -671,7 +671,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&p.hidden, H * 4)); CK(cudaMalloc(&p.qkv_out, QKV * 4)); CK(cudaMalloc(&p.attn_out, QD * 2));
     CK(cudaMalloc(&p.act, I * 2)); CK(cudaMalloc(&p.partials, QH * SPLITS * PSTRIDE * 4));
     const size_t counter_bytes = (LAYERS * 8 + LAYERS * KVH + 8) * 4;
-    CK(cudaMalloc(&p.counters, 4096 * 4));
+    CK(cudaMalloc(&p.counters, 8192 * 4));  // flag_rounds: one slot in 32 per block
     p.ctx = ctx;
     float* gu; CK(cudaMalloc(&gu, 2 * I * 4));
     const size_t smem = 2 * BUF_BYTES + I * 2 + (128 + 256 + 32) * 4;
@@ -793,50 +793,29 @@ int main(int argc, char** argv) {
         CK(cudaMemcpy(hc.data(), cyc, sms * 3 * 8, cudaMemcpyDeviceToHost));
         printf("gemv alone (block 0): xreg 32 rows %lld cycles, xreg 48 rows %lld, smem 32 rows %lld\n", hc[0], hc[1], hc[2]);
     }
-    // barrier rounds
+    // barrier rounds: the best of `tries` launches of `kernel` on `blocks` blocks, in us a round
     {
         int rounds = 140;
         unsigned* c = p.counters;
-        float best = 1e9;
-        for (int r = 0; r < 20; ++r) {
-            CK(cudaMemset(c, 0, rounds * 4));
-            CK(cudaEventRecord(e0));
-            void* args[] = {&c, &rounds};
-            CK(cudaLaunchCooperativeKernel((void*)barrier_rounds, sms, THREADS, args, 0, 0));
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (r >= 3) best = std::min(best, ms);
-        }
-        printf("barrier only: %d rounds best %.1f us, %.3f us/round\n", rounds, best * 1000, best * 1000 / rounds);
-        for (int blocks : {8, 16, 33, 66}) {
-            float b2 = 1e9;
-            for (int r = 0; r < 10; ++r) {
-                CK(cudaMemset(c, 0, rounds * 4));
+        auto best_round = [&](void* kernel, int blocks, int tries) {
+            float best = 1e9;
+            for (int r = 0; r < tries; ++r) {
+                CK(cudaMemset(c, 0, 8192 * 4));
                 CK(cudaEventRecord(e0));
                 void* args[] = {&c, &rounds};
-                CK(cudaLaunchCooperativeKernel((void*)barrier_rounds, blocks, THREADS, args, 0, 0));
-                CK(cudaEventRecord(e1));
-                CK(cudaEventSynchronize(e1));
-                float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (r >= 3) b2 = std::min(b2, ms);
-            }
-            printf("barrier only, %d blocks: %.3f us/round\n", blocks, b2 * 1000 / rounds);
-        }
-        for (int variant = 0; variant < 2; ++variant) {
-            best = 1e9;
-            for (int r = 0; r < 20; ++r) {
-                CK(cudaMemset(c, 0, 4096 * 4));
-                CK(cudaEventRecord(e0));
-                void* args[] = {&c, &rounds};
-                CK(cudaLaunchCooperativeKernel(variant == 0 ? (void*)flag_rounds : (void*)relaxed_rounds, sms, THREADS, args, 0, 0));
+                CK(cudaLaunchCooperativeKernel(kernel, blocks, THREADS, args, 0, 0));
                 CK(cudaEventRecord(e1));
                 CK(cudaEventSynchronize(e1));
                 float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
                 if (r >= 3) best = std::min(best, ms);
             }
-            printf("%s: %.3f us/round\n", variant == 0 ? "flag barrier" : "relaxed counter barrier", best * 1000 / rounds);
-        }
+            return best * 1000 / rounds;
+        };
+        printf("barrier only: %.3f us/round\n", best_round((void*)barrier_rounds, sms, 20));
+        for (int blocks : {8, 16, 33, 66})
+            printf("barrier only, %d blocks: %.3f us/round\n", blocks, best_round((void*)barrier_rounds, blocks, 10));
+        printf("flag barrier: %.3f us/round\n", best_round((void*)flag_rounds, sms, 20));
+        printf("relaxed counter barrier: %.3f us/round\n", best_round((void*)relaxed_rounds, sms, 20));
     }
     return 0;
 }
