@@ -425,7 +425,8 @@ __device__ __forceinline__ RopePair rope_pair(const float* q_norm, const float* 
 }
 
 // RMSNorm over one head whose pair (x1, x2) this thread holds (zeros past the half), then RoPE, into
-// out[0..head_dim): qk_norm_rope_store's arithmetic, in the same order.
+// out[0..head_dim): qk_norm_rope_store's arithmetic, except that its sum of squares is reduced over the block
+// here and over a warp there, so the two may differ in the last bit.
 __device__ __forceinline__ void norm_rope_pair(float x1, float x2, float weight1, float weight2, const RopePair& pair,
                                                int head_dim, float eps, float* out) {
     const int half = head_dim / 2, i = threadIdx.x;
