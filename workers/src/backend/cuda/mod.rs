@@ -15,6 +15,7 @@ mod gemm;
 mod graphs;
 mod kernels;
 mod kv_io;
+mod launch_times;
 mod weights;
 
 use std::sync::Mutex;
@@ -33,6 +34,7 @@ use kernels::{
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
+use launch_times::LaunchTimes;
 use weights::{DeviceLayer, DeviceWeights};
 
 use super::{Backend, SequenceStep};
@@ -88,6 +90,8 @@ pub struct CudaBackend {
     /// Whether decode steps of one or two sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
+    /// With `TANDEM_CUDA_LAUNCH_TIMES=1`: eager steps log their time per kind of launch (`launch_times.rs`).
+    launch_times: Option<LaunchTimes>,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -321,6 +325,7 @@ impl CudaBackend {
             greedy_keys: Vec::new(),
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
+            launch_times: LaunchTimes::from_env(),
         })
     }
 
@@ -554,7 +559,7 @@ impl CudaBackend {
                 } else {
                     // This step runs eagerly; the capture that follows only records the same launches
                     // (nothing runs while capturing) for the steps after it.
-                    self.launch_step(&parts)?;
+                    self.launch_step(&parts, false)?;
                     let graph = self.capture(&parts)?;
                     self.graphs.by_shape.insert(key, graph);
                 }
@@ -563,7 +568,7 @@ impl CudaBackend {
             None => {
                 let parts = self.build_meta(batch);
                 self.prepare(&parts)?;
-                self.launch_step(&parts)?;
+                self.launch_step(&parts, true)?;
                 Ok(self.uses_decode_gemv(&parts))
             }
         }
@@ -605,7 +610,7 @@ impl CudaBackend {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .during(|| "starting a decode graph capture".into())?;
-        let launched = self.launch_step(parts);
+        let launched = self.launch_step(parts, false);
         // End the capture even when a launch failed, so the stream leaves capture mode.
         let captured = stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
@@ -619,8 +624,9 @@ impl CudaBackend {
         }
     }
 
-    /// Launches every kernel and GEMM of one step whose metadata is uploaded, in stream order.
-    fn launch_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
+    /// Launches every kernel and GEMM of one step whose metadata is uploaded, in stream order. `timed`: mark
+    /// each kind of launch for [`LaunchTimes`] when it is on (never while a graph is captured).
+    fn launch_step(&self, parts: &StepMeta, timed: bool) -> Result<(), EngineError> {
         if self.uses_decode_gemv(parts) {
             return self.launch_decode_gemv_step(parts);
         }
@@ -649,7 +655,11 @@ impl CudaBackend {
             addr(&s.activated, gpu),
         );
         let blas = &gpu.blas;
+        let mark = |kind: &'static str| self.mark_launches(timed, kind);
 
+        if let Some(times) = self.launch_times.as_ref().filter(|_| timed) {
+            times.start(&gpu.stream)?;
+        }
         k.embed(
             hidden,
             addr(&w.embed_tokens, gpu),
@@ -658,6 +668,7 @@ impl CudaBackend {
             h,
             0,
         )?;
+        mark("embed")?;
         k.add_rms_norm(
             hidden,
             0,
@@ -679,7 +690,9 @@ impl CudaBackend {
                 qkv,
                 "qkv_proj",
             )?;
-            self.launch_attention(parts, layer_index, layer)?;
+            mark("qkv_proj")?;
+            self.launch_attention(parts, layer_index, layer, timed)?;
+            mark("attention")?;
             matmul_bf16(
                 blas,
                 attention,
@@ -690,6 +703,7 @@ impl CudaBackend {
                 projected,
                 "o_proj",
             )?;
+            mark("o_proj")?;
             k.add_rms_norm(
                 hidden,
                 projected,
@@ -700,6 +714,7 @@ impl CudaBackend {
                 h,
                 eps,
             )?;
+            mark("residual_norm")?;
             matmul_bf16(
                 blas,
                 normed,
@@ -710,7 +725,9 @@ impl CudaBackend {
                 gate_up,
                 "gate_up_proj",
             )?;
+            mark("gate_up_proj")?;
             k.swiglu(gate_up, activated, num_tokens, intermediate)?;
+            mark("swiglu")?;
             matmul_bf16(
                 blas,
                 activated,
@@ -721,6 +738,7 @@ impl CudaBackend {
                 projected,
                 "down_proj",
             )?;
+            mark("down_proj")?;
             // The residual add is fused with the next norm: the next layer's input norm, or after the last
             // layer the final norm of only the rows whose logits are wanted.
             match w.layers.get(layer_index + 1) {
@@ -745,6 +763,7 @@ impl CudaBackend {
                     eps,
                 )?,
             }
+            mark("residual_norm")?;
         }
         matmul_bf16(
             blas,
@@ -756,7 +775,24 @@ impl CudaBackend {
             addr(&s.logits, gpu),
             "lm_head",
         )?;
+        mark("lm_head")?;
         Ok(())
+    }
+
+    /// Records the [`LaunchTimes`] event after the launches of `kind`, when they are on and the step is timed.
+    fn mark_launches(&self, timed: bool, kind: &'static str) -> Result<(), CudaError> {
+        match &self.launch_times {
+            Some(times) if timed => times.mark(&self.gpu.stream, kind),
+            _ => Ok(()),
+        }
+    }
+
+    /// Logs the launch times of the step that just finished, if it was timed.
+    fn report_launches(&self, batch: &[SequenceStep<'_>]) -> Result<(), CudaError> {
+        match &self.launch_times {
+            Some(times) => times.report(batch.iter().map(|step| step.token_ids.len()).sum()),
+            None => Ok(()),
+        }
     }
 
     /// q/k norm, RoPE and the KV store, then attention, of layer `layer_index`: from `scratch.qkv` to
@@ -766,6 +802,7 @@ impl CudaBackend {
         parts: &StepMeta,
         layer_index: usize,
         layer: &DeviceLayer,
+        timed: bool,
     ) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
@@ -790,6 +827,7 @@ impl CudaBackend {
             &shape,
             config.rms_norm_eps,
         )?;
+        self.mark_launches(timed, "qk_norm_rope")?;
         // Block-table offsets in token_meta count from the start of the metadata buffer.
         match parts.prefill_tiles {
             Some((tiles, num_tiles)) => self.kernels.prefill_attention(
@@ -884,7 +922,7 @@ impl CudaBackend {
                     &self.attention_shape(parts, layer_index),
                 )?;
             } else {
-                self.launch_attention(parts, layer_index, layer)?;
+                self.launch_attention(parts, layer_index, layer, false)?;
             }
             k.decode_gemv(
                 GemvOp::AddTo {
@@ -958,6 +996,7 @@ impl Backend for CudaBackend {
         stream
             .synchronize()
             .during(|| "running a forward step".into())?;
+        self.report_launches(batch)?;
         Ok(())
     }
 
@@ -982,6 +1021,7 @@ impl Backend for CudaBackend {
             gpu.stream
                 .synchronize()
                 .during(|| "running a greedy forward step".into())?;
+            self.report_launches(batch)?;
             for &key in &self.greedy_keys {
                 // The low half of a key is u32::MAX - token (argmax_key in decode_gemv.cu); 0 means no logit.
                 let token = u32::MAX - key as u32;
@@ -1009,6 +1049,7 @@ impl Backend for CudaBackend {
         gpu.stream
             .synchronize()
             .during(|| "running a greedy forward step".into())?;
+        self.report_launches(batch)?;
         tokens.extend_from_slice(&self.greedy_tokens);
         Ok(())
     }
