@@ -25,7 +25,11 @@
 #include <vector>
 #include <algorithm>
 
-typedef unsigned short bf16_t;
+// The backend's kernels, for their bf16 helpers, warp_sum, dot8_bf16 and shared_u32 (their kernels are compiled
+// too, and not launched here).
+#include "../kernels.cu"
+#include "../decode_gemv.cu"
+
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); exit(1);} } while (0)
 
 constexpr int H = 1024, QD = 2048, KVD = 1024, QKV = QD + 2 * KVD, I = 3072, LAYERS = 28, HD = 128, QH = 16, KVH = 8;
@@ -34,16 +38,6 @@ constexpr int SPLITS = 16;  // max attention work items per kv head
 constexpr int PSTRIDE = HD + 4;
 constexpr int BUF_BYTES = 96 * 1024;
 
-__device__ __forceinline__ float bf2f(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
-__device__ __forceinline__ bf16_t f2bf(float f) {
-    unsigned u = __float_as_uint(f);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 __device__ float block_sum(float v, float* scratch) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     v = warp_sum(v);
@@ -53,25 +47,13 @@ __device__ float block_sum(float v, float* scratch) {
     float t = lane < WARPS ? scratch[lane] : 0.f;
     return warp_sum(t);
 }
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w}, xs[4] = {x.x, x.y, x.z, x.w};
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        s = fmaf(__uint_as_float(ws[i] << 16), __uint_as_float(xs[i] << 16), s);
-        s = fmaf(__uint_as_float(ws[i] & 0xffff0000u), __uint_as_float(xs[i] & 0xffff0000u), s);
-    }
-    return s;
-}
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(unsigned long long* bar) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_u32(bar)) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 // thread 0: expect `bytes`, then copy them in pieces.
 __device__ __forceinline__ void tma_expect(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_u32(bar)), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void tma_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
     constexpr unsigned PIECE = 16384;
@@ -79,8 +61,8 @@ __device__ __forceinline__ void tma_copy(void* dst, const void* src, unsigned by
         const unsigned size = min(PIECE, bytes - off);
         asm volatile(
             "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                smem_addr((char*)dst + off)),
-            "l"((const char*)src + off), "r"(size), "r"(smem_addr(bar))
+                shared_u32((char*)dst + off)),
+            "l"((const char*)src + off), "r"(size), "r"(shared_u32(bar))
             : "memory");
     }
 }
@@ -89,7 +71,7 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned phas
     while (!done) {
         asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
                      : "=r"(done)
-                     : "r"(smem_addr(bar)), "r"(phase)
+                     : "r"(shared_u32(bar)), "r"(phase)
                      : "memory");
     }
 }
@@ -185,7 +167,7 @@ __device__ void smem_gemv(const bf16_t* wbuf, const bf16_t* x, int rows, int k, 
         const uint4* wr = reinterpret_cast<const uint4*>(wbuf + (size_t)row * k);
         const int c0 = seg * seg_chunks, c1 = min(chunks, c0 + seg_chunks);
         float s = 0.f;
-        for (int c = c0 + lane; c < c1; c += 32) s += dot8(wr[c], xc[c]);
+        for (int c = c0 + lane; c < c1; c += 32) s += dot8_bf16(wr[c], xc[c]);
         s = warp_sum(s);
         if (lane == 0) seg_scratch[item] = s;
     }
