@@ -820,10 +820,6 @@ extern "C" __global__ void argmax_rows(const float* logits, unsigned* tokens, in
 // Shared memory of prefill_attention: the Q tile, then two stages of K and V tiles.
 #define PREFILL_SHARED_BYTES ((PREFILL_TILE_Q + 4 * PREFILL_TILE_K) * PREFILL_STRIDE * 2)
 
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
-    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
-}
-
 __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, const unsigned* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -831,8 +827,9 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Two floats to bf16x2 (round to nearest even) in one instruction (sm_80): `lo` in the low half.
-__device__ __forceinline__ unsigned pack_bf16x2_rn(float lo, float hi) {
+// Two floats to bf16x2 in one instruction (sm_80), rounded to nearest even as f2bf rounds: `lo` in the low
+// half.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     unsigned packed;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(packed) : "f"(hi), "f"(lo));
     return packed;
@@ -1030,10 +1027,10 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS) prefill_attention(
 #pragma unroll
             for (int kstep = 0; kstep < PREFILL_TILE_K / 16; ++kstep) {
                 unsigned a[4];
-                a[0] = pack_bf16x2_rn(s[2 * kstep][0], s[2 * kstep][1]);
-                a[1] = pack_bf16x2_rn(s[2 * kstep][2], s[2 * kstep][3]);
-                a[2] = pack_bf16x2_rn(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
-                a[3] = pack_bf16x2_rn(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+                a[0] = pack_bf16x2(s[2 * kstep][0], s[2 * kstep][1]);
+                a[1] = pack_bf16x2(s[2 * kstep][2], s[2 * kstep][3]);
+                a[2] = pack_bf16x2(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+                a[3] = pack_bf16x2(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
 #pragma unroll
                 for (int n = 0; n < PREFILL_MAX_DIM / 8; n += 2) {
                     if (n < head_dim / 8) {
