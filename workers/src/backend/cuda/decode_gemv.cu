@@ -1,12 +1,15 @@
-// Decode projections of steps of one or two tokens (the decode graph buckets 1 and 2), as
-// GEMVs that carry the work around them, so a layer is six launches instead of ten:
+// Decode projections of steps of up to eight tokens (the decode graph buckets 1 to 8), as GEMVs that carry the
+// work around them, so a layer is five or seven launches instead of ten (the attention's own are one at one or
+// two tokens, three above):
 //   qkv      = RMSNorm(hidden) · Wqkvᵀ                     (decode_gemv_norm_store_t*)
 //   hidden  += attention · Woᵀ                             (decode_gemv_add_t*)
 //   act      = SwiGLU(RMSNorm(hidden) · Wgate_upᵀ)        (decode_gemv_norm_swiglu_t*)
 //   hidden  += act · Wdownᵀ                                (decode_gemv_add_t*)
 //   logits   = RMSNorm(hidden) · Wlm_headᵀ, and argmax     (decode_gemv_norm_argmax_t*)
+// Two kinds: FMA GEMVs for one or two tokens (decode_gemv below; the backend takes them at one) and
+// tensor-core ones for 1, 2, 4 or 8 (decode_gemv_mma, at the end; the backend takes them from two).
 // At one token a projection reads each weight once, so it is bound by how many weight bytes are in flight:
-// each warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is one
+// each FMA warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is one
 // resident wave, so the fixed cost of a block (its prologue) is paid once per multiprocessor slot. The block's
 // input (normalized here when the GEMV starts with the RMSNorm, every block recomputing it: a few KB from L2)
 // sits in shared memory in bf16, the precision the cuBLAS path feeds its GEMMs, so both paths round alike.
@@ -55,6 +58,91 @@ __device__ __forceinline__ void load_rows(const uint4* const (&rows)[ROWS], int 
     }
 }
 
+// The norm weights of this thread's first NORM_KEPT quads (all of them up to a hidden size of 1024): they do
+// not depend on the previous kernel, so a GEMV loads them before its wait.
+#define NORM_KEPT 2
+__device__ __forceinline__ void load_kept_norm_weights(const float* norm_weight, int k,
+                                                       float4 (&kept_weight)[NORM_KEPT]) {
+    const float4* weight = reinterpret_cast<const float4*>(norm_weight);
+#pragma unroll
+    for (int j = 0; j < NORM_KEPT; ++j) {
+        const int i = threadIdx.x + j * GEMV_THREADS;
+        if (i < (k >> 2)) kept_weight[j] = __ldg(weight + i);
+    }
+}
+
+// Puts a GEMV block's input for T tokens in shared memory as bf16 [T][k]: RMSNorm(hidden) with NORM (every
+// block recomputing it: a few KB from L2; the first NORM_KEPT quads of each thread stay in registers between
+// the sum of squares and the scaling), else the bf16 activation x_bf16 as it is. Ends with a block barrier. For blocks of
+// GEMV_THREADS threads.
+template <int T, bool NORM>
+__device__ __forceinline__ void stage_gemv_input(bf16_t* x_shared, int k, const float* hidden,
+                                                 const float* norm_weight, const float4 (&kept_weight)[NORM_KEPT],
+                                                 float eps, const bf16_t* x_bf16) {
+    if (NORM) {
+        const int quads = k >> 2, threads = GEMV_THREADS;
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const float4* weight = reinterpret_cast<const float4*>(norm_weight);
+        auto store_normed = [&](int t, int i, float4 v, float4 g, float scale) {
+            bf16_t* target = x_shared + t * k + 4 * i;
+            target[0] = f2bf(g.x * (v.x * scale));
+            target[1] = f2bf(g.y * (v.y * scale));
+            target[2] = f2bf(g.z * (v.z * scale));
+            target[3] = f2bf(g.w * (v.w * scale));
+        };
+        auto squares = [](float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; };
+        // Every token's kept quads are requested before any is summed, and all the tokens' sums share one
+        // block reduction, so a step of T tokens waits for L2 and the barrier once, not T times.
+        float4 kept[T][NORM_KEPT];
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const float4* x = reinterpret_cast<const float4*>(hidden + (size_t)t * k);
+#pragma unroll
+            for (int j = 0; j < NORM_KEPT; ++j) {
+                const int i = threadIdx.x + j * threads;
+                if (i < quads) kept[t][j] = x[i];
+            }
+        }
+        __shared__ float warp_sums[T][GEMV_WARPS];
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const float4* x = reinterpret_cast<const float4*>(hidden + (size_t)t * k);
+            float sum_squares = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NORM_KEPT; ++j)
+                if (threadIdx.x + j * threads < quads) sum_squares += squares(kept[t][j]);
+            for (int i = threadIdx.x + NORM_KEPT * threads; i < quads; i += threads) sum_squares += squares(x[i]);
+            sum_squares = warp_sum(sum_squares);
+            if (lane == 0) warp_sums[t][warp] = sum_squares;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const float4* x = reinterpret_cast<const float4*>(hidden + (size_t)t * k);
+            float sum_squares = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; ++w) sum_squares += warp_sums[t][w];
+            const float scale = 1.0f / sqrtf(sum_squares / k + eps);
+#pragma unroll
+            for (int j = 0; j < NORM_KEPT; ++j) {
+                const int i = threadIdx.x + j * threads;
+                if (i < quads) store_normed(t, i, kept[t][j], kept_weight[j], scale);
+            }
+            for (int i = threadIdx.x + NORM_KEPT * threads; i < quads; i += threads)
+                store_normed(t, i, x[i], weight[i], scale);
+        }
+    } else {
+        // Copied by cp.async, so every 16 bytes of a thread are in flight at once: a plain copy loop waited
+        // for L2 once per 16 bytes a thread (a store cannot pass its load), a round trip per 2 KB of input.
+        const uint4* source = reinterpret_cast<const uint4*>(x_bf16);
+        uint4* target = reinterpret_cast<uint4*>(x_shared);
+        for (int i = threadIdx.x; i < T * (k >> 3); i += GEMV_THREADS) copy_16_async(target + i, source + i, 16);
+        copies_commit();
+        copies_wait<0>();
+    }
+    __syncthreads();
+}
+
 // One warp owns PAIRS output pairs at a time (a pair: rows 2p and 2p + 1, or for the SwiGLU gate row p and up
 // row p + n, gate_up being [gate; up]), and keeps CHUNKS 16-byte loads of each of their rows in flight per lane.
 // Warps walk the pairs grid-stride; the launch sizes the grid to one resident wave, so each block normalizes
@@ -97,20 +185,8 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
                 if (lane == r) prefetch_l2(rows[r] + preloaded, (unsigned)(chunks - preloaded) * 16);
         }
     }
-    // The norm weights of this thread's first NORM_KEPT quads (all of them up to a hidden size of 1024) do not
-    // depend on the previous kernel either; those quads of the hidden state stay in registers between the
-    // sum of squares and the scaling.
-    constexpr int NORM_KEPT = 2;
-    const int quads = k >> 2;
-    const float4* weight = reinterpret_cast<const float4*>(norm_weight);
     float4 kept_weight[NORM_KEPT];
-    if (NORM) {
-#pragma unroll
-        for (int j = 0; j < NORM_KEPT; ++j) {
-            const int i = threadIdx.x + j * GEMV_THREADS;
-            if (i < quads) kept_weight[j] = __ldg(weight + i);
-        }
-    }
+    if (NORM) load_kept_norm_weights(norm_weight, k, kept_weight);
     wait_for_previous_grid();
 
     // The residual's current value of the first group's rows, read now rather than after the products.
@@ -122,48 +198,7 @@ __device__ __forceinline__ void decode_gemv(const bf16_t* w, int k, int n, const
             for (int t = 0; t < T; ++t) residual[r][t] = out_f32[(size_t)t * n + row_of(first_group, r)];
         }
     }
-
-    if (NORM) {
-        auto store_normed = [&](int t, int i, float4 v, float4 g, float scale) {
-            bf16_t* target = x_shared + t * k + 4 * i;
-            target[0] = f2bf(g.x * (v.x * scale));
-            target[1] = f2bf(g.y * (v.y * scale));
-            target[2] = f2bf(g.z * (v.z * scale));
-            target[3] = f2bf(g.w * (v.w * scale));
-        };
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-            const float4* x = reinterpret_cast<const float4*>(hidden + (size_t)t * k);
-            float4 kept[NORM_KEPT];
-            float sum_squares = 0.0f;
-#pragma unroll
-            for (int j = 0; j < NORM_KEPT; ++j) {
-                const int i = threadIdx.x + j * GEMV_THREADS;
-                if (i < quads) {
-                    kept[j] = x[i];
-                    sum_squares += kept[j].x * kept[j].x + kept[j].y * kept[j].y + kept[j].z * kept[j].z +
-                                   kept[j].w * kept[j].w;
-                }
-            }
-            for (int i = threadIdx.x + NORM_KEPT * GEMV_THREADS; i < quads; i += GEMV_THREADS) {
-                const float4 v = x[i];
-                sum_squares += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-            }
-            const float scale = 1.0f / sqrtf(block_sum(sum_squares) / k + eps);
-#pragma unroll
-            for (int j = 0; j < NORM_KEPT; ++j) {
-                const int i = threadIdx.x + j * GEMV_THREADS;
-                if (i < quads) store_normed(t, i, kept[j], kept_weight[j], scale);
-            }
-            for (int i = threadIdx.x + NORM_KEPT * GEMV_THREADS; i < quads; i += GEMV_THREADS)
-                store_normed(t, i, x[i], weight[i], scale);
-        }
-    } else {
-        const uint4* source = reinterpret_cast<const uint4*>(x_bf16);
-        uint4* target = reinterpret_cast<uint4*>(x_shared);
-        for (int i = threadIdx.x; i < T * chunks; i += blockDim.x) target[i] = source[i];
-    }
-    __syncthreads();
+    stage_gemv_input<T, NORM>(x_shared, k, hidden, norm_weight, kept_weight, eps, x_bf16);
 
     unsigned long long best[T];
 #pragma unroll
@@ -272,3 +307,168 @@ DECODE_GEMV_ENTRY(decode_gemv_norm_swiglu_t1, 1, GEMV_SWIGLU, true)
 DECODE_GEMV_ENTRY(decode_gemv_norm_swiglu_t2, 2, GEMV_SWIGLU, true)
 DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t1, 1, GEMV_ARGMAX, true)
 DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t2, 2, GEMV_ARGMAX, true)
+
+// The same projections for steps of up to eight tokens on the tensor cores (mma.sync m16n8k16, bf16 in, f32
+// accumulators), where the FMA GEMVs above would multiply their unpacking and adds by the tokens. The tokens
+// are the mma's rows (A, eight of its sixteen used) and a tile of eight output rows its columns (B), so a
+// warp's weight loads stay 16 bytes a lane: since a dot product may sum its k in any order, lane (g, c) takes
+// chunk 4j + c of 32-wide k block j for both its weight row g and its token g, and feeds the chunk's four words
+// to the slots the layout gives lane c in two mma steps. A block's four warps split k (k block j goes to warp
+// j % 4, MMA_KB blocks a warp in flight) and reduce their partial tiles through shared memory; blocks walk the
+// tiles grid-stride, and each loads its first tile's weights before the wait. For the SwiGLU a tile is four
+// units, rows ordered gate, up, gate, up..., so each lane ends with a unit's gate and up values.
+#define MMA_GEMV_WARPS GEMV_WARPS  // stage_gemv_input takes blocks of GEMV_THREADS
+#define MMA_GEMV_MAX_TOKENS 8
+#define MMA_CHAINS 4  // independent accumulators a warp alternates between
+
+template <int T, int EPILOGUE, bool NORM, int KB>
+__device__ __forceinline__ void decode_gemv_mma(const bf16_t* w, int k, int n, const float* hidden,
+                                                const float* norm_weight, float eps, const bf16_t* x_bf16,
+                                                float* out_f32, bf16_t* out_bf16,
+                                                unsigned long long* argmax_keys) {
+    extern __shared__ __align__(16) bf16_t x_shared[];  // [T][k]
+    __shared__ float partial_tile[MMA_GEMV_WARPS][32][2];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int kblocks = k >> 5;  // k % 32 == 0 (checked by the host)
+    const int chunks = k >> 3;
+    const int units_per_tile = EPILOGUE == GEMV_SWIGLU ? 4 : 8;
+    const int tiles = (n + units_per_tile - 1) / units_per_tile;
+    // The weight row lane group g reads in `tile` (rows past the matrix read its last row, never stored).
+    auto weight_row = [&](int tile) -> const uint4* {
+        int row;
+        if (EPILOGUE == GEMV_SWIGLU) {
+            const int unit = min(tile * 4 + (g >> 1), n - 1);
+            row = (g & 1) ? unit + n : unit;
+        } else {
+            row = min(tile * 8 + g, n - 1);
+        }
+        return reinterpret_cast<const uint4*>(w + (size_t)row * k);
+    };
+    // This warp's k blocks of one pass: pass p, slot u is k block 4 * (p * KB + u) + warp.
+    auto load_pass = [&](const uint4* row, int pass, uint4 (&loaded)[KB]) {
+#pragma unroll
+        for (int u = 0; u < KB; ++u) {
+            const int block = MMA_GEMV_WARPS * (pass * KB + u) + warp;
+            if (block < kblocks) loaded[u] = __ldg(row + 4 * block + c);
+        }
+    };
+
+    allow_next_grid();
+    const int first_tile = blockIdx.x;
+    uint4 loaded[KB];
+    if (first_tile < tiles) load_pass(weight_row(first_tile), 0, loaded);
+    float4 kept_weight[NORM_KEPT];
+    if (NORM) load_kept_norm_weights(norm_weight, k, kept_weight);
+    wait_for_previous_grid();
+    // The residual's current value of the first tile's rows, read while the input is staged rather than after
+    // the products.
+    const int first_row = first_tile * 8 + 2 * c;
+    float residual[2] = {0.0f, 0.0f};
+    if (EPILOGUE == GEMV_ADD && warp == 0 && g < T) {
+        if (first_row < n) residual[0] = out_f32[(size_t)g * n + first_row];
+        if (first_row + 1 < n) residual[1] = out_f32[(size_t)g * n + first_row + 1];
+    }
+    stage_gemv_input<T, NORM>(x_shared, k, hidden, norm_weight, kept_weight, eps, x_bf16);
+
+    const uint4* x_chunks = reinterpret_cast<const uint4*>(x_shared);
+    const int passes = (kblocks + MMA_GEMV_WARPS * KB - 1) / (MMA_GEMV_WARPS * KB);
+    unsigned long long best = 0;  // warp 0, lanes of tokens g < T: the best (logit, row) key so far
+    for (int tile = first_tile; tile < tiles; tile += gridDim.x) {
+        const uint4* row = weight_row(tile);
+        // MMA_CHAINS accumulators, so that consecutive mma steps do not wait for each other's results.
+        float acc[MMA_CHAINS][4];
+#pragma unroll
+        for (int chain = 0; chain < MMA_CHAINS; ++chain) acc[chain][0] = acc[chain][1] = acc[chain][2] = acc[chain][3] = 0.0f;
+        for (int pass = 0; pass < passes; ++pass) {
+            if (tile != first_tile || pass != 0) load_pass(row, pass, loaded);
+#pragma unroll
+            for (int u = 0; u < KB; ++u) {
+                const int block = MMA_GEMV_WARPS * (pass * KB + u) + warp;
+                if (block < kblocks) {
+                    const uint4 x = g < T ? x_chunks[g * chunks + 4 * block + c] : make_uint4(0, 0, 0, 0);
+                    const unsigned a_first[4] = {x.x, 0u, x.y, 0u}, b_first[2] = {loaded[u].x, loaded[u].y};
+                    const unsigned a_second[4] = {x.z, 0u, x.w, 0u}, b_second[2] = {loaded[u].z, loaded[u].w};
+                    mma_bf16_16816(acc[(2 * u) % MMA_CHAINS], a_first, b_first);
+                    mma_bf16_16816(acc[(2 * u + 1) % MMA_CHAINS], a_second, b_second);
+                }
+            }
+        }
+        // acc[.][0], acc[.][1]: token g, tile rows 2c and 2c + 1 ([2], [3] belong to the unused rows 8-15).
+        float first_sum = 0.0f, second_sum = 0.0f;
+#pragma unroll
+        for (int chain = 0; chain < MMA_CHAINS; ++chain) {
+            first_sum += acc[chain][0];
+            second_sum += acc[chain][1];
+        }
+        partial_tile[warp][lane][0] = first_sum;
+        partial_tile[warp][lane][1] = second_sum;
+        __syncthreads();
+        if (warp == 0 && g < T) {
+            float first_value = 0.0f, second_value = 0.0f;
+#pragma unroll
+            for (int other = 0; other < MMA_GEMV_WARPS; ++other) {
+                first_value += partial_tile[other][lane][0];
+                second_value += partial_tile[other][lane][1];
+            }
+            if (EPILOGUE == GEMV_SWIGLU) {
+                const int unit = tile * 4 + c;
+                if (unit < n)
+                    out_bf16[(size_t)g * n + unit] =
+                        f2bf(first_value / (1.0f + expf(-first_value)) * second_value);
+            } else {
+                const int row0 = tile * 8 + 2 * c, row1 = row0 + 1;
+                float* out_row = out_f32 + (size_t)g * n;
+                if (EPILOGUE == GEMV_ADD) {
+                    const bool residual_read = tile == first_tile;
+                    if (row0 < n) out_row[row0] = (residual_read ? residual[0] : out_row[row0]) + first_value;
+                    if (row1 < n) out_row[row1] = (residual_read ? residual[1] : out_row[row1]) + second_value;
+                } else {
+                    if (row0 < n) out_row[row0] = first_value;
+                    if (row1 < n) out_row[row1] = second_value;
+                }
+                if (EPILOGUE == GEMV_ARGMAX) {
+                    if (row0 < n) {
+                        const unsigned long long key = argmax_key(first_value, row0);
+                        if (key > best) best = key;
+                    }
+                    if (row1 < n) {
+                        const unsigned long long key = argmax_key(second_value, row1);
+                        if (key > best) best = key;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // partial_tile is free for the next tile
+    }
+    if (EPILOGUE == GEMV_ARGMAX && warp == 0) {
+        // The four lanes of token g hold its tile rows 2c, 2c + 1: reduce over c, then one atomic per token.
+#pragma unroll
+        for (int offset = 1; offset < 4; offset <<= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, best, offset);
+            if (other > best) best = other;
+        }
+        if (g < T && c == 0 && best != 0) atomicMax(&argmax_keys[g], best);
+    }
+}
+
+// Weights of a warp in flight: 16 bytes a k block; NORM kernels read the hidden size (KB 8: 1024 in one pass),
+// the others the attention output or the intermediate (KB 24: 3072 in one pass).
+#define DECODE_GEMV_MMA_ENTRY(name, T, EPILOGUE, NORM)                                                          \
+    extern "C" __global__ void __launch_bounds__(MMA_GEMV_WARPS * 32)                                           \
+        name(const bf16_t* w, int k, int n, const float* hidden, const float* norm_weight, float eps,           \
+             const bf16_t* x_bf16, float* out_f32, bf16_t* out_bf16, unsigned long long* argmax_keys) {         \
+        decode_gemv_mma<T, EPILOGUE, NORM, NORM ? 8 : 24>(w, k, n, hidden, norm_weight, eps, x_bf16, out_f32,   \
+                                                         out_bf16, argmax_keys);                               \
+    }
+
+#define DECODE_GEMV_MMA_TOKENS(T)                                                                               \
+    DECODE_GEMV_MMA_ENTRY(decode_gemv_mma_norm_store_t##T, T, GEMV_STORE, true)                                 \
+    DECODE_GEMV_MMA_ENTRY(decode_gemv_mma_add_t##T, T, GEMV_ADD, false)                                         \
+    DECODE_GEMV_MMA_ENTRY(decode_gemv_mma_norm_swiglu_t##T, T, GEMV_SWIGLU, true)                               \
+    DECODE_GEMV_MMA_ENTRY(decode_gemv_mma_norm_argmax_t##T, T, GEMV_ARGMAX, true)
+
+DECODE_GEMV_MMA_TOKENS(1)
+DECODE_GEMV_MMA_TOKENS(2)
+DECODE_GEMV_MMA_TOKENS(4)
+DECODE_GEMV_MMA_TOKENS(8)

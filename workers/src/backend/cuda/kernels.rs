@@ -21,7 +21,10 @@ const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("decode_ge
 /// Tokens of the largest step the decode GEMVs take (`GEMV_MAX_TOKENS`: the graph buckets 1 and 2). At four
 /// tokens they measured slower than cuBLAS with the separate norm and SwiGLU kernels (PERF.md).
 pub(crate) const DECODE_GEMV_MAX_TOKENS: usize = 2;
-/// Threads of a decode GEMV block (`GEMV_THREADS`), i.e. `GEMV_WARPS` warps.
+/// Tokens of the largest step the tensor-core decode GEMVs take (`MMA_GEMV_MAX_TOKENS`: the graph buckets
+/// up to 8); they take 1, 2, 4 or 8.
+pub(crate) const MMA_GEMV_MAX_TOKENS: usize = 8;
+/// Threads of a decode GEMV block (`GEMV_THREADS`), i.e. `GEMV_WARPS` warps; the tensor-core ones too.
 const GEMV_THREADS: u32 = 128;
 const GEMV_WARPS: usize = 4;
 /// Shared memory a block may take without opting in, less what the kernels declare statically.
@@ -66,6 +69,11 @@ pub(crate) struct Kernels {
     multiprocessors: usize,
     /// `[epilogue][tokens 1, 2]`, see [`GemvOp`].
     decode_gemv: [[CudaFunction; 2]; 4],
+    /// The tensor-core decode GEMVs, `[epilogue][tokens 1, 2, 4, 8]`.
+    decode_gemv_mma: [[CudaFunction; 4]; 4],
+    /// Dynamic shared memory a tensor-core decode GEMV may take (its input, `[tokens][k]` bf16): what the
+    /// GPU lets a block opt in to, less its static shared memory.
+    mma_gemv_shared_limit: usize,
     embed: CudaFunction,
     add_rms_norm: CudaFunction,
     qk_norm_rope_store: CudaFunction,
@@ -118,11 +126,12 @@ pub(crate) enum GemvOp {
 }
 
 /// One decode GEMV: `n` outputs (the swiglu's intermediate size for `NormSwiglu`, whose `weight` has `2n`
-/// rows) from inputs of `k`, for `num_tokens` tokens.
+/// rows) from inputs of `k`, for `num_tokens` tokens; on the tensor cores with `mma`.
 pub(crate) struct GemvShape {
     pub(crate) num_tokens: usize,
     pub(crate) k: usize,
     pub(crate) n: usize,
+    pub(crate) mma: bool,
 }
 
 /// Whether the decode GEMVs take a step of `num_tokens` tokens whose projections read inputs of the
@@ -133,6 +142,17 @@ pub(crate) fn decode_gemv_fits(num_tokens: usize, input_widths: &[usize]) -> boo
         && num_tokens.is_power_of_two()
         && input_widths.iter().all(|width| width.is_multiple_of(8))
         && num_tokens * widest * 2 <= GEMV_MAX_SHARED_BYTES
+}
+
+/// Whether the tensor-core decode GEMVs take a step of `num_tokens` tokens whose projections read inputs of
+/// the `input_widths`: 1, 2, 4 or 8 tokens, inputs of whole 32-wide k blocks, the widest fitting
+/// `shared_limit` bytes of shared memory.
+fn decode_gemv_mma_fits(num_tokens: usize, input_widths: &[usize], shared_limit: usize) -> bool {
+    let widest = input_widths.iter().copied().max().unwrap_or(0);
+    (1..=MMA_GEMV_MAX_TOKENS).contains(&num_tokens)
+        && num_tokens.is_power_of_two()
+        && input_widths.iter().all(|width| width.is_multiple_of(32))
+        && num_tokens * widest * 2 <= shared_limit
 }
 
 fn grid(x: usize, y: usize, z: usize, threads: u32) -> LaunchConfig {
@@ -199,6 +219,33 @@ impl Kernels {
                 load(&format!("decode_gemv_{epilogue}_t2"))?,
             ])
         };
+        let shared_optin = gpu
+            .context
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .during(|| "reading the shared memory a block may opt in to".into())?;
+        // The kernels' static shared memory (partial_tile, block_sum's scratch) is under 2 KiB.
+        let mma_gemv_shared_limit = usize::try_from(shared_optin)
+            .unwrap_or(0)
+            .saturating_sub(2048);
+        let mma_gemv_set = |epilogue: &str| -> Result<[CudaFunction; 4], CudaError> {
+            let functions = [
+                load(&format!("decode_gemv_mma_{epilogue}_t1"))?,
+                load(&format!("decode_gemv_mma_{epilogue}_t2"))?,
+                load(&format!("decode_gemv_mma_{epilogue}_t4"))?,
+                load(&format!("decode_gemv_mma_{epilogue}_t8"))?,
+            ];
+            for function in &functions {
+                function
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        i32::try_from(mma_gemv_shared_limit).unwrap_or(0),
+                    )
+                    .during(|| "setting a tensor-core decode GEMV's shared memory size".into())?;
+            }
+            Ok(functions)
+        };
         let prefill_attention = load("prefill_attention")?;
         // Above the 48 KiB a kernel gets without asking; every architecture this compiles for has it.
         prefill_attention
@@ -218,6 +265,13 @@ impl Kernels {
                 gemv_set("norm_swiglu")?,
                 gemv_set("norm_argmax")?,
             ],
+            decode_gemv_mma: [
+                mma_gemv_set("norm_store")?,
+                mma_gemv_set("add")?,
+                mma_gemv_set("norm_swiglu")?,
+                mma_gemv_set("norm_argmax")?,
+            ],
+            mma_gemv_shared_limit,
             embed: load("embed")?,
             add_rms_norm: load("add_rms_norm")?,
             qk_norm_rope_store: load("qk_norm_rope_store")?,
@@ -248,6 +302,7 @@ impl Kernels {
             .decode_gemv
             .iter()
             .flatten()
+            .chain(self.decode_gemv_mma.iter().flatten())
             .chain([&self.embed, &self.attention_decode_fused])
         {
             function
@@ -358,12 +413,15 @@ impl Kernels {
         eps: f32,
         shape: &GemvShape,
     ) -> Result<(), CudaError> {
-        let token_index = match shape.num_tokens {
-            1 => 0,
-            2 => 1,
-            other => {
+        let token_index = match (shape.num_tokens, shape.mma) {
+            (1, _) => 0,
+            (2, _) => 1,
+            (4, true) => 2,
+            (8, true) => 3,
+            (other, mma) => {
+                let takes = if mma { "1, 2, 4 or 8" } else { "1 or 2" };
                 return Err(CudaError::Unsupported(format!(
-                    "a decode GEMV of {other} tokens (it takes 1 or 2)"
+                    "a decode GEMV of {other} tokens (it takes {takes})"
                 )));
             }
         };
@@ -373,21 +431,28 @@ impl Kernels {
             GemvOp::NormSwiglu { out } => (2, 0, 0, out, 0),
             GemvOp::NormArgmax { out, argmax_keys } => (3, 0, out, 0, argmax_keys),
         };
-        // Output pairs, and pairs a warp takes at once (`NORM ? 2 : 1` in DECODE_GEMV_ENTRY).
-        let (pairs, pairs_per_warp) = match op {
-            GemvOp::NormSwiglu { .. } => (shape.n, 2),
-            GemvOp::AddTo { .. } => (shape.n.div_ceil(2), 1),
-            _ => (shape.n.div_ceil(2), 2),
+        // Units of work and how many a block takes at once: for the FMA GEMVs, output pairs, `NORM ? 2 : 1` a
+        // warp (DECODE_GEMV_ENTRY); for the tensor-core ones, tiles of 8 rows (4 SwiGLU units) a block.
+        let (units, units_per_block) = match (op, shape.mma) {
+            (GemvOp::NormSwiglu { .. }, true) => (shape.n.div_ceil(4), 1),
+            (_, true) => (shape.n.div_ceil(8), 1),
+            (GemvOp::NormSwiglu { .. }, false) => (shape.n, 2 * GEMV_WARPS),
+            (GemvOp::AddTo { .. }, false) => (shape.n.div_ceil(2), GEMV_WARPS),
+            (_, false) => (shape.n.div_ceil(2), 2 * GEMV_WARPS),
         };
-        let function = &self.decode_gemv[epilogue][token_index];
+        let function = if shape.mma {
+            &self.decode_gemv_mma[epilogue][token_index]
+        } else {
+            &self.decode_gemv[epilogue][token_index]
+        };
         let shared_bytes = shape.num_tokens * shape.k * 2;
         // One resident wave: warps walk the rest grid-stride, so no block waits for a second wave.
         let resident = function
             .occupancy_max_active_blocks_per_multiprocessor(GEMV_THREADS, shared_bytes, None)
             .during(|| "reading a decode GEMV's occupancy".into())?
             .max(1) as usize;
-        let blocks = pairs
-            .div_ceil(pairs_per_warp * GEMV_WARPS)
+        let blocks = units
+            .div_ceil(units_per_block)
             .min(resident * self.multiprocessors);
         let launch_shape = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -407,10 +472,16 @@ impl Kernels {
             Arg::Ptr(keys),
         ];
         // SAFETY: matches `decode_gemv_*` in decode_gemv.cu; `weight` holds n (2n for the swiglu) rows of k
-        // bf16, the activations and outputs hold num_tokens rows, k is a multiple of 8 and the input fits the
-        // shared memory (`decode_gemv_fits`, checked by the backend before it takes this path).
+        // bf16, the activations and outputs hold num_tokens rows, k is a multiple of 8 (32 for the tensor-core
+        // ones) and the input fits the shared memory (`decode_gemv_fits` / `decode_gemv_mma_fits`, checked by
+        // the backend before it takes this path).
         unsafe { self.launch(function, launch_shape, &args, true) }
             .during(|| "launching a decode GEMV".into())
+    }
+
+    /// [`decode_gemv_mma_fits`] on this GPU.
+    pub(crate) fn decode_gemv_mma_fits(&self, num_tokens: usize, input_widths: &[usize]) -> bool {
+        decode_gemv_mma_fits(num_tokens, input_widths, self.mma_gemv_shared_limit)
     }
 
     /// `rows == 0` means output row r is hidden row r; `delta == 0` skips the residual add.
@@ -801,6 +872,24 @@ mod tests {
         assert!(!decode_gemv_fits(1, &[1024, 1028, 3072]));
     }
 
+    #[test]
+    fn tensor_core_decode_gemvs_take_up_to_eight_tokens_of_whole_k_blocks() {
+        // An H100 lets a block opt in to 227 KiB; the kernels keep 2 KiB for their static shared memory.
+        let h100 = 227 * 1024 - 2048;
+        let qwen3_0_6b = [1024, 2048, 3072];
+        for tokens in [1, 2, 4, 8] {
+            assert!(decode_gemv_mma_fits(tokens, &qwen3_0_6b, h100), "{tokens}");
+        }
+        for tokens in [0, 3, 5, 16] {
+            assert!(!decode_gemv_mma_fits(tokens, &qwen3_0_6b, h100), "{tokens}");
+        }
+        // Qwen3-8B at eight tokens: a 12288-wide down_proj input is 192 KiB in bf16.
+        let qwen3_8b = [4096, 4096, 12288];
+        assert!(decode_gemv_mma_fits(8, &qwen3_8b, h100));
+        assert!(!decode_gemv_mma_fits(8, &qwen3_8b, 99 * 1024 - 2048));
+        assert!(!decode_gemv_mma_fits(1, &[1024, 1040, 3072], h100));
+    }
+
     /// The value of `#define name <integer>` in the kernels' source.
     fn source_define(name: &str) -> usize {
         let prefix = format!("#define {name} ");
@@ -824,6 +913,8 @@ mod tests {
         assert_eq!(source_define("GEMV_WARPS"), GEMV_WARPS);
         assert_eq!(source_define("GEMV_WARPS") * 32, GEMV_THREADS as usize);
         assert_eq!(source_define("GEMV_MAX_TOKENS"), DECODE_GEMV_MAX_TOKENS);
+        assert_eq!(source_define("MMA_GEMV_MAX_TOKENS"), MMA_GEMV_MAX_TOKENS);
+        assert!(SOURCE.contains("#define MMA_GEMV_WARPS GEMV_WARPS"));
         assert_eq!(
             source_define("ATTENTION_WARPS") * 32,
             ATTENTION_THREADS as usize

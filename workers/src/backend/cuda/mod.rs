@@ -1,9 +1,9 @@
 //! [`CudaBackend`]: the Qwen3 forward pass on one NVIDIA GPU through cudarc. Weights live on the GPU in
 //! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
-//! reductions stay in f32. Decode steps of one or two sequences run on fused GEMVs instead of cuBLAS
-//! (`decode_gemv.cu`, five launches a layer). Greedy steps pick their tokens on the GPU, so only the token
-//! ids come back.
+//! reductions stay in f32. Decode steps of up to eight sequences run on fused GEMVs instead of cuBLAS
+//! (`decode_gemv.cu`): FMA ones at one sequence (five launches a layer), tensor-core ones at two to eight.
+//! Greedy steps pick their tokens on the GPU, so only the token ids come back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
 //! block tables) in one buffer and uploads it with one copy. Decode steps replay CUDA graphs captured per
@@ -29,8 +29,9 @@ use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
-    AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, prefill_kernel_fits,
+    AttentionShape, DECODE_GEMV_MAX_TOKENS, GemvOp, GemvShape, Kernels, LayerSlice,
+    MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, decode_attention_fits,
+    decode_gemv_fits, prefill_kernel_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -56,6 +57,9 @@ const MIN_PREFILL_TILE_TOKENS: usize = 16;
 const MAX_GRAPH_SPLITS: usize = 32;
 /// Bytes each rayon task copies into the pinned staging buffer of a KV import.
 const STAGING_COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Decode steps of this many tokens and more (up to `MMA_GEMV_MAX_TOKENS`) take the tensor-core GEMVs, fewer
+/// the FMA ones (PERF.md).
+const MMA_GEMV_FROM_TOKENS: usize = 2;
 /// cuBLAS's workspace, given to it up front so that a captured GEMM never allocates.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -87,9 +91,12 @@ pub struct CudaBackend {
     meta: Vec<u32>,
     greedy_tokens: Vec<u32>,
     greedy_keys: Vec<u64>,
-    /// Whether decode steps of one or two sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
+    /// Whether decode steps of up to eight sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
+    /// Decode steps of this many tokens and more take the tensor-core GEMVs; fewer, the FMA ones.
+    /// `TANDEM_CUDA_MMA_GEMV_FROM` (1, 2, 4, 8, or 9 for never) overrides it for measurements.
+    mma_gemv_from: usize,
     /// With `TANDEM_CUDA_LAUNCH_TIMES=1`: eager steps log their time per kind of launch (`launch_times.rs`).
     launch_times: Option<LaunchTimes>,
 }
@@ -325,6 +332,10 @@ impl CudaBackend {
             greedy_keys: Vec::new(),
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
+            mma_gemv_from: std::env::var("TANDEM_CUDA_MMA_GEMV_FROM")
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(MMA_GEMV_FROM_TOKENS),
             launch_times: LaunchTimes::from_env(),
         })
     }
@@ -558,8 +569,8 @@ impl CudaBackend {
                         .during(|| format!("replaying the decode graph of batch {bucket}"))?;
                 } else {
                     // This step runs eagerly; the capture that follows only records the same launches
-                    // (nothing runs while capturing) for the steps after it.
-                    self.launch_step(&parts, false)?;
+                    // (nothing runs while capturing) for the steps after it. Being eager, it may be timed.
+                    self.launch_step(&parts, true)?;
                     let graph = self.capture(&parts)?;
                     self.graphs.by_shape.insert(key, graph);
                 }
@@ -575,14 +586,28 @@ impl CudaBackend {
     }
 
     /// Whether `parts` runs on the decode GEMVs: a step of one token per sequence (so the logits rows are the
-    /// token rows) of one or two sequences, whose inputs fit a GEMV block's shared memory.
+    /// token rows) whose inputs fit a GEMV block's shared memory, of one or two sequences for the FMA GEMVs
+    /// and up to eight for the tensor-core ones.
     fn uses_decode_gemv(&self, parts: &StepMeta) -> bool {
-        let config = &self.config;
-        let input_widths = [config.hidden_size, config.q_dim(), config.intermediate_size];
         self.decode_gemv
             && parts.prefill_tiles.is_none()
             && parts.rows == parts.num_tokens
-            && decode_gemv_fits(parts.num_tokens, &input_widths)
+            && (self.uses_mma_gemv(parts.num_tokens)
+                || decode_gemv_fits(parts.num_tokens, &self.gemv_input_widths()))
+    }
+
+    /// Whether a decode GEMV step of `num_tokens` tokens takes the tensor-core GEMVs.
+    fn uses_mma_gemv(&self, num_tokens: usize) -> bool {
+        num_tokens >= self.mma_gemv_from
+            && self
+                .kernels
+                .decode_gemv_mma_fits(num_tokens, &self.gemv_input_widths())
+    }
+
+    /// The input widths of a layer's projections: the hidden size, the attention output, the intermediate.
+    fn gemv_input_widths(&self) -> [usize; 3] {
+        let config = &self.config;
+        [config.hidden_size, config.q_dim(), config.intermediate_size]
     }
 
     /// Grows the work buffers for `parts` and uploads the step metadata.
@@ -628,7 +653,7 @@ impl CudaBackend {
     /// each kind of launch for [`LaunchTimes`] when it is on (never while a graph is captured).
     fn launch_step(&self, parts: &StepMeta, timed: bool) -> Result<(), EngineError> {
         if self.uses_decode_gemv(parts) {
-            return self.launch_decode_gemv_step(parts);
+            return self.launch_decode_gemv_step(parts, timed);
         }
         let num_tokens = parts.num_tokens;
         let rows = parts.rows;
@@ -869,10 +894,11 @@ impl CudaBackend {
         }
     }
 
-    /// A decode step of one or two sequences ([`Self::uses_decode_gemv`]): five launches a layer, each
-    /// projection a GEMV carrying its norm, residual add or SwiGLU, q/k norm, RoPE and the KV store inside
-    /// the attention (for the usual head sizes), and the greedy argmax in the lm_head's GEMV.
-    fn launch_decode_gemv_step(&self, parts: &StepMeta) -> Result<(), EngineError> {
+    /// A decode step of up to eight sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
+    /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV. At one or two
+    /// sequences (for the usual head sizes) the attention does the q/k norm, RoPE and KV store itself, five
+    /// launches a layer; larger steps take `launch_attention`'s kernels.
+    fn launch_decode_gemv_step(&self, parts: &StepMeta, timed: bool) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
         let config = &self.config;
@@ -883,7 +909,17 @@ impl CudaBackend {
         let hidden = addr(&s.hidden, gpu);
         let activated = addr(&s.activated, gpu);
         let argmax_keys = addr(&s.argmax_keys, gpu);
-        let shape = |k: usize, n: usize| GemvShape { num_tokens, k, n };
+        let mark = |kind: &'static str| self.mark_launches(timed, kind);
+        if let Some(times) = self.launch_times.as_ref().filter(|_| timed) {
+            times.start(&gpu.stream)?;
+        }
+        let mma = self.uses_mma_gemv(num_tokens);
+        let shape = |k: usize, n: usize| GemvShape {
+            num_tokens,
+            k,
+            n,
+            mma,
+        };
         k.embed(
             hidden,
             addr(&w.embed_tokens, gpu),
@@ -892,6 +928,7 @@ impl CudaBackend {
             h,
             argmax_keys,
         )?;
+        mark("embed")?;
         for (layer_index, layer) in w.layers.iter().enumerate() {
             k.decode_gemv(
                 GemvOp::NormStore {
@@ -903,7 +940,8 @@ impl CudaBackend {
                 eps,
                 &shape(h, q_dim + 2 * config.kv_dim()),
             )?;
-            if decode_attention_fits(config.head_dim) {
+            mark("qkv_proj")?;
+            if num_tokens <= DECODE_GEMV_MAX_TOKENS && decode_attention_fits(config.head_dim) {
                 let meta = addr(&s.meta, gpu);
                 k.attention_decode_fused(
                     addr(&s.qkv, gpu),
@@ -921,8 +959,10 @@ impl CudaBackend {
                     addr(&s.attention, gpu),
                     &self.attention_shape(parts, layer_index),
                 )?;
+                mark("attention")?;
             } else {
-                self.launch_attention(parts, layer_index, layer, false)?;
+                self.launch_attention(parts, layer_index, layer, timed)?;
+                mark("attention")?;
             }
             k.decode_gemv(
                 GemvOp::AddTo {
@@ -934,6 +974,7 @@ impl CudaBackend {
                 eps,
                 &shape(q_dim, h),
             )?;
+            mark("o_proj")?;
             k.decode_gemv(
                 GemvOp::NormSwiglu { out: activated },
                 addr(&layer.gate_up_proj, gpu),
@@ -942,6 +983,7 @@ impl CudaBackend {
                 eps,
                 &shape(h, config.intermediate_size),
             )?;
+            mark("gate_up_proj")?;
             k.decode_gemv(
                 GemvOp::AddTo { input: activated },
                 addr(&layer.down_proj, gpu),
@@ -950,6 +992,7 @@ impl CudaBackend {
                 eps,
                 &shape(config.intermediate_size, h),
             )?;
+            mark("down_proj")?;
         }
         k.decode_gemv(
             GemvOp::NormArgmax {
@@ -962,6 +1005,7 @@ impl CudaBackend {
             eps,
             &shape(h, config.vocab_size),
         )?;
+        mark("lm_head")?;
         Ok(())
     }
 }
