@@ -1,8 +1,8 @@
 //! [`CudaBackend`]: the Qwen3 forward pass on one NVIDIA GPU through cudarc. Weights live on the GPU in
 //! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
-//! reductions stay in f32. Decode steps of up to eight sequences run on fused GEMVs instead of cuBLAS
-//! (`decode_gemv.cu`): FMA ones at one sequence (five launches a layer), tensor-core ones at two to eight.
+//! reductions stay in f32. Decode steps of up to four sequences run on fused GEMVs instead of cuBLAS
+//! (`decode_gemv.cu`): FMA ones at one sequence (five launches a layer), tensor-core ones at two and four.
 //! Greedy steps pick their tokens on the GPU, so only the token ids come back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
@@ -91,11 +91,11 @@ pub struct CudaBackend {
     meta: Vec<u32>,
     greedy_tokens: Vec<u32>,
     greedy_keys: Vec<u64>,
-    /// Whether decode steps of up to eight sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
+    /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
     /// Decode steps of this many tokens and more take the tensor-core GEMVs; fewer, the FMA ones.
-    /// `TANDEM_CUDA_MMA_GEMV_FROM` (1, 2, 4, 8, or 9 for never) overrides it for measurements.
+    /// `TANDEM_CUDA_MMA_GEMV_FROM` (1, 2, 4, or 5 for never) overrides it for measurements.
     mma_gemv_from: usize,
     /// With `TANDEM_CUDA_LAUNCH_TIMES=1`: eager steps log their time per kind of launch (`launch_times.rs`).
     launch_times: Option<LaunchTimes>,
@@ -587,7 +587,7 @@ impl CudaBackend {
 
     /// Whether `parts` runs on the decode GEMVs: a step of one token per sequence (so the logits rows are the
     /// token rows) whose inputs fit a GEMV block's shared memory, of one or two sequences for the FMA GEMVs
-    /// and up to eight for the tensor-core ones.
+    /// and up to four for the tensor-core ones.
     fn uses_decode_gemv(&self, parts: &StepMeta) -> bool {
         self.decode_gemv
             && parts.prefill_tiles.is_none()
@@ -894,7 +894,7 @@ impl CudaBackend {
         }
     }
 
-    /// A decode step of up to eight sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
+    /// A decode step of up to four sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
     /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV. At one or two
     /// sequences (for the usual head sizes) the attention does the q/k norm, RoPE and KV store itself, five
     /// launches a layer; larger steps take `launch_attention`'s kernels.
