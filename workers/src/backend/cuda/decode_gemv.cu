@@ -1,6 +1,5 @@
 // Decode projections of steps of up to four tokens (the decode graph buckets 1, 2 and 4), as GEMVs that carry
-// the work around them, so a layer is five or seven launches instead of ten (the attention's own are one at
-// one or two tokens, three at four):
+// the work around them, so that with the fused attention a layer is five launches instead of ten:
 //   qkv      = RMSNorm(hidden) · Wqkvᵀ                     (decode_gemv_norm_store_t*)
 //   hidden  += attention · Woᵀ                             (decode_gemv_add_t*)
 //   act      = SwiGLU(RMSNorm(hidden) · Wgate_upᵀ)        (decode_gemv_norm_swiglu_t*)

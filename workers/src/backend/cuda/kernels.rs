@@ -637,7 +637,7 @@ impl Kernels {
         out: u64,
         shape: &AttentionShape,
     ) -> Result<(), CudaError> {
-        if shape.num_tokens > MERGE_IN_PLACE_MAX_TOKENS || !decode_attention_fits(shape.head_dim) {
+        if !decode_attention_fits(shape.head_dim) {
             return Err(CudaError::Unsupported(format!(
                 "fused decode attention of {} tokens with head_dim {}",
                 shape.num_tokens, shape.head_dim

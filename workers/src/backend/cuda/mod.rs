@@ -2,7 +2,8 @@
 //! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
 //! reductions stay in f32. Decode steps of up to four sequences run on fused GEMVs instead of cuBLAS
-//! (`decode_gemv.cu`): FMA ones at one sequence (five launches a layer), tensor-core ones at two and four.
+//! (`decode_gemv.cu`, five launches a layer with the fused attention): FMA ones at one sequence, tensor-core
+//! ones at two and four.
 //! Greedy steps pick their tokens on the GPU, so only the token ids come back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
@@ -29,9 +30,8 @@ use device::{DriverContext, GpuContext};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
-    AttentionShape, DECODE_GEMV_MAX_TOKENS, GemvOp, GemvShape, Kernels, LayerSlice,
-    MAX_ATTENTION_SPLITS, MAX_HEAD_DIM, PREFILL_TILE_TOKENS, decode_attention_fits,
-    decode_gemv_fits, prefill_kernel_fits,
+    AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
+    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, prefill_kernel_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -60,6 +60,10 @@ const STAGING_COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Decode steps of this many tokens and more (up to `MMA_GEMV_MAX_TOKENS`) take the tensor-core GEMVs, fewer
 /// the FMA ones (PERF.md).
 const MMA_GEMV_FROM_TOKENS: usize = 2;
+/// Decode steps of up to this many sequences take the fused attention (`attention_decode_fused`: q/k norm,
+/// RoPE, KV store and split merge in one launch instead of three). At four sequences it measured 1.30 against
+/// 1.38 ms a step (0.6B shape, H100); at eight and sixteen slower than the three launches (PERF.md).
+const FUSED_ATTENTION_MAX_TOKENS: usize = 4;
 /// cuBLAS's workspace, given to it up front so that a captured GEMM never allocates.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -99,6 +103,10 @@ pub struct CudaBackend {
     mma_gemv_from: usize,
     /// With `TANDEM_CUDA_LAUNCH_TIMES=1`: eager steps log their time per kind of launch (`launch_times.rs`).
     launch_times: Option<LaunchTimes>,
+    /// Decode steps of up to this many sequences take the fused attention (`attention_decode_fused`);
+    /// [`FUSED_ATTENTION_MAX_TOKENS`] unless `TANDEM_CUDA_FUSED_ATTENTION_TOKENS` says otherwise (for
+    /// measurements).
+    fused_attention_max_tokens: usize,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -337,6 +345,10 @@ impl CudaBackend {
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(MMA_GEMV_FROM_TOKENS),
             launch_times: LaunchTimes::from_env(),
+            fused_attention_max_tokens: std::env::var("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
+                .ok()
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
         })
     }
 
@@ -716,7 +728,7 @@ impl CudaBackend {
                 "qkv_proj",
             )?;
             mark("qkv_proj")?;
-            self.launch_attention(parts, layer_index, layer, timed)?;
+            self.launch_step_attention(parts, layer_index, layer, timed)?;
             mark("attention")?;
             matmul_bf16(
                 blas,
@@ -820,6 +832,46 @@ impl CudaBackend {
         }
     }
 
+    /// The attention of layer `layer_index` in a step, from `scratch.qkv` to `scratch.attention`: one fused
+    /// launch for decode steps of up to `fused_attention_max_tokens` sequences (q/k norm, RoPE, KV store and
+    /// the split merge inside, for the usual head sizes), else [`Self::launch_attention`].
+    fn launch_step_attention(
+        &self,
+        parts: &StepMeta,
+        layer_index: usize,
+        layer: &DeviceLayer,
+        timed: bool,
+    ) -> Result<(), EngineError> {
+        let fused = self.decode_gemv
+            && parts.prefill_tiles.is_none()
+            && parts.rows == parts.num_tokens
+            && parts.num_tokens <= self.fused_attention_max_tokens
+            && decode_attention_fits(self.config.head_dim);
+        if !fused {
+            return self.launch_attention(parts, layer_index, layer, timed);
+        }
+        let gpu = &self.gpu;
+        let s = &self.scratch;
+        let meta = addr(&s.meta, gpu);
+        self.kernels.attention_decode_fused(
+            addr(&s.qkv, gpu),
+            (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
+            addr(&self.weights.rope_inverse_frequencies, gpu),
+            self.config.rms_norm_eps,
+            self.kv_pool.address,
+            meta,
+            meta + 4 * parts.token_meta as u64,
+            (
+                addr(&s.partial_out, gpu),
+                addr(&s.partial_max_sum, gpu),
+                addr(&s.split_counters, gpu),
+            ),
+            addr(&s.attention, gpu),
+            &self.attention_shape(parts, layer_index),
+        )?;
+        Ok(())
+    }
+
     /// q/k norm, RoPE and the KV store, then attention, of layer `layer_index`: from `scratch.qkv` to
     /// `scratch.attention`.
     fn launch_attention(
@@ -895,9 +947,8 @@ impl CudaBackend {
     }
 
     /// A decode step of up to four sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
-    /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV. At one or two
-    /// sequences (for the usual head sizes) the attention does the q/k norm, RoPE and KV store itself, five
-    /// launches a layer; larger steps take `launch_attention`'s kernels.
+    /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV; the attention does the
+    /// q/k norm, RoPE and KV store itself (for the usual head sizes), five launches a layer.
     fn launch_decode_gemv_step(&self, parts: &StepMeta, timed: bool) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
@@ -941,29 +992,8 @@ impl CudaBackend {
                 &shape(h, q_dim + 2 * config.kv_dim()),
             )?;
             mark("qkv_proj")?;
-            if num_tokens <= DECODE_GEMV_MAX_TOKENS && decode_attention_fits(config.head_dim) {
-                let meta = addr(&s.meta, gpu);
-                k.attention_decode_fused(
-                    addr(&s.qkv, gpu),
-                    (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
-                    addr(&w.rope_inverse_frequencies, gpu),
-                    eps,
-                    self.kv_pool.address,
-                    meta,
-                    meta + 4 * parts.token_meta as u64,
-                    (
-                        addr(&s.partial_out, gpu),
-                        addr(&s.partial_max_sum, gpu),
-                        addr(&s.split_counters, gpu),
-                    ),
-                    addr(&s.attention, gpu),
-                    &self.attention_shape(parts, layer_index),
-                )?;
-                mark("attention")?;
-            } else {
-                self.launch_attention(parts, layer_index, layer, timed)?;
-                mark("attention")?;
-            }
+            self.launch_step_attention(parts, layer_index, layer, timed)?;
+            mark("attention")?;
             k.decode_gemv(
                 GemvOp::AddTo {
                     input: addr(&s.attention, gpu),
