@@ -8,8 +8,8 @@
 // Two kinds: FMA GEMVs for one or two tokens (decode_gemv below; the backend takes them at one) and
 // tensor-core ones for 1, 2 or 4 (decode_gemv_mma, at the end; the backend takes them at two and four).
 // At one token a projection reads each weight once, so it is bound by how many weight bytes are in flight:
-// each FMA warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is one
-// resident wave, so the fixed cost of a block (its prologue) is paid once per multiprocessor slot. The block's
+// each FMA warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is
+// one resident wave, so the fixed cost of a block (its prologue) is paid once per multiprocessor slot. The block's
 // input (normalized here when the GEMV starts with the RMSNorm, every block recomputing it: a few KB from L2)
 // sits in shared memory in bf16, the precision the cuBLAS path feeds its GEMMs, so both paths round alike.
 //
@@ -72,8 +72,8 @@ __device__ __forceinline__ void load_kept_norm_weights(const float* norm_weight,
 
 // Puts a GEMV block's input for T tokens in shared memory as bf16 [T][k]: RMSNorm(hidden) with NORM (every
 // block recomputing it: a few KB from L2; the first NORM_KEPT quads of each thread stay in registers between
-// the sum of squares and the scaling), else the bf16 activation x_bf16 as it is. Ends with a block barrier. For blocks of
-// GEMV_THREADS threads.
+// the sum of squares and the scaling), else the bf16 activation x_bf16 as it is. Ends with a block barrier.
+// For blocks of GEMV_THREADS threads.
 template <int T, bool NORM>
 __device__ __forceinline__ void stage_gemv_input(bf16_t* x_shared, int k, const float* hidden,
                                                  const float* norm_weight, const float4 (&kept_weight)[NORM_KEPT],
@@ -313,7 +313,7 @@ DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t2, 2, GEMV_ARGMAX, true)
 // warp's weight loads stay 16 bytes a lane: since a dot product may sum its k in any order, lane (g, c) takes
 // chunk 4j + c of 32-wide k block j for both its weight row g and its token g, and feeds the chunk's four words
 // to the slots the layout gives lane c in two mma steps. A block's four warps split k (k block j goes to warp
-// j % 4, MMA_KB blocks a warp in flight) and reduce their partial tiles through shared memory; blocks walk the
+// j % 4, KB blocks a warp in flight) and reduce their partial tiles through shared memory; blocks walk the
 // tiles grid-stride, and each loads its first tile's weights before the wait. For the SwiGLU a tile is four
 // units, rows ordered gate, up, gate, up..., so each lane ends with a unit's gate and up values.
 #define MMA_GEMV_WARPS GEMV_WARPS  // stage_gemv_input takes blocks of GEMV_THREADS
@@ -378,7 +378,8 @@ __device__ __forceinline__ void decode_gemv_mma(const bf16_t* w, int k, int n, c
         // MMA_CHAINS accumulators, so that consecutive mma steps do not wait for each other's results.
         float acc[MMA_CHAINS][4];
 #pragma unroll
-        for (int chain = 0; chain < MMA_CHAINS; ++chain) acc[chain][0] = acc[chain][1] = acc[chain][2] = acc[chain][3] = 0.0f;
+        for (int chain = 0; chain < MMA_CHAINS; ++chain)
+            acc[chain][0] = acc[chain][1] = acc[chain][2] = acc[chain][3] = 0.0f;
         for (int pass = 0; pass < passes; ++pass) {
             if (tile != first_tile || pass != 0) load_pass(row, pass, loaded);
 #pragma unroll
