@@ -1,7 +1,9 @@
 //! Where an eager step's time goes, for measuring: with `TANDEM_CUDA_LAUNCH_TIMES=1` the backend records a CUDA
-//! event after each kind of launch of a prefill or mixed step, and once the step has finished the time between
-//! consecutive events is summed per kind and logged (one `info` line per step). The events cost a little, so the
-//! totals run slightly over an untimed step's. Captured decode graphs are never timed.
+//! event after each kind of launch of a prefill or mixed step, or of the eager decode step that precedes each
+//! graph capture, and once the step has finished the time between consecutive events is summed per kind and
+//! logged (one `info` line per step). The events cost a little, and they keep programmatic launch from
+//! overlapping the kernels around them, so the totals run over an untimed step's. Captured decode graphs are
+//! never timed.
 
 use std::sync::Mutex;
 
