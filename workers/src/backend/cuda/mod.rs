@@ -167,6 +167,11 @@ fn one_shared_memory_split(hidden_size: usize, override_split: Option<&str>) -> 
     }
 }
 
+/// A token count a measurement switch sets, when it is set to a number.
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
 /// The raw device address of a buffer, for kernel arguments and cuBLAS.
 fn addr<T>(buffer: &CudaSlice<T>, gpu: &GpuContext) -> u64 {
     // Event tracking is off (one stream), so the guard returned beside the pointer does nothing.
@@ -340,14 +345,9 @@ impl CudaBackend {
             greedy_keys: Vec::new(),
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
-            mma_gemv_from: std::env::var("TANDEM_CUDA_MMA_GEMV_FROM")
-                .ok()
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(MMA_GEMV_FROM_TOKENS),
+            mma_gemv_from: env_count("TANDEM_CUDA_MMA_GEMV_FROM").unwrap_or(MMA_GEMV_FROM_TOKENS),
             launch_times: LaunchTimes::from_env(),
-            fused_attention_max_tokens: std::env::var("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
-                .ok()
-                .and_then(|value| value.parse().ok())
+            fused_attention_max_tokens: env_count("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
                 .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
         })
     }
@@ -728,7 +728,7 @@ impl CudaBackend {
                 "qkv_proj",
             )?;
             mark("qkv_proj")?;
-            self.launch_step_attention(parts, layer_index, layer, timed)?;
+            self.launch_attention(parts, layer_index, layer, timed)?;
             mark("attention")?;
             matmul_bf16(
                 blas,
@@ -832,10 +832,10 @@ impl CudaBackend {
         }
     }
 
-    /// The attention of layer `layer_index` in a step, from `scratch.qkv` to `scratch.attention`: one fused
-    /// launch for decode steps of up to `fused_attention_max_tokens` sequences (q/k norm, RoPE, KV store and
-    /// the split merge inside, for the usual head sizes), else [`Self::launch_attention`].
-    fn launch_step_attention(
+    /// The attention of layer `layer_index`, from `scratch.qkv` to `scratch.attention`: for decode steps of up
+    /// to `fused_attention_max_tokens` sequences one fused launch (q/k norm, RoPE, KV store and the split merge
+    /// inside, for the usual head sizes); otherwise q/k norm, RoPE and the KV store, then the attention.
+    fn launch_attention(
         &self,
         parts: &StepMeta,
         layer_index: usize,
@@ -847,40 +847,6 @@ impl CudaBackend {
             && parts.rows == parts.num_tokens
             && parts.num_tokens <= self.fused_attention_max_tokens
             && decode_attention_fits(self.config.head_dim);
-        if !fused {
-            return self.launch_attention(parts, layer_index, layer, timed);
-        }
-        let gpu = &self.gpu;
-        let s = &self.scratch;
-        let meta = addr(&s.meta, gpu);
-        self.kernels.attention_decode_fused(
-            addr(&s.qkv, gpu),
-            (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
-            addr(&self.weights.rope_inverse_frequencies, gpu),
-            self.config.rms_norm_eps,
-            self.kv_pool.address,
-            meta,
-            meta + 4 * parts.token_meta as u64,
-            (
-                addr(&s.partial_out, gpu),
-                addr(&s.partial_max_sum, gpu),
-                addr(&s.split_counters, gpu),
-            ),
-            addr(&s.attention, gpu),
-            &self.attention_shape(parts, layer_index),
-        )?;
-        Ok(())
-    }
-
-    /// q/k norm, RoPE and the KV store, then attention, of layer `layer_index`: from `scratch.qkv` to
-    /// `scratch.attention`.
-    fn launch_attention(
-        &self,
-        parts: &StepMeta,
-        layer_index: usize,
-        layer: &DeviceLayer,
-        timed: bool,
-    ) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
         let config = &self.config;
@@ -891,7 +857,27 @@ impl CudaBackend {
             addr(&s.attention, gpu),
             self.kv_pool.address,
         );
+        let partials = (
+            addr(&s.partial_out, gpu),
+            addr(&s.partial_max_sum, gpu),
+            addr(&s.split_counters, gpu),
+        );
         let shape = self.attention_shape(parts, layer_index);
+        if fused {
+            self.kernels.attention_decode_fused(
+                addr(&s.qkv, gpu),
+                (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
+                addr(&self.weights.rope_inverse_frequencies, gpu),
+                config.rms_norm_eps,
+                kv_pool,
+                meta,
+                at(parts.token_meta),
+                partials,
+                attention,
+                &shape,
+            )?;
+            return Ok(());
+        }
         self.kernels.qk_norm_rope_store(
             addr(&s.qkv, gpu),
             q,
@@ -922,9 +908,9 @@ impl CudaBackend {
                 kv_pool,
                 meta,
                 at(parts.token_meta),
-                addr(&s.partial_out, gpu),
-                addr(&s.partial_max_sum, gpu),
-                addr(&s.split_counters, gpu),
+                partials.0,
+                partials.1,
+                partials.2,
                 attention,
                 &shape,
             )?,
@@ -992,7 +978,7 @@ impl CudaBackend {
                 &shape(h, q_dim + 2 * config.kv_dim()),
             )?;
             mark("qkv_proj")?;
-            self.launch_step_attention(parts, layer_index, layer, timed)?;
+            self.launch_attention(parts, layer_index, layer, timed)?;
             mark("attention")?;
             k.decode_gemv(
                 GemvOp::AddTo {
