@@ -154,77 +154,101 @@ extern "C" __global__ void __launch_bounds__(QK_ROPE_WARPS * 32) qk_norm_rope_st
 #define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
 #define MERGE_LOADS 8  // partial rows in flight per lane in merge_splits
 
-// Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output. L2 reads
-// (__ldcg): other blocks of the same launch wrote the partials. Called by every thread of a block.
-// head_dim 128 (the usual size) takes one round trip to L2: each warp loads MERGE_LOADS splits' rows together
-// with their maxima and sums, and keeps its own running maximum, which the warps' sums are rescaled to at the
-// end. Other sizes first weigh every split (warp 0), then sum the rows: two round trips.
+// Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output, or with
+// GROUP > 1 (head_dim 128 only) of GROUP consecutive q heads, head h's splits at first + h * num_splits and its
+// output at out_row + h * head_dim. L2 reads (__ldcg): other blocks of the same launch wrote the partials.
+// Called by every thread of a block. head_dim 128 (the usual size) takes one round trip to L2: each warp loads
+// MERGE_LOADS splits' rows of every head together with their maxima and sums, and keeps its own running
+// maximum, which the warps' sums are rescaled to at the end. Other sizes first weigh every split (warp 0),
+// then sum the rows: two round trips.
+// q heads a block of attention_decode_grouped covers.
+#define MAX_ATTENTION_GROUP 2
+template <int GROUP>
 __device__ void merge_splits(const float* partial_out, const float* partial_max_sum, size_t first, int num_splits,
                              int head_dim, bf16_t* out_row) {
-    __shared__ __align__(16) float warp_value[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    __shared__ __align__(16) float warp_value[ATTENTION_WARPS][GROUP * 32 * MAX_DIMS_PER_LANE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (head_dim == 128) {
-        __shared__ float warp_max[ATTENTION_WARPS], warp_total[ATTENTION_WARPS];
+        __shared__ float warp_max[GROUP][ATTENTION_WARPS], warp_total[GROUP][ATTENTION_WARPS];
         const int d = 4 * lane;
-        float4 value = {0.0f, 0.0f, 0.0f, 0.0f};
-        float running_max = NEG_INFINITY, total = 0.0f;
-        for (int s = warp; s < num_splits; s += ATTENTION_WARPS * MERGE_LOADS) {
-            float4 part[MERGE_LOADS];
-            float2 max_sum[MERGE_LOADS];
+        float4 value[GROUP];
+        float running_max[GROUP], total[GROUP];
 #pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u) {
-                const int split = s + ATTENTION_WARPS * u;
-                max_sum[u] = make_float2(NEG_INFINITY, 0.0f);
-                if (split < num_splits) {
-                    part[u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[(first + split) * head_dim + d]));
-                    max_sum[u] = __ldcg(reinterpret_cast<const float2*>(&partial_max_sum[2 * (first + split)]));
+        for (int h = 0; h < GROUP; ++h) {
+            value[h] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            running_max[h] = NEG_INFINITY;
+            total[h] = 0.0f;
+        }
+        for (int s = warp; s < num_splits; s += ATTENTION_WARPS * MERGE_LOADS) {
+            float4 part[GROUP][MERGE_LOADS];
+            float2 max_sum[GROUP][MERGE_LOADS];
+#pragma unroll
+            for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+                for (int u = 0; u < MERGE_LOADS; ++u) {
+                    const int split = s + ATTENTION_WARPS * u;
+                    const size_t at = first + (size_t)h * num_splits + split;
+                    max_sum[h][u] = make_float2(NEG_INFINITY, 0.0f);
+                    if (split < num_splits) {
+                        part[h][u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[at * head_dim + d]));
+                        max_sum[h][u] = __ldcg(reinterpret_cast<const float2*>(&partial_max_sum[2 * at]));
+                    }
                 }
             }
-            float new_max = running_max;
 #pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u)
-                if (max_sum[u].y > 0.0f) new_max = fmaxf(new_max, max_sum[u].x);
-            if (new_max == NEG_INFINITY) continue;  // only empty splits so far
-            const float rescale = total > 0.0f ? expf(running_max - new_max) : 0.0f;
-            value.x *= rescale;
-            value.y *= rescale;
-            value.z *= rescale;
-            value.w *= rescale;
-            total *= rescale;
+            for (int h = 0; h < GROUP; ++h) {
+                float new_max = running_max[h];
 #pragma unroll
-            for (int u = 0; u < MERGE_LOADS; ++u) {
-                if (!(max_sum[u].y > 0.0f)) continue;
-                const float weight = expf(max_sum[u].x - new_max);
-                value.x += part[u].x * weight;
-                value.y += part[u].y * weight;
-                value.z += part[u].z * weight;
-                value.w += part[u].w * weight;
-                total += max_sum[u].y * weight;
+                for (int u = 0; u < MERGE_LOADS; ++u)
+                    if (max_sum[h][u].y > 0.0f) new_max = fmaxf(new_max, max_sum[h][u].x);
+                if (new_max == NEG_INFINITY) continue;  // only empty splits so far
+                const float rescale = total[h] > 0.0f ? expf(running_max[h] - new_max) : 0.0f;
+                value[h].x *= rescale;
+                value[h].y *= rescale;
+                value[h].z *= rescale;
+                value[h].w *= rescale;
+                total[h] *= rescale;
+#pragma unroll
+                for (int u = 0; u < MERGE_LOADS; ++u) {
+                    if (!(max_sum[h][u].y > 0.0f)) continue;
+                    const float weight = expf(max_sum[h][u].x - new_max);
+                    value[h].x += part[h][u].x * weight;
+                    value[h].y += part[h][u].y * weight;
+                    value[h].z += part[h][u].z * weight;
+                    value[h].w += part[h][u].w * weight;
+                    total[h] += max_sum[h][u].y * weight;
+                }
+                running_max[h] = new_max;
             }
-            running_max = new_max;
         }
-        *reinterpret_cast<float4*>(&warp_value[warp][d]) = value;
-        if (lane == 0) {
-            warp_max[warp] = running_max;
-            warp_total[warp] = total;
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+            *reinterpret_cast<float4*>(&warp_value[warp][h * 128 + d]) = value[h];
+            if (lane == 0) {
+                warp_max[h][warp] = running_max[h];
+                warp_total[h][warp] = total[h];
+            }
         }
         __syncthreads();
-        float block_max = NEG_INFINITY;
 #pragma unroll
-        for (int w = 0; w < ATTENTION_WARPS; ++w)
-            if (warp_total[w] > 0.0f) block_max = fmaxf(block_max, warp_max[w]);
-        float factor[ATTENTION_WARPS], block_total = 0.0f;
+        for (int h = 0; h < GROUP; ++h) {
+            float block_max = NEG_INFINITY;
 #pragma unroll
-        for (int w = 0; w < ATTENTION_WARPS; ++w) {
-            factor[w] = warp_total[w] > 0.0f ? expf(warp_max[w] - block_max) : 0.0f;
-            block_total += warp_total[w] * factor[w];
-        }
-        const float inverse_total = 1.0f / block_total;
-        for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
-            float merged = 0.0f;
+            for (int w = 0; w < ATTENTION_WARPS; ++w)
+                if (warp_total[h][w] > 0.0f) block_max = fmaxf(block_max, warp_max[h][w]);
+            float factor[ATTENTION_WARPS], block_total = 0.0f;
 #pragma unroll
-            for (int w = 0; w < ATTENTION_WARPS; ++w) merged += warp_value[w][i] * factor[w];
-            out_row[i] = f2bf(merged * inverse_total);
+            for (int w = 0; w < ATTENTION_WARPS; ++w) {
+                factor[w] = warp_total[h][w] > 0.0f ? expf(warp_max[h][w] - block_max) : 0.0f;
+                block_total += warp_total[h][w] * factor[w];
+            }
+            const float inverse_total = 1.0f / block_total;
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+                float merged = 0.0f;
+#pragma unroll
+                for (int w = 0; w < ATTENTION_WARPS; ++w) merged += warp_value[w][h * 128 + i] * factor[w];
+                out_row[h * 128 + i] = f2bf(merged * inverse_total);
+            }
         }
         return;
     }
@@ -304,91 +328,107 @@ __device__ __forceinline__ void load_key_rows(const KeyRange& keys, int base, in
     }
 }
 
-// One warp's share of `keys` (every ATTENTION_WARPS-th group of keys) with an online softmax: LANES_PER_KEY
-// lanes read one key with 16-byte loads (head_dim = 8 * LANES_PER_KEY), and each lane has ATTENTION_LOADS keys'
-// K and V rows in flight at once, so a split costs about one memory round trip rather than one per key.
-// With first_loaded, k_rows/v_rows already hold the warp's first step. Leaves the warp's unnormalized output
-// in acc_row and its running max and sum.
-template <int LANES_PER_KEY>
-__device__ __forceinline__ void attend_keys_vec(const float* q_head, float scale, const KeyRange& keys,
+// One warp's share of `keys` (every ATTENTION_WARPS-th group of keys) with an online softmax, for GROUP q
+// heads (q_heads: GROUP rows of head_dim) that share the keys: LANES_PER_KEY lanes read one key with 16-byte
+// loads (head_dim = 8 * LANES_PER_KEY), and each lane has ATTENTION_LOADS keys' K and V rows in flight at once,
+// so a split costs about one memory round trip rather than one per key. With first_loaded, k_rows/v_rows
+// already hold the warp's first step. Leaves the warp's unnormalized output of head h in acc_rows[h * head_dim..]
+// and its running max and sum in out_max[h] and out_sum[h].
+template <int LANES_PER_KEY, int GROUP>
+__device__ __forceinline__ void attend_keys_vec(const float* q_heads, float scale, const KeyRange& keys,
                                                 int new_key, const bf16_t* new_k, const bf16_t* new_v,
                                                 bool first_loaded, uint4 (&k_rows)[ATTENTION_LOADS],
-                                                uint4 (&v_rows)[ATTENTION_LOADS], float* acc_row, float& out_max,
-                                                float& out_sum) {
+                                                uint4 (&v_rows)[ATTENTION_LOADS], float* acc_rows,
+                                                float (&out_max)[GROUP], float (&out_sum)[GROUP]) {
     constexpr int KEYS_PER_LOAD = 32 / LANES_PER_KEY;
     constexpr int KEYS_PER_STEP = KEYS_PER_LOAD * ATTENTION_LOADS;
+    constexpr int HEAD_DIM = LANES_PER_KEY * 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int sub = lane / LANES_PER_KEY, dim0 = (lane % LANES_PER_KEY) * 8;
-    float q8[8], acc[8];
+    float q8[GROUP][8], acc[GROUP][8], running_max[GROUP], running_sum[GROUP];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        q8[i] = q_head[dim0 + i] * scale;
-        acc[i] = 0.0f;
+    for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            q8[h][i] = q_heads[h * HEAD_DIM + dim0 + i] * scale;
+            acc[h][i] = 0.0f;
+        }
+        running_max[h] = NEG_INFINITY;
+        running_sum[h] = 0.0f;
     }
-    float running_max = NEG_INFINITY, running_sum = 0.0f;
     const int first_base = keys.first_key + warp * KEYS_PER_STEP;
     for (int base = first_base; base < keys.end_key; base += ATTENTION_WARPS * KEYS_PER_STEP) {
         if (!(first_loaded && base == first_base))
             load_key_rows<LANES_PER_KEY>(keys, base, new_key, new_k, new_v, k_rows, v_rows);
-        float score[ATTENTION_LOADS];
-        float step_max = NEG_INFINITY;
+        float score[GROUP][ATTENTION_LOADS], step_max[GROUP];
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) step_max[h] = NEG_INFINITY;
 #pragma unroll
         for (int j = 0; j < ATTENTION_LOADS; ++j) {
             const bool valid = base + sub + KEYS_PER_LOAD * j < keys.end_key;
-            float dot = 0.0f;
-            if (valid) {
-                const unsigned words[4] = {k_rows[j].x, k_rows[j].y, k_rows[j].z, k_rows[j].w};
+            const unsigned words[4] = {k_rows[j].x, k_rows[j].y, k_rows[j].z, k_rows[j].w};
+#pragma unroll
+            for (int h = 0; h < GROUP; ++h) {
+                float dot = 0.0f;
+                if (valid) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        dot = fmaf(q8[h][2 * i], __uint_as_float(words[i] << 16), dot);
+                        dot = fmaf(q8[h][2 * i + 1], __uint_as_float(words[i] & 0xffff0000u), dot);
+                    }
+                }
+#pragma unroll
+                for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
+                    dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+                score[h][j] = valid ? dot : NEG_INFINITY;
+                step_max[h] = fmaxf(step_max[h], score[h][j]);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+            for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+                step_max[h] = fmaxf(step_max[h], __shfl_xor_sync(0xffffffffu, step_max[h], offset));
+            // The step's first key is always valid, so new_max is finite.
+            const float new_max = fmaxf(running_max[h], step_max[h]);
+            const float correction = expf(running_max[h] - new_max);
+            float step_sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[h][i] *= correction;
+#pragma unroll
+            for (int j = 0; j < ATTENTION_LOADS; ++j) {
+                if (score[h][j] == NEG_INFINITY) continue;
+                const float weight = expf(score[h][j] - new_max);
+                step_sum += weight;
+                const unsigned words[4] = {v_rows[j].x, v_rows[j].y, v_rows[j].z, v_rows[j].w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    dot = fmaf(q8[2 * i], __uint_as_float(words[i] << 16), dot);
-                    dot = fmaf(q8[2 * i + 1], __uint_as_float(words[i] & 0xffff0000u), dot);
+                    acc[h][2 * i] = fmaf(weight, __uint_as_float(words[i] << 16), acc[h][2 * i]);
+                    acc[h][2 * i + 1] = fmaf(weight, __uint_as_float(words[i] & 0xffff0000u), acc[h][2 * i + 1]);
                 }
             }
 #pragma unroll
-            for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
-                dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-            score[j] = valid ? dot : NEG_INFINITY;
-            step_max = fmaxf(step_max, score[j]);
+            for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+                step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
+            running_sum[h] = running_sum[h] * correction + step_sum;
+            running_max[h] = new_max;
         }
+    }
 #pragma unroll
-        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
-            step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, offset));
-        // The step's first key is always valid, so new_max is finite.
-        const float new_max = fmaxf(running_max, step_max);
-        const float correction = expf(running_max - new_max);
-        float step_sum = 0.0f;
+    for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] *= correction;
+        for (int i = 0; i < 8; ++i) {
 #pragma unroll
-        for (int j = 0; j < ATTENTION_LOADS; ++j) {
-            if (score[j] == NEG_INFINITY) continue;
-            const float weight = expf(score[j] - new_max);
-            step_sum += weight;
-            const unsigned words[4] = {v_rows[j].x, v_rows[j].y, v_rows[j].z, v_rows[j].w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                acc[2 * i] = fmaf(weight, __uint_as_float(words[i] << 16), acc[2 * i]);
-                acc[2 * i + 1] = fmaf(weight, __uint_as_float(words[i] & 0xffff0000u), acc[2 * i + 1]);
-            }
+            for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
+                acc[h][i] += __shfl_xor_sync(0xffffffffu, acc[h][i], offset);
         }
+        if (sub == 0) {
 #pragma unroll
-        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
-            step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
-        running_sum = running_sum * correction + step_sum;
-        running_max = new_max;
+            for (int i = 0; i < 8; ++i) acc_rows[h * HEAD_DIM + dim0 + i] = acc[h][i];
+        }
+        out_max[h] = running_max[h];
+        out_sum[h] = running_sum[h];
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-        for (int offset = 16; offset >= LANES_PER_KEY; offset >>= 1)
-            acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], offset);
-    }
-    if (sub == 0) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc_row[dim0 + i] = acc[i];
-    }
-    out_max = running_max;
-    out_sum = running_sum;
 }
 
 // What attention_decode_fused reads to make, per block, its own q and the step's new key and value: the qkv
@@ -401,16 +441,16 @@ struct FusedQkv {
     float eps;
 };
 
-// What thread i of a block needs for the rotate-half pair (i, i + head_dim / 2) of one head: RoPE's cosine and
-// sine at the step's position and the q and k norm weights of the pair. None of it depends on the previous
-// kernel, so attention_decode_fused reads and computes it before the wait. head_dim / 2 <= blockDim.x.
+// What a thread needs for the rotate-half pair (i, i + head_dim / 2) of one head: RoPE's cosine and sine at
+// the step's position and the q and k norm weights of the pair (identity past the half). None of it depends
+// on the previous kernel, so attention_decode_fused reads and computes it before the wait.
 struct RopePair {
     float c, s, q_weight1, q_weight2, k_weight1, k_weight2;
 };
 
 __device__ __forceinline__ RopePair rope_pair(const float* q_norm, const float* k_norm, const float* inv_freq,
-                                              unsigned position, int head_dim) {
-    const int half = head_dim / 2, i = threadIdx.x;
+                                              unsigned position, int head_dim, int i) {
+    const int half = head_dim / 2;
     RopePair pair = {1.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (i < half) {
         const float angle = (float)position * inv_freq[i];
@@ -438,67 +478,122 @@ __device__ __forceinline__ void norm_rope_pair(float x1, float x2, float weight1
     }
 }
 
-// One split's walk over its keys for head_dim = 8 * LANES_PER_KEY. FUSED (attention_decode_fused, one token per
-// sequence): the K and V of the warp's first keys are loaded before the wait for the previous kernel, since
-// only the step's own key (`position`) is written by this step; then the block makes its q from the qkv
-// projection, and the block whose split holds `position` makes that key's K and V (and, for the first q head of
-// the KV group, stores them in the cache for later steps).
-template <int LANES_PER_KEY, bool FUSED>
+// One split's walk over its keys for head_dim = 8 * LANES_PER_KEY, for the GROUP q heads head..head+GROUP-1.
+// FUSED (attention_decode_fused/_grouped, one token per sequence): the K and V of the warp's first keys are
+// loaded before the wait for the previous kernel, since only the step's own key (`position`) is written by this
+// step; then the block makes its q from the qkv projection, and the block whose split holds `position` makes
+// that key's K and V (and, when stores_new_key, stores them in the cache for later steps). GROUP > 1 (FUSED,
+// head_dim 128 only) makes every head's q and the new key in one barrier round: thread t holds pair t % half
+// of q head t / half, the first half of the threads also the new key's K pair, the next half its V pair.
+template <int LANES_PER_KEY, bool FUSED, int GROUP>
 __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& fused, const KeyRange& keys,
                                            unsigned position, int q_dim, int kv_dim, int head, int kv_head,
-                                           bool stores_new_key, float scale, float* acc_row, float& out_max,
-                                           float& out_sum) {
+                                           bool stores_new_key, float scale, float* acc_rows,
+                                           float (&out_max)[GROUP], float (&out_sum)[GROUP]) {
     constexpr int HEAD_DIM = LANES_PER_KEY * 8;
     constexpr int KEYS_PER_STEP = 32 / LANES_PER_KEY * ATTENTION_LOADS;
-    const int warp = threadIdx.x >> 5;
+    constexpr int HALF = HEAD_DIM / 2;
+    static_assert(GROUP == 1 || (FUSED && HALF % 32 == 0 && GROUP * HALF == ATTENTION_WARPS * 32),
+                  "grouped heads need whole warps a head and one pair a thread");
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     uint4 k_rows[ATTENTION_LOADS], v_rows[ATTENTION_LOADS];
     const int first_base = keys.first_key + warp * KEYS_PER_STEP;
     if (!FUSED) {
         wait_for_previous_grid();
-        attend_keys_vec<LANES_PER_KEY>(q_head, scale, keys, -1, nullptr, nullptr, false, k_rows, v_rows, acc_row,
-                                       out_max, out_sum);
+        attend_keys_vec<LANES_PER_KEY, GROUP>(q_head, scale, keys, -1, nullptr, nullptr, false, k_rows, v_rows,
+                                              acc_rows, out_max, out_sum);
         return;
     }
-    constexpr int HALF = HEAD_DIM / 2;
     const int new_key = (int)position;
     if (first_base < keys.end_key) load_key_rows<LANES_PER_KEY>(keys, first_base, new_key, nullptr, nullptr, k_rows, v_rows);
-    const RopePair rope = rope_pair(fused.q_norm, fused.k_norm, fused.inv_freq, position, HEAD_DIM);
+    const int pair_head = GROUP == 1 ? 0 : (int)threadIdx.x / HALF;
+    const int i = GROUP == 1 ? (int)threadIdx.x : (int)threadIdx.x % HALF;
+    const RopePair rope = rope_pair(fused.q_norm, fused.k_norm, fused.inv_freq, position, HEAD_DIM, i);
     const bool holds_new_key = keys.first_key <= new_key && new_key < keys.end_key;
     bf16_t* new_slot = nullptr;
     if (holds_new_key && stores_new_key)
         new_slot = const_cast<bf16_t*>(keys.kv_pool) + (size_t)keys.table[new_key / keys.block_size] * keys.block_elems +
                    (size_t)(new_key % keys.block_size) * HEAD_DIM;
     wait_for_previous_grid();
-    __shared__ float q_made[HEAD_DIM], k_made[HEAD_DIM];
+    __shared__ float q_made[GROUP * HEAD_DIM], k_made[HEAD_DIM];
     __shared__ __align__(16) bf16_t new_k[HEAD_DIM], new_v[HEAD_DIM];
-    // This thread's pair of the q head, and for the block holding the new key of its K head and (at the same
+    // This thread's pair of its q head, and for the block holding the new key of its K head and (at the same
     // dims) of its V head, all loaded at once.
     const float* row = fused.qkv + (size_t)blockIdx.x * (q_dim + 2 * kv_dim);
-    const int i = threadIdx.x;
     const bool in_half = i < HALF;
-    const float* q_row = row + head * HEAD_DIM;
+    const float* q_row = row + (head + pair_head) * HEAD_DIM;
     const float* k_row = row + q_dim + kv_head * HEAD_DIM;
     const float* v_row = row + q_dim + kv_dim + kv_head * HEAD_DIM;
     const float q1 = in_half ? q_row[i] : 0.0f, q2 = in_half ? q_row[i + HALF] : 0.0f;
     float k1 = 0.0f, k2 = 0.0f, v1 = 0.0f, v2 = 0.0f;
-    if (holds_new_key && in_half) {
-        k1 = k_row[i];
-        k2 = k_row[i + HALF];
-        v1 = v_row[i];
-        v2 = v_row[i + HALF];
-    }
-    norm_rope_pair(q1, q2, rope.q_weight1, rope.q_weight2, rope, HEAD_DIM, fused.eps, q_made);
-    if (holds_new_key) {
-        norm_rope_pair(k1, k2, rope.k_weight1, rope.k_weight2, rope, HEAD_DIM, fused.eps, k_made);
+    if (GROUP == 1) {
+        if (holds_new_key && in_half) {
+            k1 = k_row[i];
+            k2 = k_row[i + HALF];
+            v1 = v_row[i];
+            v2 = v_row[i + HALF];
+        }
+        norm_rope_pair(q1, q2, rope.q_weight1, rope.q_weight2, rope, HEAD_DIM, fused.eps, q_made);
+        if (holds_new_key) {
+            norm_rope_pair(k1, k2, rope.k_weight1, rope.k_weight2, rope, HEAD_DIM, fused.eps, k_made);
+            __syncthreads();
+            if (in_half) {
+                new_k[i] = f2bf(k_made[i]);
+                new_k[i + HALF] = f2bf(k_made[i + HALF]);
+                new_v[i] = f2bf(v1);
+                new_v[i + HALF] = f2bf(v2);
+                if (new_slot) {
+                    new_slot[keys.k_offset + i] = new_k[i];
+                    new_slot[keys.k_offset + i + HALF] = new_k[i + HALF];
+                    new_slot[keys.v_offset + i] = new_v[i];
+                    new_slot[keys.v_offset + i + HALF] = new_v[i + HALF];
+                }
+            }
+        }
+    } else {
+        if (holds_new_key && pair_head == 0) {
+            k1 = k_row[i];
+            k2 = k_row[i + HALF];
+        } else if (holds_new_key && pair_head == 1) {
+            v1 = v_row[i];
+            v2 = v_row[i + HALF];
+        }
+        // Each warp's sums of squares (its q head's, and the new key's in the first half), then one barrier.
+        constexpr int WARPS_PER_HEAD = HALF / 32;
+        __shared__ float q_squares[ATTENTION_WARPS], k_squares[ATTENTION_WARPS];
+        const float q_sum = warp_sum(q1 * q1 + q2 * q2), k_sum = warp_sum(k1 * k1 + k2 * k2);
+        if (lane == 0) {
+            q_squares[warp] = q_sum;
+            k_squares[warp] = k_sum;
+        }
         __syncthreads();
-        if (in_half) {
-            new_k[i] = f2bf(k_made[i]);
-            new_k[i + HALF] = f2bf(k_made[i + HALF]);
-            new_v[i] = f2bf(v1);
-            new_v[i + HALF] = f2bf(v2);
+        float q_total = 0.0f, k_total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS_PER_HEAD; ++w) {
+            q_total += q_squares[pair_head * WARPS_PER_HEAD + w];
+            k_total += k_squares[w];
+        }
+        // RMSNorm of a pair with the head's sum of squares, then RoPE: (value at i, value at i + half).
+        auto norm_rope = [&](float x1, float x2, float weight1, float weight2, float total) {
+            const float norm_scale = 1.0f / sqrtf(total / HEAD_DIM + fused.eps);
+            const float normed1 = weight1 * (x1 * norm_scale), normed2 = weight2 * (x2 * norm_scale);
+            return make_float2(normed1 * rope.c - normed2 * rope.s, normed2 * rope.c + normed1 * rope.s);
+        };
+        const float2 q_pair = norm_rope(q1, q2, rope.q_weight1, rope.q_weight2, q_total);
+        q_made[pair_head * HEAD_DIM + i] = q_pair.x;
+        q_made[pair_head * HEAD_DIM + i + HALF] = q_pair.y;
+        if (holds_new_key && pair_head == 0) {
+            const float2 k_pair = norm_rope(k1, k2, rope.k_weight1, rope.k_weight2, k_total);
+            new_k[i] = f2bf(k_pair.x);
+            new_k[i + HALF] = f2bf(k_pair.y);
             if (new_slot) {
                 new_slot[keys.k_offset + i] = new_k[i];
                 new_slot[keys.k_offset + i + HALF] = new_k[i + HALF];
+            }
+        } else if (holds_new_key && pair_head == 1) {
+            new_v[i] = f2bf(v1);
+            new_v[i + HALF] = f2bf(v2);
+            if (new_slot) {
                 new_slot[keys.v_offset + i] = new_v[i];
                 new_slot[keys.v_offset + i + HALF] = new_v[i + HALF];
             }
@@ -507,7 +602,7 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
     __syncthreads();
     // The first step's copy of the new key, which the loads before the wait left out.
     if (holds_new_key) {
-        const int lane = threadIdx.x & 31, dim0 = (lane % LANES_PER_KEY) * 8;
+        const int dim0 = (lane % LANES_PER_KEY) * 8;
 #pragma unroll
         for (int j = 0; j < ATTENTION_LOADS; ++j) {
             if (first_base + lane / LANES_PER_KEY + (32 / LANES_PER_KEY) * j == new_key) {
@@ -516,8 +611,8 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
             }
         }
     }
-    attend_keys_vec<LANES_PER_KEY>(q_made, scale, keys, new_key, new_k, new_v, true, k_rows, v_rows, acc_row, out_max,
-                                   out_sum);
+    attend_keys_vec<LANES_PER_KEY, GROUP>(q_made, scale, keys, new_key, new_k, new_v, true, k_rows, v_rows,
+                                          acc_rows, out_max, out_sum);
 }
 
 // The same for any even head_dim up to MAX_DIMS_PER_LANE * 32: one key per warp at a time, 2-byte loads.
@@ -569,9 +664,10 @@ __device__ __forceinline__ void attend_keys_scalar(const float* q_head, float sc
 // for the next launch) merges all splits into the normalized bf16 output for o_proj: no combine launch. Used
 // for steps of one or two tokens, where launches bound the step. Without split_counters (attention_partial:
 // larger steps, where the in-place merge measured slower, see PERF.md) every split leaves its partial for
-// attention_combine.
+// attention_combine. With GROUP > 1 (attention_decode_grouped), block (token, kv_head, split) does the same
+// for the GROUP q heads of its KV head, reading their keys once; its counter is its first q head's.
 // token_meta[t] = (position, offset of its sequence's block table from block_tables).
-template <bool FUSED>
+template <bool FUSED, int GROUP>
 __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv_pool, const unsigned* block_tables,
                                                 const unsigned* token_meta, float* partial_out,
                                                 float* partial_max_sum, unsigned* split_counters, bf16_t* out,
@@ -580,11 +676,12 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
                                                 const FusedQkv& fused) {
     // The step metadata is uploaded before the step's first kernel, so it may be read before the wait.
     allow_next_grid();
-    const int token = blockIdx.x, head = blockIdx.y, split = blockIdx.z, num_splits = gridDim.z;
+    const int token = blockIdx.x, split = blockIdx.z, num_splits = gridDim.z;
+    const int head = GROUP == 1 ? blockIdx.y : blockIdx.y * GROUP;  // the block's first q head
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const unsigned position = token_meta[2 * token];
     const unsigned* table = block_tables + token_meta[2 * token + 1];
-    const int kv_head = head / (num_q_heads / num_kv_heads);
+    const int kv_head = GROUP == 1 ? head / (num_q_heads / num_kv_heads) : blockIdx.y;
     const int keys_per_split = ((int)position + num_splits) / num_splits;
     const int first_key = split * keys_per_split;
     const int end_key = min((int)position + 1, first_key + keys_per_split);
@@ -592,56 +689,79 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
     const size_t v_offset = k_offset + (size_t)num_kv_heads * block_size * head_dim;
 
     const float* q_head = q ? q + ((size_t)token * num_q_heads + head) * head_dim : nullptr;
-    __shared__ float warp_max[ATTENTION_WARPS], warp_sum_[ATTENTION_WARPS];
-    __shared__ __align__(16) float warp_acc[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    __shared__ float warp_max[GROUP][ATTENTION_WARPS], warp_sum_[GROUP][ATTENTION_WARPS];
+    __shared__ __align__(16) float warp_acc[ATTENTION_WARPS][GROUP * 32 * MAX_DIMS_PER_LANE];
     const KeyRange keys = {kv_pool, table, block_size, block_elems, k_offset, v_offset, first_key, end_key};
-    float running_max, running_sum;
+    float running_max[GROUP], running_sum[GROUP];
     const int q_dim = num_q_heads * head_dim, kv_dim = num_kv_heads * head_dim;
-    const bool stores_new_key = head % (num_q_heads / num_kv_heads) == 0;
+    const bool stores_new_key = GROUP > 1 || head % (num_q_heads / num_kv_heads) == 0;
 #define SPLIT_WALK(lanes)                                                                                      \
-    split_walk<lanes, FUSED>(q_head, fused, keys, position, q_dim, kv_dim, head, kv_head, stores_new_key, scale, \
-                             warp_acc[warp], running_max, running_sum)
-    switch (head_dim) {
-        case 128: SPLIT_WALK(16); break;
-        case 64: SPLIT_WALK(8); break;
-        case 256: SPLIT_WALK(32); break;
-        case 32: SPLIT_WALK(4); break;
-        case 16: SPLIT_WALK(2); break;
-        default:  // never FUSED: the backend takes attention_decode_fused only for the head sizes above
-            wait_for_previous_grid();
-            attend_keys_scalar(q_head, scale, head_dim, keys, warp_acc[warp], running_max, running_sum);
+    split_walk<lanes, FUSED, GROUP>(q_head, fused, keys, position, q_dim, kv_dim, head, kv_head, stores_new_key, \
+                                    scale, warp_acc[warp], running_max, running_sum)
+    if constexpr (GROUP > 1) {
+        SPLIT_WALK(16);  // the backend takes attention_decode_grouped for head_dim 128 only
+    } else {
+        switch (head_dim) {
+            case 128: SPLIT_WALK(16); break;
+            case 64: SPLIT_WALK(8); break;
+            case 256: SPLIT_WALK(32); break;
+            case 32: SPLIT_WALK(4); break;
+            case 16: SPLIT_WALK(2); break;
+            default:  // never FUSED: the backend takes attention_decode_fused only for the head sizes above
+                wait_for_previous_grid();
+                attend_keys_scalar(q_head, scale, head_dim, keys, warp_acc[warp], running_max[0], running_sum[0]);
+        }
     }
 #undef SPLIT_WALK
     if (lane == 0) {
-        warp_max[warp] = running_max;
-        warp_sum_[warp] = running_sum;
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+            warp_max[h][warp] = running_max[h];
+            warp_sum_[h][warp] = running_sum[h];
+        }
     }
     __syncthreads();
-    float block_max = NEG_INFINITY;
-    for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max[w]);
-    const size_t slot = ((size_t)token * num_q_heads + head) * num_splits + split;
-    float total = 0.0f;
-    for (int w = 0; w < ATTENTION_WARPS; ++w)
-        if (warp_sum_[w] > 0.0f) total += warp_sum_[w] * expf(warp_max[w] - block_max);
-    const size_t pair = (size_t)token * num_q_heads + head;
-    if (num_splits == 1 && split_counters) {
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float value = 0.0f;
-            for (int w = 0; w < ATTENTION_WARPS; ++w)
-                if (warp_sum_[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max[w] - block_max);
-            out[pair * head_dim + d] = f2bf(value / total);
-        }
-        return;
+    float block_max[GROUP], total[GROUP];
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+        block_max[h] = NEG_INFINITY;
+        for (int w = 0; w < ATTENTION_WARPS; ++w) block_max[h] = fmaxf(block_max[h], warp_max[h][w]);
+        total[h] = 0.0f;
+        for (int w = 0; w < ATTENTION_WARPS; ++w)
+            if (warp_sum_[h][w] > 0.0f) total[h] += warp_sum_[h][w] * expf(warp_max[h][w] - block_max[h]);
     }
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    // values[h] without indexing a register array by a run-time value (which would put it in local memory).
+    auto of_head = [](const float (&values)[GROUP], int h) {
+        float value = values[0];
+#pragma unroll
+        for (int g = 1; g < GROUP; ++g)
+            if (h == g) value = values[g];
+        return value;
+    };
+    // Value d of the block's GROUP rows (head d / head_dim), unnormalized.
+    auto block_value = [&](int d) {
+        const int h = GROUP == 1 ? 0 : d / head_dim;
+        const float head_max = of_head(block_max, h);
         float value = 0.0f;
         for (int w = 0; w < ATTENTION_WARPS; ++w)
-            if (warp_sum_[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max[w] - block_max);
-        partial_out[slot * head_dim + d] = value;
+            if (warp_sum_[h][w] > 0.0f) value += warp_acc[w][d] * expf(warp_max[h][w] - head_max);
+        return value;
+    };
+    const size_t pair = (size_t)token * num_q_heads + head;
+    if (num_splits == 1 && split_counters) {
+        for (int d = threadIdx.x; d < GROUP * head_dim; d += blockDim.x)
+            out[pair * head_dim + d] = f2bf(block_value(d) / of_head(total, GROUP == 1 ? 0 : d / head_dim));
+        return;
     }
-    if (threadIdx.x == 0) {
-        partial_max_sum[2 * slot] = block_max;
-        partial_max_sum[2 * slot + 1] = total;
+    // Head h's split lies at slot (pair + h) * num_splits + split.
+    for (int d = threadIdx.x; d < GROUP * head_dim; d += blockDim.x) {
+        const int h = GROUP == 1 ? 0 : d / head_dim;
+        partial_out[((pair + h) * num_splits + split) * head_dim + d - h * head_dim] = block_value(d);
+    }
+    if (threadIdx.x < GROUP) {
+        const size_t slot = (pair + threadIdx.x) * num_splits + split;
+        partial_max_sum[2 * slot] = of_head(block_max, threadIdx.x);
+        partial_max_sum[2 * slot + 1] = of_head(total, threadIdx.x);
     }
     if (!split_counters) return;  // attention_combine merges
 
@@ -657,7 +777,8 @@ __device__ __forceinline__ void attention_split(const float* q, const bf16_t* kv
     __syncthreads();
     if (!merges) return;
     __threadfence();
-    merge_splits(partial_out, partial_max_sum, pair * num_splits, num_splits, head_dim, out + pair * head_dim);
+    merge_splits<GROUP>(partial_out, partial_max_sum, pair * num_splits, num_splits, head_dim,
+                        out + pair * head_dim);
 }
 
 extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t* kv_pool,
@@ -666,7 +787,7 @@ extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t
                                                     unsigned* split_counters, bf16_t* out, int num_q_heads,
                                                     int num_kv_heads, int head_dim, int layer, int block_size,
                                                     size_t block_elems, float scale) {
-    attention_split<false>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
+    attention_split<false, 1>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
                            num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
 }
 
@@ -681,8 +802,25 @@ extern "C" __global__ void attention_decode_fused(const float* qkv, const float*
                                                   int num_kv_heads, int head_dim, int layer, int block_size,
                                                   size_t block_elems, float scale) {
     const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};
-    attention_split<true>(nullptr, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters,
-                          out, num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, fused);
+    attention_split<true, 1>(nullptr, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters,
+                             out, num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, fused);
+}
+
+// attention_decode_fused with block (token, kv_head, split) doing both q heads of its KV head (head_dim 128,
+// two q heads per KV head): each key is read once for the group, half the blocks (all resident beside the qkv
+// GEMV, so their first keys load while it runs), and the q and new-key norms share one barrier round.
+// At most 128 registers, so that two of its blocks sit beside two of the qkv GEMV's on a multiprocessor.
+extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * 32, 4) attention_decode_grouped(const float* qkv, const float* q_norm, const float* k_norm,
+                                                    const float* inv_freq, float eps, bf16_t* kv_pool,
+                                                    const unsigned* block_tables, const unsigned* token_meta,
+                                                    float* partial_out, float* partial_max_sum,
+                                                    unsigned* split_counters, bf16_t* out, int num_q_heads,
+                                                    int num_kv_heads, int head_dim, int layer, int block_size,
+                                                    size_t block_elems, float scale) {
+    const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};
+    attention_split<true, MAX_ATTENTION_GROUP>(nullptr, kv_pool, block_tables, token_meta, partial_out,
+                                               partial_max_sum, split_counters, out, num_q_heads, num_kv_heads,
+                                               head_dim, layer, block_size, block_elems, scale, fused);
 }
 
 // The same splits for steps of more than two tokens: every split writes its unnormalized output with its
@@ -691,7 +829,7 @@ extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_po
                                              const unsigned* token_meta, float* partial_out, float* partial_max_sum,
                                              int num_q_heads, int num_kv_heads, int head_dim, int layer,
                                              int block_size, size_t block_elems, float scale) {
-    attention_split<false>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
+    attention_split<false, 1>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
                            num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
 }
 

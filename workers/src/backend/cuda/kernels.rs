@@ -60,6 +60,19 @@ pub(crate) fn decode_attention_fits(head_dim: usize) -> bool {
     matches!(head_dim, 16 | 32 | 64 | 128 | 256)
 }
 
+/// q heads per KV head that `attention_decode_grouped` covers in one block (`MAX_ATTENTION_GROUP`).
+const ATTENTION_GROUP: usize = 2;
+
+/// Whether `attention_decode_grouped` (a block per KV head doing its q heads, one pair of a head a thread)
+/// takes this shape: head_dim 128 and [`ATTENTION_GROUP`] q heads per KV head.
+pub(crate) fn grouped_decode_attention_fits(
+    head_dim: usize,
+    num_q_heads: usize,
+    num_kv_heads: usize,
+) -> bool {
+    head_dim == 128 && num_q_heads == ATTENTION_GROUP * num_kv_heads
+}
+
 /// Whether `prefill_attention` (tensor cores, m16n8k16 steps over the head) takes this head size.
 pub(crate) fn prefill_kernel_fits(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16) && head_dim <= 128
@@ -84,6 +97,7 @@ pub(crate) struct Kernels {
     attention_partial: CudaFunction,
     attention_partial_merged: CudaFunction,
     attention_decode_fused: CudaFunction,
+    attention_decode_grouped: CudaFunction,
     attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
@@ -281,6 +295,7 @@ impl Kernels {
             attention_partial: load("attention_partial")?,
             attention_partial_merged: load("attention_partial_merged")?,
             attention_decode_fused: load("attention_decode_fused")?,
+            attention_decode_grouped: load("attention_decode_grouped")?,
             attention_combine: load("attention_combine")?,
             prefill_attention,
             swiglu: load("swiglu")?,
@@ -306,7 +321,11 @@ impl Kernels {
             .iter()
             .flatten()
             .chain(self.decode_gemv_mma.iter().flatten())
-            .chain([&self.embed, &self.attention_decode_fused])
+            .chain([
+                &self.embed,
+                &self.attention_decode_fused,
+                &self.attention_decode_grouped,
+            ])
         {
             function
                 .set_attribute(
@@ -623,6 +642,8 @@ impl Kernels {
     /// `qk_norm_rope_store` and `attention` in one launch, for a decode step of at most
     /// `MERGE_IN_PLACE_MAX_TOKENS` sequences (one token each) whose head size `decode_attention_fits`: q and
     /// the new K and V come from `qkv`, and the earlier keys' K and V load while the previous kernel ends.
+    /// `grouped`: one block per (sequence, KV head, split) doing the KV head's q heads
+    /// (`attention_decode_grouped`, where [`grouped_decode_attention_fits`]), else one per q head.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_decode_fused(
         &self,
@@ -636,7 +657,16 @@ impl Kernels {
         partials: (u64, u64, u64),
         out: u64,
         shape: &AttentionShape,
+        grouped: bool,
     ) -> Result<(), CudaError> {
+        if grouped
+            && !grouped_decode_attention_fits(shape.head_dim, shape.num_q_heads, shape.num_kv_heads)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "grouped decode attention of {} q heads over {} KV heads with head_dim {}",
+                shape.num_q_heads, shape.num_kv_heads, shape.head_dim
+            )));
+        }
         if !decode_attention_fits(shape.head_dim) {
             return Err(CudaError::Unsupported(format!(
                 "fused decode attention of {} tokens with head_dim {}",
@@ -660,17 +690,23 @@ impl Kernels {
         ];
         args.extend(shape.attention_args());
         args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
+        let (function, blocks_per_token) = if grouped {
+            (&self.attention_decode_grouped, shape.num_kv_heads)
+        } else {
+            (&self.attention_decode_fused, shape.num_q_heads)
+        };
         let launch_shape = grid(
             shape.num_tokens,
-            shape.num_q_heads,
+            blocks_per_token,
             shape.num_splits,
             ATTENTION_THREADS,
         );
-        // SAFETY: matches `attention_decode_fused`; `qkv` holds num_tokens rows of q_dim + 2 * kv_dim floats,
-        // the partial buffers and counters as for `attention_partial_merged`, `out` num_tokens * q_dim bf16,
-        // every token's block table covers its position (checked by the backend), and the head size fits.
-        unsafe { self.launch(&self.attention_decode_fused, launch_shape, &args, true) }
-            .during(|| "launching attention_decode_fused".into())
+        // SAFETY: matches `attention_decode_fused` and `attention_decode_grouped`; `qkv` holds num_tokens rows
+        // of q_dim + 2 * kv_dim floats, the partial buffers and counters as for `attention_partial_merged`,
+        // `out` num_tokens * q_dim bf16, every token's block table covers its position (checked by the
+        // backend), and the head size (and for the grouped kernel the group) fits.
+        unsafe { self.launch(function, launch_shape, &args, true) }
+            .during(|| "launching the fused decode attention".into())
     }
 
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.
@@ -934,5 +970,14 @@ mod tests {
         for head_dim in [8, 24, 80, 96, 512] {
             assert!(!decode_attention_fits(head_dim), "{head_dim}");
         }
+    }
+
+    #[test]
+    fn grouped_decode_attention_takes_two_q_heads_of_128_per_kv_head() {
+        assert_eq!(source_define("MAX_ATTENTION_GROUP"), ATTENTION_GROUP);
+        assert!(grouped_decode_attention_fits(128, 16, 8));
+        assert!(!grouped_decode_attention_fits(128, 32, 8));
+        assert!(!grouped_decode_attention_fits(128, 8, 8));
+        assert!(!grouped_decode_attention_fits(64, 16, 8));
     }
 }

@@ -31,7 +31,8 @@ use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, prefill_kernel_fits,
+    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, grouped_decode_attention_fits,
+    prefill_kernel_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -64,6 +65,11 @@ const MMA_GEMV_FROM_TOKENS: usize = 2;
 /// RoPE, KV store and split merge in one launch instead of three). At four sequences it measured 1.30 against
 /// 1.38 ms a step (0.6B shape, H100); at eight and sixteen slower than the three launches (PERF.md).
 const FUSED_ATTENTION_MAX_TOKENS: usize = 4;
+/// Decode steps of up to this many sequences take the grouped attention (`attention_decode_grouped`, a block
+/// per KV head for its q heads) where the model's shape fits it. At one sequence it measured 0.789-0.799
+/// against 0.830-0.847 ms a step; at two 1.036-1.052 against 1.030-1.046, at four 1.40-1.45 against 1.30-1.34
+/// (0.6B shape, H100, PERF.md).
+const GROUPED_ATTENTION_MAX_TOKENS: usize = 1;
 /// cuBLAS's workspace, given to it up front so that a captured GEMM never allocates.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -107,6 +113,13 @@ pub struct CudaBackend {
     /// [`FUSED_ATTENTION_MAX_TOKENS`] unless `TANDEM_CUDA_FUSED_ATTENTION_TOKENS` says otherwise (for
     /// measurements).
     fused_attention_max_tokens: usize,
+    /// Decode steps of up to this many sequences take a block per KV head for its q heads in the fused
+    /// attention (`attention_decode_grouped`): [`GROUPED_ATTENTION_MAX_TOKENS`] where the model's shape fits
+    /// it, else 0; `TANDEM_CUDA_GROUPED_ATTENTION_TOKENS` overrides it (for measurements).
+    grouped_attention_max_tokens: usize,
+    /// `TANDEM_CUDA_GRAPH_SPLITS`: the splits of every captured decode step's attention, in place of enough
+    /// to fill the GPU up to [`MAX_GRAPH_SPLITS`] (for measurements).
+    graph_splits: Option<usize>,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -320,6 +333,16 @@ impl CudaBackend {
             .into());
         }
         let scratch = Scratch::new(&gpu, &config, initial_tokens, 64, 1024, 4096)?;
+        let grouped_attention_max_tokens = if grouped_decode_attention_fits(
+            config.head_dim,
+            config.num_q_heads,
+            config.num_kv_heads,
+        ) {
+            env_count("TANDEM_CUDA_GROUPED_ATTENTION_TOKENS")
+                .unwrap_or(GROUPED_ATTENTION_MAX_TOKENS)
+        } else {
+            0
+        };
         let kv_staging = zeros(&gpu, layout.block_floats(), "the KV staging block")?;
         gpu.stream
             .synchronize()
@@ -349,6 +372,8 @@ impl CudaBackend {
             launch_times: LaunchTimes::from_env(),
             fused_attention_max_tokens: env_count("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
                 .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
+            grouped_attention_max_tokens,
+            graph_splits: env_count("TANDEM_CUDA_GRAPH_SPLITS"),
         })
     }
 
@@ -472,12 +497,23 @@ impl CudaBackend {
         bucket: usize,
         capacity: usize,
     ) -> StepMeta {
-        let splits_to_fill = (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors)
-            .div_ceil(bucket * self.config.num_q_heads);
+        // The grouped attention's blocks each take a KV head's q heads, so it fills the GPU with more splits.
+        let grouped = self.grouped_attention(bucket);
+        let blocks_per_split = bucket
+            * if grouped {
+                self.config.num_kv_heads
+            } else {
+                self.config.num_q_heads
+            };
+        let splits_to_fill =
+            (ATTENTION_BLOCKS_PER_SM * self.gpu.multiprocessors).div_ceil(blocks_per_split);
         let parts = StepMeta {
             num_tokens: bucket,
             rows: bucket,
-            num_splits: splits_to_fill.clamp(1, MAX_GRAPH_SPLITS),
+            num_splits: match self.graph_splits {
+                Some(splits) => splits.clamp(1, MAX_ATTENTION_SPLITS),
+                None => splits_to_fill.clamp(1, MAX_GRAPH_SPLITS),
+            },
             token_ids: 0,
             positions: bucket,
             kv_blocks: 2 * bucket,
@@ -875,6 +911,7 @@ impl CudaBackend {
                 partials,
                 attention,
                 &shape,
+                self.grouped_attention(parts.num_tokens),
             )?;
             return Ok(());
         }
@@ -916,6 +953,13 @@ impl CudaBackend {
             )?,
         }
         Ok(())
+    }
+
+    /// Whether a decode step of `num_tokens` sequences that takes the fused attention takes the grouped one.
+    fn grouped_attention(&self, num_tokens: usize) -> bool {
+        self.decode_gemv
+            && num_tokens <= self.fused_attention_max_tokens
+            && num_tokens <= self.grouped_attention_max_tokens
     }
 
     fn attention_shape(&self, parts: &StepMeta, layer_index: usize) -> AttentionShape {
