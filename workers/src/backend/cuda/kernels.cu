@@ -187,10 +187,13 @@ __device__ void merge_splits(const float* partial_out, const float* partial_max_
 #pragma unroll
                 for (int u = 0; u < MERGE_LOADS; ++u) {
                     const int split = s + ATTENTION_WARPS * u;
+                    // Head h's partials follow head 0's by h * num_splits rows. (Written so, the one-head merge
+                    // keeps stop 20's registers: 90 in attention_decode_fused, not 92.)
                     const size_t at = first + (size_t)h * num_splits + split;
                     max_sum[h][u] = make_float2(NEG_INFINITY, 0.0f);
                     if (split < num_splits) {
-                        part[h][u] = __ldcg(reinterpret_cast<const float4*>(&partial_out[at * head_dim + d]));
+                        part[h][u] = __ldcg(reinterpret_cast<const float4*>(
+                            &partial_out[(first + split) * head_dim + (size_t)h * num_splits * head_dim + d]));
                         max_sum[h][u] = __ldcg(reinterpret_cast<const float2*>(&partial_max_sum[2 * at]));
                     }
                 }
