@@ -153,6 +153,8 @@ extern "C" __global__ void __launch_bounds__(QK_ROPE_WARPS * 32) qk_norm_rope_st
 #define ATTENTION_WARPS 4
 #define MAX_MERGED_SPLITS 1024  // most splits of one (token, q_head), see MAX_ATTENTION_SPLITS in kernels.rs
 #define MERGE_LOADS 8  // partial rows in flight per lane in merge_splits
+// q heads a block of attention_decode_grouped covers.
+#define MAX_ATTENTION_GROUP 2
 
 // Merges the splits first..first+num_splits of one (token, q_head) into its normalized bf16 output, or with
 // GROUP > 1 (head_dim 128 only) of GROUP consecutive q heads, head h's splits at first + h * num_splits and its
@@ -161,8 +163,6 @@ extern "C" __global__ void __launch_bounds__(QK_ROPE_WARPS * 32) qk_norm_rope_st
 // MERGE_LOADS splits' rows of every head together with their maxima and sums, and keeps its own running
 // maximum, which the warps' sums are rescaled to at the end. Other sizes first weigh every split (warp 0),
 // then sum the rows: two round trips.
-// q heads a block of attention_decode_grouped covers.
-#define MAX_ATTENTION_GROUP 2
 template <int GROUP>
 __device__ void merge_splits(const float* partial_out, const float* partial_max_sum, size_t first, int num_splits,
                              int head_dim, bf16_t* out_row) {
@@ -791,40 +791,30 @@ extern "C" __global__ void attention_partial_merged(const float* q, const bf16_t
                                                     int num_kv_heads, int head_dim, int layer, int block_size,
                                                     size_t block_elems, float scale) {
     attention_split<false, 1>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters, out,
-                           num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
+                              num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
 }
 
 // attention_partial_merged for decode steps (one token per sequence) that also does qk_norm_rope_store's work:
 // each block makes its q from the qkv projection, and the block holding the new key stores its K and V; the
 // K and V of earlier keys are loaded before the wait for the previous kernel. head_dim is 16, 32, 64, 128 or 256.
-extern "C" __global__ void attention_decode_fused(const float* qkv, const float* q_norm, const float* k_norm,
-                                                  const float* inv_freq, float eps, bf16_t* kv_pool,
-                                                  const unsigned* block_tables, const unsigned* token_meta,
-                                                  float* partial_out, float* partial_max_sum,
-                                                  unsigned* split_counters, bf16_t* out, int num_q_heads,
-                                                  int num_kv_heads, int head_dim, int layer, int block_size,
-                                                  size_t block_elems, float scale) {
-    const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};
-    attention_split<true, 1>(nullptr, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, split_counters,
-                             out, num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, fused);
-}
+#define ATTENTION_DECODE_ENTRY(name, GROUP, BOUNDS)                                                             \
+    extern "C" __global__ void BOUNDS name(                                                                     \
+        const float* qkv, const float* q_norm, const float* k_norm, const float* inv_freq, float eps,           \
+        bf16_t* kv_pool, const unsigned* block_tables, const unsigned* token_meta, float* partial_out,          \
+        float* partial_max_sum, unsigned* split_counters, bf16_t* out, int num_q_heads, int num_kv_heads,       \
+        int head_dim, int layer, int block_size, size_t block_elems, float scale) {                             \
+        const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};                                            \
+        attention_split<true, GROUP>(nullptr, kv_pool, block_tables, token_meta, partial_out, partial_max_sum,  \
+                                     split_counters, out, num_q_heads, num_kv_heads, head_dim, layer,           \
+                                     block_size, block_elems, scale, fused);                                    \
+    }
 
-// attention_decode_fused with block (token, kv_head, split) doing both q heads of its KV head (head_dim 128,
-// two q heads per KV head): each key is read once for the group, half the blocks (all resident beside the qkv
-// GEMV, so their first keys load while it runs), and the q and new-key norms share one barrier round.
-// At most 128 registers, so that two of its blocks sit beside two of the qkv GEMV's on a multiprocessor.
-extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * 32, 4) attention_decode_grouped(const float* qkv, const float* q_norm, const float* k_norm,
-                                                    const float* inv_freq, float eps, bf16_t* kv_pool,
-                                                    const unsigned* block_tables, const unsigned* token_meta,
-                                                    float* partial_out, float* partial_max_sum,
-                                                    unsigned* split_counters, bf16_t* out, int num_q_heads,
-                                                    int num_kv_heads, int head_dim, int layer, int block_size,
-                                                    size_t block_elems, float scale) {
-    const FusedQkv fused = {qkv, q_norm, k_norm, inv_freq, eps};
-    attention_split<true, MAX_ATTENTION_GROUP>(nullptr, kv_pool, block_tables, token_meta, partial_out,
-                                               partial_max_sum, split_counters, out, num_q_heads, num_kv_heads,
-                                               head_dim, layer, block_size, block_elems, scale, fused);
-}
+ATTENTION_DECODE_ENTRY(attention_decode_fused, 1, )
+// Block (token, kv_head, split) does both q heads of its KV head (head_dim 128, two q heads per KV head): each
+// key is read once for the group, half the blocks (all resident beside the qkv GEMV, so their first keys load
+// while it runs), and the q and new-key norms share one barrier round. At most 128 registers, so that two of
+// its blocks sit beside two of the qkv GEMV's on a multiprocessor.
+ATTENTION_DECODE_ENTRY(attention_decode_grouped, MAX_ATTENTION_GROUP, __launch_bounds__(ATTENTION_WARPS * 32, 4))
 
 // The same splits for steps of more than two tokens: every split writes its unnormalized output with its
 // running max and sum, and attention_combine merges them.
@@ -833,7 +823,7 @@ extern "C" __global__ void attention_partial(const float* q, const bf16_t* kv_po
                                              int num_q_heads, int num_kv_heads, int head_dim, int layer,
                                              int block_size, size_t block_elems, float scale) {
     attention_split<false, 1>(q, kv_pool, block_tables, token_meta, partial_out, partial_max_sum, nullptr, nullptr,
-                           num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
+                              num_q_heads, num_kv_heads, head_dim, layer, block_size, block_elems, scale, FusedQkv{});
 }
 
 // Merges the splits of each (token, q_head) and writes the normalized output in bf16 for o_proj.
