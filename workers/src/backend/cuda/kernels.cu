@@ -351,9 +351,13 @@ __device__ __forceinline__ void attend_keys_vec(const float* q_heads, float scal
     float q8[GROUP][8], acc[GROUP][8], running_max[GROUP], running_sum[GROUP];
 #pragma unroll
     for (int h = 0; h < GROUP; ++h) {
+        // Two 16-byte loads: dim0 is a multiple of 8 and every q row starts 16-byte aligned.
+        const float4* q_quads = reinterpret_cast<const float4*>(q_heads + h * HEAD_DIM + dim0);
+        const float4 low = q_quads[0], high = q_quads[1];
+        const float q_dims[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            q8[h][i] = q_heads[h * HEAD_DIM + dim0 + i] * scale;
+            q8[h][i] = q_dims[i] * scale;
             acc[h][i] = 0.0f;
         }
         running_max[h] = NEG_INFINITY;
@@ -518,7 +522,8 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
         new_slot = const_cast<bf16_t*>(keys.kv_pool) + (size_t)keys.table[new_key / keys.block_size] * keys.block_elems +
                    (size_t)(new_key % keys.block_size) * HEAD_DIM;
     wait_for_previous_grid();
-    __shared__ float q_made[GROUP * HEAD_DIM], k_made[HEAD_DIM];
+    __shared__ __align__(16) float q_made[GROUP * HEAD_DIM];
+    __shared__ float k_made[HEAD_DIM];
     __shared__ __align__(16) bf16_t new_k[HEAD_DIM], new_v[HEAD_DIM];
     // This thread's pair of its q head, and for the block holding the new key of its K head and (at the same
     // dims) of its V head, all loaded at once.
