@@ -337,7 +337,8 @@ fn patterned_prompts(lengths: &[usize], vocab_size: usize) -> Vec<Vec<u32>> {
 }
 
 /// One sequence, then two: decode steps of one and two tokens run on the fused decode GEMVs (FMA at one,
-/// tensor cores at two) and attention, the shapes whose step is bound by launches.
+/// tensor cores at two) and attention (at one sequence the grouped kernel, a block per KV head), the shapes
+/// whose step is bound by launches.
 #[test]
 fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
     if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend") {

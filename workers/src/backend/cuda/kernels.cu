@@ -670,7 +670,8 @@ __device__ __forceinline__ void attend_keys_scalar(const float* q_head, float sc
 // length, so the launch shape depends only on the batch), one key per warp at a time with an online
 // softmax; the last split of a (token, q_head) to finish (split_counters counts them, and is left at 0 again
 // for the next launch) merges all splits into the normalized bf16 output for o_proj: no combine launch. Used
-// for steps of one or two tokens, where launches bound the step. Without split_counters (attention_partial:
+// for small steps, where launches bound the step (attention_partial_merged up to two tokens, the fused decode
+// attention up to four sequences). Without split_counters (attention_partial:
 // larger steps, where the in-place merge measured slower, see PERF.md) every split leaves its partial for
 // attention_combine. With GROUP > 1 (attention_decode_grouped), block (token, kv_head, split) does the same
 // for the GROUP q heads of its KV head, reading their keys once; its counter is its first q head's.

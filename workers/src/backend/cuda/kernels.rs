@@ -639,8 +639,8 @@ impl Kernels {
             .during(|| "launching attention_combine".into())
     }
 
-    /// `qk_norm_rope_store` and `attention` in one launch, for a decode step of at most
-    /// `MERGE_IN_PLACE_MAX_TOKENS` sequences (one token each) whose head size `decode_attention_fits`: q and
+    /// `qk_norm_rope_store` and `attention` in one launch, for a decode step (one token a sequence; the backend
+    /// takes it up to `FUSED_ATTENTION_MAX_TOKENS` sequences) whose head size `decode_attention_fits`: q and
     /// the new K and V come from `qkv`, and the earlier keys' K and V load while the previous kernel ends.
     /// `grouped`: one block per (sequence, KV head, split) doing the KV head's q heads
     /// (`attention_decode_grouped`, where [`grouped_decode_attention_fits`]), else one per q head.
