@@ -337,8 +337,9 @@ fn patterned_prompts(lengths: &[usize], vocab_size: usize) -> Vec<Vec<u32>> {
 }
 
 /// One sequence, then two: decode steps of one and two tokens run on the fused decode GEMVs (FMA at one,
-/// tensor cores at two) and attention (at one sequence the grouped kernel, a block per KV head), the shapes
-/// whose step is bound by launches.
+/// tensor cores at two) and attention, the shapes whose step is bound by launches. At one sequence each layer's
+/// qkv projection and attention are one launch of thread block clusters (`decode_qkv_attention`, sm_90; the
+/// grouped attention, a block per KV head, on older GPUs).
 #[test]
 fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
     if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend") {

@@ -331,13 +331,13 @@ __device__ __forceinline__ void load_key_rows(const KeyRange& keys, int base, in
     }
 }
 
-// One warp's share of `keys` (every ATTENTION_WARPS-th group of keys) with an online softmax, for GROUP q
+// One warp's share of `keys` (every WARPS-th group of keys, the block's warps) with an online softmax, for GROUP q
 // heads (q_heads: GROUP rows of head_dim) that share the keys: LANES_PER_KEY lanes read one key with 16-byte
 // loads (head_dim = 8 * LANES_PER_KEY), and each lane has ATTENTION_LOADS keys' K and V rows in flight at once,
 // so a split costs about one memory round trip rather than one per key. With first_loaded, k_rows/v_rows
 // already hold the warp's first step. Leaves the warp's unnormalized output of head h in acc_rows[h * head_dim..]
 // and its running max and sum in out_max[h] and out_sum[h].
-template <int LANES_PER_KEY, int GROUP>
+template <int LANES_PER_KEY, int GROUP, int WARPS = ATTENTION_WARPS>
 __device__ __forceinline__ void attend_keys_vec(const float* q_heads, float scale, const KeyRange& keys,
                                                 int new_key, const bf16_t* new_k, const bf16_t* new_v,
                                                 bool first_loaded, uint4 (&k_rows)[ATTENTION_LOADS],
@@ -364,7 +364,7 @@ __device__ __forceinline__ void attend_keys_vec(const float* q_heads, float scal
         running_sum[h] = 0.0f;
     }
     const int first_base = keys.first_key + warp * KEYS_PER_STEP;
-    for (int base = first_base; base < keys.end_key; base += ATTENTION_WARPS * KEYS_PER_STEP) {
+    for (int base = first_base; base < keys.end_key; base += WARPS * KEYS_PER_STEP) {
         if (!(first_loaded && base == first_base))
             load_key_rows<LANES_PER_KEY>(keys, base, new_key, new_k, new_v, k_rows, v_rows);
         float score[GROUP][ATTENTION_LOADS], step_max[GROUP];

@@ -9,14 +9,19 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{
     CUfunction_attribute, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue,
-    CUlaunchConfig, cuLaunchKernelEx,
+    CUlaunchAttributeValue_union__bindgen_ty_1, CUlaunchConfig, cuLaunchKernelEx,
+    cuOccupancyMaxActiveClusters,
 };
 use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::device::{CudaError, DriverContext, GpuContext};
 
-const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("decode_gemv.cu"));
+const SOURCE: &str = concat!(
+    include_str!("kernels.cu"),
+    include_str!("decode_gemv.cu"),
+    include_str!("decode_qkv_attention.cu")
+);
 
 /// Tokens of the largest step the decode GEMVs take (`GEMV_MAX_TOKENS`: the graph buckets 1 and 2). At four
 /// tokens they measured slower than cuBLAS with the separate norm and SwiGLU kernels (PERF.md).
@@ -73,6 +78,35 @@ pub(crate) fn grouped_decode_attention_fits(
     head_dim == 128 && num_q_heads == ATTENTION_GROUP * num_kv_heads
 }
 
+/// Blocks of `decode_qkv_attention`'s cluster for one KV head (`QKVA_CLUSTER`): more than the portable 8,
+/// so the kernel asks for non-portable cluster sizes.
+const QKV_ATTENTION_CLUSTER: u32 = 16;
+/// Threads of a `decode_qkv_attention` block (`QKVA_THREADS`).
+const QKV_ATTENTION_THREADS: u32 = 256;
+/// Dynamic shared memory of a `decode_qkv_attention` block (`QKVA_SHARED_BYTES`): its 32 rows of the qkv
+/// weight, up to 1024 wide.
+const QKV_ATTENTION_SHARED_BYTES: u32 = 32 * 1024 * 2;
+
+/// Whether `decode_qkv_attention` takes this shape: head_dim 128, [`ATTENTION_GROUP`] q heads per KV head,
+/// and a hidden size of whole 256-wide parts up to 1024 (a lane holds at most four 16-byte chunks of a row).
+pub(crate) fn qkv_attention_fits(
+    head_dim: usize,
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    hidden_size: usize,
+) -> bool {
+    grouped_decode_attention_fits(head_dim, num_q_heads, num_kv_heads)
+        && hidden_size.is_multiple_of(256)
+        && (256..=1024).contains(&hidden_size)
+}
+
+/// `decode_qkv_attention` on this GPU.
+struct QkvAttention {
+    function: CudaFunction,
+    /// Clusters of [`QKV_ATTENTION_CLUSTER`] blocks the GPU holds at once (`cuOccupancyMaxActiveClusters`).
+    max_active_clusters: usize,
+}
+
 /// Whether `prefill_attention` (tensor cores, m16n8k16 steps over the head) takes this head size.
 pub(crate) fn prefill_kernel_fits(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16) && head_dim <= 128
@@ -98,6 +132,9 @@ pub(crate) struct Kernels {
     attention_partial_merged: CudaFunction,
     attention_decode_fused: CudaFunction,
     attention_decode_grouped: CudaFunction,
+    /// `decode_qkv_attention` (thread block clusters, sm_90 and later), and whether clusters of its size fit
+    /// the GPU so that a cluster for every KV head of the model is resident at once.
+    qkv_attention: Option<QkvAttention>,
     attention_combine: CudaFunction,
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
@@ -198,6 +235,66 @@ pub(crate) struct AttentionShape {
     pub(crate) num_splits: usize,
 }
 
+/// The launch attribute for thread block clusters of `blocks` blocks along x.
+fn cluster_attribute(blocks: u32) -> CUlaunchAttribute {
+    CUlaunchAttribute {
+        id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: CUlaunchAttributeValue {
+            clusterDim: CUlaunchAttributeValue_union__bindgen_ty_1 {
+                x: blocks,
+                y: 1,
+                z: 1,
+            },
+        },
+    }
+}
+
+impl QkvAttention {
+    /// Allows the kernel its non-portable cluster size and asks the driver how many of its clusters fit.
+    fn load(function: &CudaFunction, stream: &CudaStream) -> Result<Self, CudaError> {
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .during(|| "allowing decode_qkv_attention clusters of 16".into())?;
+        function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                QKV_ATTENTION_SHARED_BYTES as i32,
+            )
+            .during(|| "setting decode_qkv_attention's shared memory size".into())?;
+        let mut attribute = cluster_attribute(QKV_ATTENTION_CLUSTER);
+        let config = CUlaunchConfig {
+            gridDimX: QKV_ATTENTION_CLUSTER,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: QKV_ATTENTION_THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: QKV_ATTENTION_SHARED_BYTES,
+            hStream: stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        let mut clusters = 0;
+        stream
+            .context()
+            .bind_to_thread()
+            .during(|| "binding the context".into())?;
+        // SAFETY: `config` is a valid launch configuration with one live attribute; the function belongs
+        // to the bound context.
+        unsafe { cuOccupancyMaxActiveClusters(&mut clusters, function.cu_function(), &config) }
+            .result()
+            .during(|| "reading how many decode_qkv_attention clusters fit".into())?;
+        Ok(Self {
+            function: function.clone(),
+            max_active_clusters: usize::try_from(clusters).unwrap_or(0),
+        })
+    }
+}
+
 impl Kernels {
     pub(crate) fn compile(gpu: &GpuContext) -> Result<Self, CudaError> {
         let (major, minor) = gpu
@@ -271,6 +368,14 @@ impl Kernels {
                 PREFILL_SHARED_BYTES as i32,
             )
             .during(|| "setting prefill_attention's shared memory size".into())?;
+        let qkv_attention = if major >= 9 {
+            Some(QkvAttention::load(
+                &load("decode_qkv_attention")?,
+                &gpu.stream,
+            )?)
+        } else {
+            None
+        };
         let pdl_wanted = std::env::var("TANDEM_CUDA_PDL").map_or(true, |value| value != "0");
         Ok(Self {
             stream: Arc::clone(&gpu.stream),
@@ -296,6 +401,7 @@ impl Kernels {
             attention_partial_merged: load("attention_partial_merged")?,
             attention_decode_fused: load("attention_decode_fused")?,
             attention_decode_grouped: load("attention_decode_grouped")?,
+            qkv_attention,
             attention_combine: load("attention_combine")?,
             prefill_attention,
             swiglu: load("swiglu")?,
@@ -326,6 +432,7 @@ impl Kernels {
                 &self.attention_decode_fused,
                 &self.attention_decode_grouped,
             ])
+            .chain(self.qkv_attention.as_ref().map(|fused| &fused.function))
         {
             function
                 .set_attribute(
@@ -351,6 +458,23 @@ impl Kernels {
         args: &[Arg],
         waits: bool,
     ) -> Result<(), DriverError> {
+        // SAFETY: the caller's contract; a cluster of one block is a plain launch.
+        unsafe { self.launch_clustered(function, shape, args, waits, 1) }
+    }
+
+    /// [`Self::launch`] in thread block clusters of `cluster` blocks along x (1: no clusters).
+    ///
+    /// # Safety
+    /// As for [`Self::launch`]; with `cluster` > 1 the grid's x is a multiple of it and the kernel allows
+    /// that cluster size.
+    unsafe fn launch_clustered(
+        &self,
+        function: &CudaFunction,
+        shape: LaunchConfig,
+        args: &[Arg],
+        waits: bool,
+        cluster: u32,
+    ) -> Result<(), DriverError> {
         let mut values = args.to_vec();
         let mut params: Vec<*mut c_void> = values
             .iter_mut()
@@ -360,14 +484,19 @@ impl Kernels {
                 Arg::Float(value) => (value as *mut f32).cast::<c_void>(),
             })
             .collect();
-        let mut attribute = CUlaunchAttribute {
-            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
-        };
-        let overlap = waits && self.programmatic;
+        let mut attributes = Vec::with_capacity(2);
+        if waits && self.programmatic {
+            attributes.push(CUlaunchAttribute {
+                id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            });
+        }
+        if cluster > 1 {
+            attributes.push(cluster_attribute(cluster));
+        }
         let config = CUlaunchConfig {
             gridDimX: shape.grid_dim.0,
             gridDimY: shape.grid_dim.1,
@@ -377,12 +506,12 @@ impl Kernels {
             blockDimZ: shape.block_dim.2,
             sharedMemBytes: shape.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: if overlap {
-                &mut attribute
-            } else {
+            attrs: if attributes.is_empty() {
                 std::ptr::null_mut()
+            } else {
+                attributes.as_mut_ptr()
             },
-            numAttrs: u32::from(overlap),
+            numAttrs: attributes.len() as u32,
         };
         self.stream.context().bind_to_thread()?;
         // SAFETY: `params` points at one value per kernel parameter (the caller's contract), alive until the
@@ -709,6 +838,103 @@ impl Kernels {
             .during(|| "launching the fused decode attention".into())
     }
 
+    /// Whether `decode_qkv_attention` can run a model of `num_kv_heads` KV heads here: sm_90 or later, and a
+    /// cluster for every KV head resident at once (a cluster that waited for another's to leave would
+    /// serialize the layer).
+    pub(crate) fn qkv_attention_available(&self, num_kv_heads: usize) -> bool {
+        let clusters = self
+            .qkv_attention
+            .as_ref()
+            .map_or(0, |fused| fused.max_active_clusters);
+        tracing::info!(
+            clusters,
+            num_kv_heads,
+            "decode_qkv_attention: clusters of {QKV_ATTENTION_CLUSTER} blocks resident at once"
+        );
+        clusters >= num_kv_heads
+    }
+
+    /// A decode step of one sequence: the layer's qkv projection of `RMSNorm(hidden)` and its attention in one
+    /// launch (`decode_qkv_attention`), a cluster of [`QKV_ATTENTION_CLUSTER`] blocks per KV head, which
+    /// are also the attention's splits. Writes the attention output (bf16) for o_proj and the new key's K and
+    /// V into the cache. For shapes where [`qkv_attention_fits`] and [`Self::qkv_attention_available`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_qkv_attention(
+        &self,
+        qkv_weight: u64,
+        hidden_size: usize,
+        hidden: u64,
+        input_norm: u64,
+        qk_norms: (u64, u64),
+        inv_freq: u64,
+        eps: f32,
+        kv_pool: u64,
+        block_tables: u64,
+        token_meta: u64,
+        out: u64,
+        shape: &AttentionShape,
+    ) -> Result<(), CudaError> {
+        let fused = match &self.qkv_attention {
+            Some(fused)
+                if shape.num_tokens == 1
+                    && qkv_attention_fits(
+                        shape.head_dim,
+                        shape.num_q_heads,
+                        shape.num_kv_heads,
+                        hidden_size,
+                    )
+                    && fused.max_active_clusters >= shape.num_kv_heads =>
+            {
+                fused
+            }
+            _ => {
+                return Err(CudaError::Unsupported(format!(
+                    "decode_qkv_attention of {} tokens, {} q heads over {} KV heads, head_dim {}, hidden {} \
+                     on this GPU",
+                    shape.num_tokens,
+                    shape.num_q_heads,
+                    shape.num_kv_heads,
+                    shape.head_dim,
+                    hidden_size
+                )));
+            }
+        };
+        let mut args = vec![
+            Arg::Ptr(qkv_weight),
+            Arg::Int(hidden_size as i32),
+            Arg::Ptr(hidden),
+            Arg::Ptr(input_norm),
+            Arg::Float(eps),
+            Arg::Ptr(qk_norms.0),
+            Arg::Ptr(qk_norms.1),
+            Arg::Ptr(inv_freq),
+            Arg::Ptr(kv_pool),
+            Arg::Ptr(block_tables),
+            Arg::Ptr(token_meta),
+            Arg::Ptr(out),
+        ];
+        args.extend(shape.attention_args());
+        args.push(Arg::Float(1.0 / (shape.head_dim as f32).sqrt()));
+        let launch_shape = LaunchConfig {
+            grid_dim: (QKV_ATTENTION_CLUSTER, shape.num_kv_heads as u32, 1),
+            block_dim: (QKV_ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: QKV_ATTENTION_SHARED_BYTES,
+        };
+        // SAFETY: matches `decode_qkv_attention`; the qkv weight holds q_dim + 2 * kv_dim rows of
+        // `hidden_size` bf16, `hidden` one row of f32, `out` q_dim bf16, the token's block table covers its
+        // position (checked by the backend), the shape fits (checked above) and the grid's x is one cluster.
+        unsafe {
+            self.launch_clustered(
+                &fused.function,
+                launch_shape,
+                &args,
+                true,
+                QKV_ATTENTION_CLUSTER,
+            )
+        }
+        .during(|| "launching decode_qkv_attention".into())
+    }
+
     /// Causal attention for the query tiles listed at `tiles` (first token row, count), on the tensor cores.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prefill_attention(
@@ -960,6 +1186,33 @@ mod tests {
             source_define("ATTENTION_WARPS") * 32,
             ATTENTION_THREADS as usize
         );
+        assert_eq!(
+            source_define("QKVA_CLUSTER"),
+            QKV_ATTENTION_CLUSTER as usize
+        );
+        assert_eq!(
+            source_define("QKVA_WARPS") * 32,
+            QKV_ATTENTION_THREADS as usize
+        );
+        // QKVA_SHARED_BYTES: a block's share of a KV head's q, k and v rows, QKVA_CHUNKS 16-byte chunks a lane.
+        let kv_head_rows = (source_define("QKVA_GROUP") + 2) * source_define("QKVA_HEAD_DIM");
+        let block_rows = kv_head_rows / source_define("QKVA_CLUSTER");
+        assert_eq!(
+            block_rows * 32 * source_define("QKVA_CHUNKS") * 16,
+            QKV_ATTENTION_SHARED_BYTES as usize
+        );
+        assert_eq!(source_define("QKVA_GROUP"), ATTENTION_GROUP);
+    }
+
+    #[test]
+    fn the_fused_qkv_attention_takes_the_qwen3_0_6b_shape_only() {
+        // Qwen3-0.6B: 16 q heads over 8 KV heads of 128, hidden 1024.
+        assert!(qkv_attention_fits(128, 16, 8, 1024));
+        // Qwen3-1.7B's hidden 2048 is more than a lane holds; Qwen3-8B groups four q heads a KV head.
+        assert!(!qkv_attention_fits(128, 16, 8, 2048));
+        assert!(!qkv_attention_fits(128, 32, 8, 4096));
+        assert!(!qkv_attention_fits(64, 16, 8, 1024));
+        assert!(!qkv_attention_fits(128, 16, 8, 1000));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
     PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, grouped_decode_attention_fits,
-    prefill_kernel_fits,
+    prefill_kernel_fits, qkv_attention_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -120,6 +120,10 @@ pub struct CudaBackend {
     /// `TANDEM_CUDA_GRAPH_SPLITS`: the splits of every captured decode step's attention, in place of enough
     /// to fill the GPU up to [`MAX_GRAPH_SPLITS`] (for measurements).
     graph_splits: Option<usize>,
+    /// Whether decode steps of one sequence run each layer's qkv projection and attention as one launch of
+    /// thread block clusters (`decode_qkv_attention`): where the shape fits it and the GPU holds a cluster
+    /// per KV head at once, unless `TANDEM_CUDA_QKV_ATTENTION=0` (for measurements).
+    qkv_attention: bool,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -343,6 +347,15 @@ impl CudaBackend {
         } else {
             0
         };
+        let qkv_attention = std::env::var("TANDEM_CUDA_QKV_ATTENTION")
+            .map_or(true, |value| value != "0")
+            && qkv_attention_fits(
+                config.head_dim,
+                config.num_q_heads,
+                config.num_kv_heads,
+                config.hidden_size,
+            )
+            && kernels.qkv_attention_available(config.num_kv_heads);
         let kv_staging = zeros(&gpu, layout.block_floats(), "the KV staging block")?;
         gpu.stream
             .synchronize()
@@ -374,6 +387,7 @@ impl CudaBackend {
                 .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
             grouped_attention_max_tokens,
             graph_splits: env_count("TANDEM_CUDA_GRAPH_SPLITS"),
+            qkv_attention,
         })
     }
 
@@ -1010,20 +1024,39 @@ impl CudaBackend {
             argmax_keys,
         )?;
         mark("embed")?;
+        let meta = addr(&s.meta, gpu);
         for (layer_index, layer) in w.layers.iter().enumerate() {
-            k.decode_gemv(
-                GemvOp::NormStore {
-                    out: addr(&s.qkv, gpu),
-                },
-                addr(&layer.qkv_proj, gpu),
-                hidden,
-                addr(&layer.input_norm, gpu),
-                eps,
-                &shape(h, q_dim + 2 * config.kv_dim()),
-            )?;
-            mark("qkv_proj")?;
-            self.launch_attention(parts, layer_index, layer, timed)?;
-            mark("attention")?;
+            if num_tokens == 1 && self.qkv_attention {
+                k.decode_qkv_attention(
+                    addr(&layer.qkv_proj, gpu),
+                    h,
+                    hidden,
+                    addr(&layer.input_norm, gpu),
+                    (addr(&layer.q_norm, gpu), addr(&layer.k_norm, gpu)),
+                    addr(&w.rope_inverse_frequencies, gpu),
+                    eps,
+                    self.kv_pool.address,
+                    meta,
+                    meta + 4 * parts.token_meta as u64,
+                    addr(&s.attention, gpu),
+                    &self.attention_shape(parts, layer_index),
+                )?;
+                mark("qkv_attention")?;
+            } else {
+                k.decode_gemv(
+                    GemvOp::NormStore {
+                        out: addr(&s.qkv, gpu),
+                    },
+                    addr(&layer.qkv_proj, gpu),
+                    hidden,
+                    addr(&layer.input_norm, gpu),
+                    eps,
+                    &shape(h, q_dim + 2 * config.kv_dim()),
+                )?;
+                mark("qkv_proj")?;
+                self.launch_attention(parts, layer_index, layer, timed)?;
+                mark("attention")?;
+            }
             k.decode_gemv(
                 GemvOp::AddTo {
                     input: addr(&s.attention, gpu),
