@@ -3,7 +3,8 @@
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
 //! reductions stay in f32. Decode steps of up to four sequences run on fused GEMVs instead of cuBLAS
 //! (`decode_gemv.cu`, five launches a layer with the fused attention): FMA ones at one sequence, tensor-core
-//! ones at two and four.
+//! ones at two and four. At one sequence the qkv projection and the attention are one launch of thread block
+//! clusters where the GPU and the shape allow it (`decode_qkv_attention.cu`), four launches a layer.
 //! Greedy steps pick their tokens on the GPU, so only the token ids come back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
@@ -992,7 +993,8 @@ impl CudaBackend {
 
     /// A decode step of up to four sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
     /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV; the attention does the
-    /// q/k norm, RoPE and KV store itself (for the usual head sizes), five launches a layer.
+    /// q/k norm, RoPE and KV store itself (for the usual head sizes), five launches a layer; at one sequence,
+    /// with `qkv_attention`, the qkv projection and the attention are one (`decode_qkv_attention`).
     fn launch_decode_gemv_step(&self, parts: &StepMeta, timed: bool) -> Result<(), EngineError> {
         let gpu = &self.gpu;
         let s = &self.scratch;
