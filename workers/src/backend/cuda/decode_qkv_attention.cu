@@ -248,17 +248,7 @@ extern "C" __global__ void __launch_bounds__(QKVA_THREADS, 2) decode_qkv_attenti
     }
     __syncthreads();
 
-    // The warp's first step's copy of the new key, which the loads before the wait left out.
-    if (holds_new_key) {
-        const int dim0 = (lane % LANES_PER_KEY) * 8;
-#pragma unroll
-        for (int j = 0; j < ATTENTION_LOADS; ++j) {
-            if (first_base + lane / LANES_PER_KEY + (32 / LANES_PER_KEY) * j == new_key) {
-                k_rows[j] = *reinterpret_cast<const uint4*>(new_k + dim0);
-                v_rows[j] = *reinterpret_cast<const uint4*>(new_v + dim0);
-            }
-        }
-    }
+    if (holds_new_key) place_new_key<LANES_PER_KEY>(first_base, new_key, new_k, new_v, k_rows, v_rows);
     float running_max[QKVA_GROUP], running_sum[QKVA_GROUP];
     attend_keys_vec<LANES_PER_KEY, QKVA_GROUP, QKVA_WARPS>(q_made, scale, keys, new_key, new_k, new_v, true, k_rows,
                                                            v_rows, warp_acc[warp], running_max, running_sum);

@@ -485,6 +485,21 @@ __device__ __forceinline__ void norm_rope_pair(float x1, float x2, float weight1
     }
 }
 
+// The warp's first step's copy of the step's new key (made in shared memory), which the loads before the wait
+// left out: into the rows of the lanes that hold key `new_key` of the step starting at `first_base`.
+template <int LANES_PER_KEY>
+__device__ __forceinline__ void place_new_key(int first_base, int new_key, const bf16_t* new_k, const bf16_t* new_v,
+                                              uint4 (&k_rows)[ATTENTION_LOADS], uint4 (&v_rows)[ATTENTION_LOADS]) {
+    const int lane = threadIdx.x & 31, dim0 = (lane % LANES_PER_KEY) * 8;
+#pragma unroll
+    for (int j = 0; j < ATTENTION_LOADS; ++j) {
+        if (first_base + lane / LANES_PER_KEY + (32 / LANES_PER_KEY) * j == new_key) {
+            k_rows[j] = *reinterpret_cast<const uint4*>(new_k + dim0);
+            v_rows[j] = *reinterpret_cast<const uint4*>(new_v + dim0);
+        }
+    }
+}
+
 // One split's walk over its keys for head_dim = 8 * LANES_PER_KEY, for the GROUP q heads head..head+GROUP-1.
 // FUSED (attention_decode_fused/_grouped, one token per sequence): the K and V of the warp's first keys are
 // loaded before the wait for the previous kernel, since only the step's own key (`position`) is written by this
@@ -608,17 +623,7 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
         }
     }
     __syncthreads();
-    // The first step's copy of the new key, which the loads before the wait left out.
-    if (holds_new_key) {
-        const int dim0 = (lane % LANES_PER_KEY) * 8;
-#pragma unroll
-        for (int j = 0; j < ATTENTION_LOADS; ++j) {
-            if (first_base + lane / LANES_PER_KEY + (32 / LANES_PER_KEY) * j == new_key) {
-                k_rows[j] = *reinterpret_cast<const uint4*>(new_k + dim0);
-                v_rows[j] = *reinterpret_cast<const uint4*>(new_v + dim0);
-            }
-        }
-    }
+    if (holds_new_key) place_new_key<LANES_PER_KEY>(first_base, new_key, new_k, new_v, k_rows, v_rows);
     attend_keys_vec<LANES_PER_KEY, GROUP>(q_made, scale, keys, new_key, new_k, new_v, true, k_rows, v_rows,
                                           acc_rows, out_max, out_sum);
 }
