@@ -368,11 +368,14 @@ impl Kernels {
                 PREFILL_SHARED_BYTES as i32,
             )
             .during(|| "setting prefill_attention's shared memory size".into())?;
+        // A driver that refuses the cluster size or the occupancy query leaves one-sequence steps on the qkv
+        // GEMV and the attention kernel, as on GPUs before sm_90.
         let qkv_attention = if major >= 9 {
-            Some(QkvAttention::load(
-                &load("decode_qkv_attention")?,
-                &gpu.stream,
-            )?)
+            QkvAttention::load(&load("decode_qkv_attention")?, &gpu.stream)
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "decode_qkv_attention is not available on this GPU");
+                })
+                .ok()
         } else {
             None
         };
