@@ -225,26 +225,15 @@ extern "C" __global__ void __launch_bounds__(QKVA_THREADS, 2) decode_qkv_attenti
     if (part <= QKVA_GROUP) {
         const float weight1 = part < QKVA_GROUP ? rope.q_weight1 : rope.k_weight1;
         const float weight2 = part < QKVA_GROUP ? rope.q_weight2 : rope.k_weight2;
-        const float normed1 = weight1 * (x1 * norm_scale), normed2 = weight2 * (x2 * norm_scale);
-        const float rotated1 = normed1 * rope.c - normed2 * rope.s, rotated2 = normed2 * rope.c + normed1 * rope.s;
+        const float2 rotated = norm_rope(x1, x2, weight1, weight2, norm_scale, rope);
         if (part < QKVA_GROUP) {
-            q_made[part * D + i] = rotated1;
-            q_made[part * D + i + HALF] = rotated2;
+            q_made[part * D + i] = rotated.x;
+            q_made[part * D + i + HALF] = rotated.y;
         } else {
-            new_k[i] = f2bf(rotated1);
-            new_k[i + HALF] = f2bf(rotated2);
-            if (new_slot) {
-                new_slot[k_offset + i] = new_k[i];
-                new_slot[k_offset + i + HALF] = new_k[i + HALF];
-            }
+            store_new_pair(new_k, new_slot, k_offset, i, HALF, rotated.x, rotated.y);
         }
     } else {
-        new_v[i] = f2bf(x1);
-        new_v[i + HALF] = f2bf(x2);
-        if (new_slot) {
-            new_slot[v_offset + i] = new_v[i];
-            new_slot[v_offset + i + HALF] = new_v[i + HALF];
-        }
+        store_new_pair(new_v, new_slot, v_offset, i, HALF, x1, x2);
     }
     __syncthreads();
 

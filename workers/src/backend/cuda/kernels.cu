@@ -471,6 +471,26 @@ __device__ __forceinline__ RopePair rope_pair(const float* q_norm, const float* 
     return pair;
 }
 
+// The pair (x1, x2) of one head RMS-normed by `scale` (1 / rms of the head) and its weights, then rotated by
+// RoPE: (value at i, value at i + head_dim / 2), qk_norm_rope_store's arithmetic.
+__device__ __forceinline__ float2 norm_rope(float x1, float x2, float weight1, float weight2, float scale,
+                                            const RopePair& pair) {
+    const float normed1 = weight1 * (x1 * scale), normed2 = weight2 * (x2 * scale);
+    return make_float2(normed1 * pair.c - normed2 * pair.s, normed2 * pair.c + normed1 * pair.s);
+}
+
+// A new key's K or V pair in bf16: dims i and i + half of `made` (shared memory), and of the cache row at
+// slot + offset when this block stores the key (`slot` not null).
+__device__ __forceinline__ void store_new_pair(bf16_t* made, bf16_t* slot, size_t offset, int i, int half,
+                                               float first, float second) {
+    made[i] = f2bf(first);
+    made[i + half] = f2bf(second);
+    if (slot) {
+        slot[offset + i] = made[i];
+        slot[offset + i + half] = made[i + half];
+    }
+}
+
 // RMSNorm over one head whose pair (x1, x2) this thread holds (zeros past the half), then RoPE, into
 // out[0..head_dim): qk_norm_rope_store's arithmetic, except that its sum of squares is reduced over the block
 // here and over a warp there, so the two may differ in the last bit.
@@ -479,9 +499,9 @@ __device__ __forceinline__ void norm_rope_pair(float x1, float x2, float weight1
     const int half = head_dim / 2, i = threadIdx.x;
     const float scale = 1.0f / sqrtf(block_sum(x1 * x1 + x2 * x2) / head_dim + eps);
     if (i < half) {
-        const float normed1 = weight1 * (x1 * scale), normed2 = weight2 * (x2 * scale);
-        out[i] = normed1 * pair.c - normed2 * pair.s;
-        out[i + half] = normed2 * pair.c + normed1 * pair.s;
+        const float2 rotated = norm_rope(x1, x2, weight1, weight2, scale, pair);
+        out[i] = rotated.x;
+        out[i + half] = rotated.y;
     }
 }
 
@@ -596,30 +616,16 @@ __device__ __forceinline__ void split_walk(const float* q_head, const FusedQkv& 
             q_total += q_squares[pair_head * WARPS_PER_HEAD + w];
             k_total += k_squares[w];
         }
-        // RMSNorm of a pair with the head's sum of squares, then RoPE: (value at i, value at i + half).
-        auto norm_rope = [&](float x1, float x2, float weight1, float weight2, float total) {
-            const float norm_scale = 1.0f / sqrtf(total / HEAD_DIM + fused.eps);
-            const float normed1 = weight1 * (x1 * norm_scale), normed2 = weight2 * (x2 * norm_scale);
-            return make_float2(normed1 * rope.c - normed2 * rope.s, normed2 * rope.c + normed1 * rope.s);
-        };
-        const float2 q_pair = norm_rope(q1, q2, rope.q_weight1, rope.q_weight2, q_total);
+        // RMSNorm of a pair with the head's sum of squares, then RoPE.
+        auto inverse_rms = [&](float total) { return 1.0f / sqrtf(total / HEAD_DIM + fused.eps); };
+        const float2 q_pair = norm_rope(q1, q2, rope.q_weight1, rope.q_weight2, inverse_rms(q_total), rope);
         q_made[pair_head * HEAD_DIM + i] = q_pair.x;
         q_made[pair_head * HEAD_DIM + i + HALF] = q_pair.y;
         if (holds_new_key && pair_head == 0) {
-            const float2 k_pair = norm_rope(k1, k2, rope.k_weight1, rope.k_weight2, k_total);
-            new_k[i] = f2bf(k_pair.x);
-            new_k[i + HALF] = f2bf(k_pair.y);
-            if (new_slot) {
-                new_slot[keys.k_offset + i] = new_k[i];
-                new_slot[keys.k_offset + i + HALF] = new_k[i + HALF];
-            }
+            const float2 k_pair = norm_rope(k1, k2, rope.k_weight1, rope.k_weight2, inverse_rms(k_total), rope);
+            store_new_pair(new_k, new_slot, keys.k_offset, i, HALF, k_pair.x, k_pair.y);
         } else if (holds_new_key && pair_head == 1) {
-            new_v[i] = f2bf(v1);
-            new_v[i + HALF] = f2bf(v2);
-            if (new_slot) {
-                new_slot[keys.v_offset + i] = new_v[i];
-                new_slot[keys.v_offset + i + HALF] = new_v[i + HALF];
-            }
+            store_new_pair(new_v, new_slot, keys.v_offset, i, HALF, v1, v2);
         }
     }
     __syncthreads();
