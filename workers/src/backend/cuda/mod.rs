@@ -18,6 +18,7 @@ mod graphs;
 mod kernels;
 mod kv_io;
 mod launch_times;
+mod step_io;
 mod weights;
 
 use std::sync::Mutex;
@@ -38,6 +39,7 @@ use kernels::{
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use launch_times::LaunchTimes;
+use step_io::StepIo;
 use weights::{DeviceLayer, DeviceWeights};
 
 use super::{Backend, SequenceStep};
@@ -101,7 +103,8 @@ pub struct CudaBackend {
     /// This step's metadata, built on the host: see [`StepMeta`].
     meta: Vec<u32>,
     greedy_tokens: Vec<u32>,
-    greedy_keys: Vec<u64>,
+    /// Page-locked buffers of each step's metadata upload and greedy keys download.
+    step_io: StepIo,
     /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
@@ -362,6 +365,7 @@ impl CudaBackend {
             .synchronize()
             .during(|| format!("uploading the model to cuda:{ordinal}"))?;
         let pinned = PinnedPool::new(&gpu.context);
+        let step_io = StepIo::new(&gpu.context);
         Ok(Self {
             gpu,
             kernels,
@@ -379,7 +383,7 @@ impl CudaBackend {
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
             greedy_tokens: Vec::new(),
-            greedy_keys: Vec::new(),
+            step_io,
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
             mma_gemv_from: env_count("TANDEM_CUDA_MMA_GEMV_FROM").unwrap_or(MMA_GEMV_FROM_TOKENS),
@@ -680,13 +684,12 @@ impl CudaBackend {
             parts.rows,
             parts.num_tokens * self.config.num_q_heads * parts.num_splits,
         )?;
-        self.gpu
-            .stream
-            .memcpy_htod(
-                &self.meta,
-                &mut self.scratch.meta.slice_mut(..self.meta.len()),
-            )
-            .during(|| "uploading the step metadata".into())?;
+        // `scratch.meta` holds at least `self.meta.len()` u32 (ensure_capacity above).
+        self.step_io.upload_meta(
+            &self.meta,
+            addr(&self.scratch.meta, &self.gpu),
+            self.gpu.stream.cu_stream(),
+        )?;
         Ok(())
     }
 
@@ -1149,19 +1152,11 @@ impl Backend for CudaBackend {
         let s = &self.scratch;
         tokens.clear();
         if picked_on_gpu {
-            self.greedy_keys.clear();
-            self.greedy_keys.resize(batch.len(), 0);
-            gpu.stream
-                .memcpy_dtoh(
-                    &s.argmax_keys.slice(..batch.len()),
-                    &mut self.greedy_keys[..],
-                )
-                .during(|| "copying the greedy token keys to the host".into())?;
-            gpu.stream
-                .synchronize()
-                .during(|| "running a greedy forward step".into())?;
-            self.report_launches(batch)?;
-            for &key in &self.greedy_keys {
+            // `argmax_keys` holds a key for every row of the step.
+            let keys =
+                self.step_io
+                    .download_keys(addr(&s.argmax_keys, gpu), batch.len(), &gpu.stream)?;
+            for &key in keys {
                 // The low half of a key is u32::MAX - token (argmax_key in decode_gemv.cu); 0 means no logit.
                 let token = u32::MAX - key as u32;
                 if key == 0 || token as usize >= self.config.vocab_size {
@@ -1172,6 +1167,7 @@ impl Backend for CudaBackend {
                 }
                 tokens.push(token);
             }
+            self.report_launches(batch)?;
             return Ok(());
         }
         self.kernels.argmax_rows(

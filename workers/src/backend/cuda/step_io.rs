@@ -1,0 +1,95 @@
+//! The per-step copies between host and GPU of a decode step: its metadata up, the greedy tokens' keys down.
+//! Both go through page-locked buffers kept for the backend's life. From pageable memory the driver stages a
+//! copy itself, and a download into pageable memory waits for the stream inside the call and copies again on
+//! the host; at one sequence a step is under a millisecond, so those microseconds count.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, DeviceRepr, PinnedHostSlice, result};
+
+use super::device::{CudaError, DriverContext};
+
+/// A page-locked host buffer that grows to the largest copy asked of it.
+struct PinnedBuffer<T> {
+    buffer: Option<PinnedHostSlice<T>>,
+}
+
+impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits> PinnedBuffer<T> {
+    fn new() -> Self {
+        Self { buffer: None }
+    }
+
+    /// The first `len` elements, growing the buffer first if it is smaller.
+    fn slice_mut(&mut self, context: &Arc<CudaContext>, len: usize) -> Result<&mut [T], CudaError> {
+        if self.buffer.as_ref().is_none_or(|buffer| buffer.len() < len) {
+            let capacity = len.next_power_of_two().max(64);
+            // Plain page-locked memory (flags 0): the host reads the keys back, and write-combined memory
+            // (cudarc's default) is slow to read.
+            // SAFETY: nothing reads the new buffer before a copy or the host writes it.
+            let buffer = unsafe { context.alloc_pinned_with_flags::<T>(capacity, 0) }
+                .during(|| format!("allocating {capacity} page-locked elements for step copies"))?;
+            self.buffer = Some(buffer);
+        }
+        let buffer = self
+            .buffer
+            .as_mut()
+            .ok_or_else(|| CudaError::Unsupported("a step copy buffer was not allocated".into()))?;
+        // The buffer's own event is never recorded (copies here go through the raw driver calls), so this
+        // returns at once.
+        Ok(&mut buffer
+            .as_mut_slice()
+            .during(|| "reading a page-locked step buffer".into())?[..len])
+    }
+}
+
+/// The page-locked buffers of the step copies. A step's copies must be complete (its stream synchronized)
+/// before the next step's start here, which every forward step does before it returns.
+pub(crate) struct StepIo {
+    context: Arc<CudaContext>,
+    meta: PinnedBuffer<u32>,
+    keys: PinnedBuffer<u64>,
+}
+
+impl StepIo {
+    pub(crate) fn new(context: &Arc<CudaContext>) -> Self {
+        Self {
+            context: Arc::clone(context),
+            meta: PinnedBuffer::new(),
+            keys: PinnedBuffer::new(),
+        }
+    }
+
+    /// Queues the upload of `meta` to `target` (at least `meta.len()` u32) on `stream`.
+    pub(crate) fn upload_meta(
+        &mut self,
+        meta: &[u32],
+        target: CUdeviceptr,
+        stream: CUstream,
+    ) -> Result<(), CudaError> {
+        let staged = self.meta.slice_mut(&self.context, meta.len())?;
+        staged.copy_from_slice(meta);
+        // SAFETY: `target` holds at least `meta.len()` u32 (the caller's contract); the page-locked source is
+        // not written again before the stream is synchronized (see `StepIo`).
+        unsafe { result::memcpy_htod_async(target, staged, stream) }
+            .during(|| "uploading the step metadata".into())
+    }
+
+    /// Copies `len` keys from `source` on `stream`, waits for the stream, and returns them.
+    pub(crate) fn download_keys(
+        &mut self,
+        source: CUdeviceptr,
+        len: usize,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<&[u64], CudaError> {
+        let keys = self.keys.slice_mut(&self.context, len)?;
+        // SAFETY: `source` holds at least `len` u64 (the caller's contract), and the destination outlives the
+        // copy: the stream is synchronized before this returns.
+        unsafe { result::memcpy_dtoh_async(keys, source, stream.cu_stream()) }
+            .during(|| "copying the greedy token keys to the host".into())?;
+        stream
+            .synchronize()
+            .during(|| "running a greedy forward step".into())?;
+        Ok(keys)
+    }
+}
