@@ -91,6 +91,13 @@ impl Sampler {
         }
     }
 
+    /// Whether [`Sampler::sample`] would read nothing of the logits but their argmax: greedy (temperature 0 or
+    /// top-k 1) without logprobs. A step of such requests may take the tokens a GPU picked itself
+    /// ([`crate::Engine::decode_greedy`]), the same argmax with ties to the lowest id, and skip the logits.
+    pub fn needs_only_argmax(&self) -> bool {
+        (self.params.temperature <= 0.0 || self.params.top_k == 1) && self.params.logprobs.is_none()
+    }
+
     pub fn is_stop_token(&self, token_id: u32) -> bool {
         self.params.stop_token_ids.contains(&token_id)
     }

@@ -184,6 +184,13 @@ pub struct BatcherConfig {
     pub metrics: DecodeMetrics,
 }
 
+/// What a decode step gives back: every sequence's logits (a row of the vocabulary each), or only each one's
+/// greedy token.
+enum StepOutput {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
+}
+
 enum Phase {
     /// Prompt not fully computed yet.
     Prefilling,
@@ -671,8 +678,22 @@ impl Batcher<'_> {
         if steps.is_empty() {
             return;
         }
-        let logits = match self.engine.decode(&steps) {
-            Ok(logits) => logits.to_vec(),
+        // A step whose requests all decode greedily without logprobs takes only the tokens from the engine: on a
+        // GPU they are picked there, and the logits (the vocabulary's f32 per sequence) stay on the device.
+        let only_argmax = self.running.iter().all(|run| {
+            !matches!(run.phase, Phase::Decoding { .. }) || run.sampler.needs_only_argmax()
+        });
+        let decoded = if only_argmax {
+            self.engine
+                .decode_greedy(&steps)
+                .map(|tokens| StepOutput::Tokens(tokens.to_vec()))
+        } else {
+            self.engine
+                .decode(&steps)
+                .map(|logits| StepOutput::Logits(logits.to_vec()))
+        };
+        let output = match decoded {
+            Ok(output) => output,
             Err(EngineError::OutOfBlocks { .. }) => {
                 // No block for the next token of some sequence: give up the newest request so the rest go on.
                 if let Some(index) = self
@@ -711,7 +732,19 @@ impl Batcher<'_> {
             else {
                 continue;
             };
-            if self.accept_sampled(index, &logits[row * vocab_size..(row + 1) * vocab_size]) {
+            let ended = match &output {
+                StepOutput::Logits(logits) => {
+                    self.accept_sampled(index, &logits[row * vocab_size..(row + 1) * vocab_size])
+                }
+                StepOutput::Tokens(tokens) => self.accept_token(
+                    index,
+                    SampledToken {
+                        token_id: tokens[row],
+                        logprobs: None,
+                    },
+                ),
+            };
+            if ended {
                 finished.push(*sequence_id);
             }
         }
@@ -931,8 +964,144 @@ fn wire_logprobs(tokenizer: &Tokenizer, logprobs: &TokenLogprobs) -> TokenLogpro
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
-    use crate::{EngineConfig, builtin_model};
+    use crate::backend::{Backend, SequenceStep};
+    use crate::kv_cache::BlockId;
+    use crate::{CpuBackend, EngineConfig, KvLayout, ModelConfig, builtin_model};
+
+    /// The CPU backend, counting the steps that asked for logits and those that asked only for the greedy tokens.
+    struct CountingBackend {
+        inner: CpuBackend,
+        logits_steps: Arc<AtomicUsize>,
+        greedy_steps: Arc<AtomicUsize>,
+    }
+
+    impl Backend for CountingBackend {
+        fn model_config(&self) -> &ModelConfig {
+            self.inner.model_config()
+        }
+        fn kv_layout(&self) -> KvLayout {
+            self.inner.kv_layout()
+        }
+        fn num_blocks(&self) -> usize {
+            self.inner.num_blocks()
+        }
+        fn forward(
+            &mut self,
+            batch: &[SequenceStep<'_>],
+            logits: &mut Vec<f32>,
+        ) -> Result<(), EngineError> {
+            self.logits_steps.fetch_add(1, Ordering::Relaxed);
+            self.inner.forward(batch, logits)
+        }
+        fn forward_greedy(
+            &mut self,
+            batch: &[SequenceStep<'_>],
+            tokens: &mut Vec<u32>,
+        ) -> Result<(), EngineError> {
+            self.greedy_steps.fetch_add(1, Ordering::Relaxed);
+            self.inner.forward_greedy(batch, tokens)
+        }
+        fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
+            self.inner.read_block(block, out)
+        }
+        fn write_block(&mut self, block: BlockId, bytes: &[u8]) -> Result<(), EngineError> {
+            self.inner.write_block(block, bytes)
+        }
+    }
+
+    fn shipped_tokenizer() -> Tokenizer {
+        let tokenizer_path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../assets/qwen3-tokenizer/tokenizer.json"
+        );
+        Tokenizer::from_file(tokenizer_path).expect("the shipped tokenizer loads")
+    }
+
+    fn test_config() -> BatcherConfig {
+        BatcherConfig {
+            worker_id: "test".into(),
+            max_batch_sequences: 8,
+            checkpoint_every_tokens: 16,
+            prefill_chunk_tokens: 8,
+            max_model_len_tokens: 4096,
+            prefill_rule: Arc::new(SharedPrefillRule::new(PrefillRule::local_only())),
+            kv_endpoint: None,
+            model_fingerprint: 0,
+            prefill_queue_depth: Arc::new(AtomicU32::new(0)),
+            metrics: DecodeMetrics::new("test"),
+        }
+    }
+
+    /// What one request's run on the counting CPU backend gave: its tokens, how many logprobs came with them, and
+    /// the steps that asked for logits and those that asked only for the greedy tokens.
+    struct CountedRun {
+        tokens: Vec<u32>,
+        logprobs: usize,
+        logits_steps: usize,
+        greedy_steps: usize,
+    }
+
+    /// Runs `job` alone to its end on the counting CPU backend.
+    fn run_counted(job: Job) -> CountedRun {
+        let logits_steps = Arc::new(AtomicUsize::new(0));
+        let greedy_steps = Arc::new(AtomicUsize::new(0));
+        let config = EngineConfig::default();
+        let backend = CountingBackend {
+            inner: CpuBackend::new(builtin_model(), config.num_blocks, config.block_size_tokens)
+                .expect("backend"),
+            logits_steps: Arc::clone(&logits_steps),
+            greedy_steps: Arc::clone(&greedy_steps),
+        };
+        let engine = Engine::new(Box::new(backend), config).expect("engine");
+        let (commands, command_receiver) = mpsc::channel();
+        let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
+        commands.send(BatchCommand::Start(job)).expect("send");
+        commands.send(BatchCommand::Drain).expect("send");
+        let tokenizer = shipped_tokenizer();
+        let config = test_config();
+        let engine_thread = std::thread::spawn(move || {
+            run_batcher(engine, tokenizer, config, command_receiver, output_sender)
+        });
+        let mut run = CountedRun {
+            tokens: Vec::new(),
+            logprobs: 0,
+            logits_steps: 0,
+            greedy_steps: 0,
+        };
+        while let Some(output) = outputs.blocking_recv() {
+            if let BatchOutput::Tokens { update, .. } = output {
+                run.tokens.extend(&update.token_ids);
+                run.logprobs += update.logprobs.len();
+            }
+        }
+        engine_thread.join().expect("the engine thread ends");
+        run.logits_steps = logits_steps.load(Ordering::Relaxed);
+        run.greedy_steps = greedy_steps.load(Ordering::Relaxed);
+        run
+    }
+
+    /// Greedy requests without logprobs decode through `decode_greedy` (on a GPU the tokens are picked there), and
+    /// give the tokens the sampler gives from the logits; a request with logprobs keeps the logits.
+    #[test]
+    fn greedy_requests_without_logprobs_take_only_the_greedy_tokens() {
+        let greedy = job("greedy", 8, 10);
+        let mut with_logprobs = job("with_logprobs", 8, 10);
+        with_logprobs.sampling.logprobs = Some(2);
+
+        let greedy = run_counted(greedy);
+        assert_eq!(greedy.tokens.len(), 10);
+        assert_eq!(greedy.logprobs, 0);
+        // The prompt (one chunk) gives the first token from its logits; the nine steps after it only tokens.
+        assert_eq!((greedy.logits_steps, greedy.greedy_steps), (1, 9));
+
+        let sampled = run_counted(with_logprobs);
+        assert_eq!(sampled.tokens, greedy.tokens);
+        assert_eq!(sampled.logprobs, 10);
+        assert_eq!((sampled.logits_steps, sampled.greedy_steps), (10, 0));
+    }
 
     fn job(request_id: &str, prompt_tokens: u32, max_tokens: u32) -> Job {
         Job::first_attempt(
@@ -950,24 +1119,9 @@ mod tests {
     /// A finished request's slot is taken by the newest one (`swap_remove`); prefill must still go oldest first.
     #[test]
     fn prefill_chunks_go_to_the_oldest_request_when_the_batch_is_reordered() {
-        let tokenizer_path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../assets/qwen3-tokenizer/tokenizer.json"
-        );
-        let tokenizer = Tokenizer::from_file(tokenizer_path).expect("the shipped tokenizer loads");
+        let tokenizer = shipped_tokenizer();
         let engine = Engine::cpu(builtin_model(), EngineConfig::default()).expect("engine");
-        let config = BatcherConfig {
-            worker_id: "test".into(),
-            max_batch_sequences: 8,
-            checkpoint_every_tokens: 16,
-            prefill_chunk_tokens: 8,
-            max_model_len_tokens: 4096,
-            prefill_rule: Arc::new(SharedPrefillRule::new(PrefillRule::local_only())),
-            kv_endpoint: None,
-            model_fingerprint: 0,
-            prefill_queue_depth: Arc::new(AtomicU32::new(0)),
-            metrics: DecodeMetrics::new("test"),
-        };
+        let config = test_config();
         let (commands, command_receiver) = mpsc::channel();
         let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
         // One chunk of prompt and two tokens, then two prompts of eight chunks admitted after it, in this order.
