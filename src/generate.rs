@@ -352,9 +352,10 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let parameters = weights.num_parameters();
     let max_prefill = args.prefill_lens.iter().copied().max().unwrap_or(1);
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, timed steps, one spare.
+    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, timed steps (greedy on the device,
+    // then with the logits to the host), one spare.
     let block_tokens = args.engine.kv_block_tokens.max(1);
-    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + args.decode_steps + 1)
+    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + 2 * args.decode_steps + 1)
         .div_ceil(block_tokens)
         * block_tokens;
     let tokens_needed = max_prefill.max(max_batch * sequence_tokens);
@@ -452,10 +453,34 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             bytes / 1e6,
             roofline_ms / ms_per_step * 100.0
         );
+        // The same steps with each sequence's logits copied to the host and sampled there (greedy): what a
+        // step costs when some request in it samples or asks for logprobs.
+        let mut samplers: Vec<Sampler> = (0..batch)
+            .map(|_| Sampler::new(SamplingParams::default()))
+            .collect();
+        let started = Instant::now();
+        for _ in 0..args.decode_steps {
+            let steps: Vec<(u64, u32)> = ids
+                .iter()
+                .copied()
+                .zip(next_tokens.iter().copied())
+                .collect();
+            let logits = engine.decode(&steps)?;
+            for (row, sampler) in samplers.iter_mut().enumerate() {
+                next_tokens[row] = sampler
+                    .sample(&logits[row * vocab_size..(row + 1) * vocab_size])
+                    .token_id;
+            }
+        }
+        let logits_ms_per_step = started.elapsed().as_secs_f64() * 1e3 / args.decode_steps as f64;
+        println!(
+            "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
+        );
         decode_results.push(json!({
             "batch": batch, "steps": args.decode_steps, "ms_per_step": ms_per_step,
             "tokens_per_s": (batch * args.decode_steps) as f64 / seconds,
             "bytes_per_step": bytes, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms_per_step,
+            "logits_to_host_ms_per_step": logits_ms_per_step,
         }));
         for id in ids {
             engine.remove_sequence(id)?;
