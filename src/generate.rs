@@ -162,8 +162,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// Prompt ids that differ per sequence (so no prefix is shared) and stay inside the vocabulary.
 fn bench_prompt(sequence: usize, len: usize, vocab_size: usize) -> Vec<u32> {
-    let mut state =
-        0x9E37_79B9_7F4A_7C15u64 ^ (sequence as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64
+        ^ (sequence as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0xD1B5_4A32_D192_ED03);
     (0..len)
         .map(|_| {
             state = state
@@ -250,23 +252,13 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
             ids.push(id);
             samplers.push(sampler);
         }
-        let started = Instant::now();
-        for _ in 0..args.decode_steps {
-            let steps: Vec<(u64, u32)> = ids
-                .iter()
-                .copied()
-                .zip(next_tokens.iter().copied())
-                .collect();
-            let logits = engine.decode(&steps)?;
-            for ((row, sampler), next) in logits
-                .chunks_exact(vocab_size)
-                .zip(&mut samplers)
-                .zip(&mut next_tokens)
-            {
-                *next = sampler.sample(row).token_id;
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = decode_sampled(
+            &mut engine,
+            &ids,
+            &mut next_tokens,
+            &mut samplers,
+            args.decode_steps,
+        )?;
         for id in ids {
             engine.remove_sequence(id)?;
         }
@@ -316,6 +308,36 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
 }
 
 /// Bytes of the matrices one decode step reads (bf16): every layer's projections and the lm_head.
+/// Runs `steps` decode steps of the sequences `ids`, each step's logits copied to the host and every sequence's
+/// next token drawn by its sampler there; returns the seconds they took. `next_tokens` holds each sequence's
+/// input token, and its next one when this returns.
+fn decode_sampled(
+    engine: &mut Engine,
+    ids: &[u64],
+    next_tokens: &mut [u32],
+    samplers: &mut [Sampler],
+    steps: usize,
+) -> Result<f64> {
+    let vocab_size = engine.model_config().vocab_size;
+    let started = Instant::now();
+    for _ in 0..steps {
+        let batch: Vec<(u64, u32)> = ids
+            .iter()
+            .copied()
+            .zip(next_tokens.iter().copied())
+            .collect();
+        let logits = engine.decode(&batch)?;
+        for ((row, sampler), next) in logits
+            .chunks_exact(vocab_size)
+            .zip(samplers.iter_mut())
+            .zip(next_tokens.iter_mut())
+        {
+            *next = sampler.sample(row).token_id;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 fn decode_weight_bytes(config: &ModelConfig) -> f64 {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let per_layer = (config.q_dim() + 2 * config.kv_dim()) * h + h * config.q_dim() + 3 * i * h;
@@ -458,21 +480,14 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
         let mut samplers: Vec<Sampler> = (0..batch)
             .map(|_| Sampler::new(SamplingParams::default()))
             .collect();
-        let started = Instant::now();
-        for _ in 0..args.decode_steps {
-            let steps: Vec<(u64, u32)> = ids
-                .iter()
-                .copied()
-                .zip(next_tokens.iter().copied())
-                .collect();
-            let logits = engine.decode(&steps)?;
-            for (row, sampler) in samplers.iter_mut().enumerate() {
-                next_tokens[row] = sampler
-                    .sample(&logits[row * vocab_size..(row + 1) * vocab_size])
-                    .token_id;
-            }
-        }
-        let logits_ms_per_step = started.elapsed().as_secs_f64() * 1e3 / args.decode_steps as f64;
+        let logits_ms_per_step = decode_sampled(
+            &mut engine,
+            &ids,
+            &mut next_tokens,
+            &mut samplers,
+            args.decode_steps,
+        )? * 1e3
+            / args.decode_steps as f64;
         println!(
             "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
         );
