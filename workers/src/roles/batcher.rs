@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use tandem_events::Event;
 use tandem_events::schema::{
     Body, Completed, DecodeStarted, Failed, KvDestination, PrefillLocal, PrefillQueued,
@@ -723,6 +724,41 @@ impl Batcher<'_> {
             }
         };
         let vocab_size = self.engine.model_config().vocab_size;
+        // Each row's next token: as the engine picked it, or drawn from its logits by its request's sampler. The
+        // rows are drawn in parallel: sampling with a temperature is a few passes over the whole vocabulary a row,
+        // a serial loop of them took longer than a GPU's step, and each request's random stream is its own.
+        let mut sampled: Vec<Option<SampledToken>> = match output {
+            StepOutput::Tokens(tokens) => tokens
+                .into_iter()
+                .map(|token_id| {
+                    Some(SampledToken {
+                        token_id,
+                        logprobs: None,
+                    })
+                })
+                .collect(),
+            StepOutput::Logits(logits) => {
+                let rows: HashMap<SequenceId, usize> = steps
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &(sequence_id, _))| (sequence_id, row))
+                    .collect();
+                let drawn: Vec<(usize, SampledToken)> = self
+                    .running
+                    .par_iter_mut()
+                    .filter_map(|run| {
+                        let row = *rows.get(&run.sequence_id)?;
+                        let row_logits = &logits[row * vocab_size..(row + 1) * vocab_size];
+                        Some((row, run.sampler.sample(row_logits)))
+                    })
+                    .collect();
+                let mut by_row = vec![None; steps.len()];
+                for (row, token) in drawn {
+                    by_row[row] = Some(token);
+                }
+                by_row
+            }
+        };
         let mut finished = Vec::new();
         for (row, (sequence_id, _)) in steps.iter().enumerate() {
             let Some(index) = self
@@ -732,19 +768,10 @@ impl Batcher<'_> {
             else {
                 continue;
             };
-            let ended = match &output {
-                StepOutput::Logits(logits) => {
-                    self.accept_sampled(index, &logits[row * vocab_size..(row + 1) * vocab_size])
-                }
-                StepOutput::Tokens(tokens) => self.accept_token(
-                    index,
-                    SampledToken {
-                        token_id: tokens[row],
-                        logprobs: None,
-                    },
-                ),
+            let Some(token) = sampled[row].take() else {
+                continue;
             };
-            if ended {
+            if self.accept_token(index, token) {
                 finished.push(*sequence_id);
             }
         }
@@ -1042,6 +1069,55 @@ mod tests {
         logprobs: usize,
         logits_steps: usize,
         greedy_steps: usize,
+    }
+
+    /// Runs `jobs` together to their end on the CPU backend: each request's generated tokens.
+    fn run_together(jobs: Vec<Job>) -> HashMap<String, Vec<u32>> {
+        let engine = Engine::cpu(builtin_model(), EngineConfig::default()).expect("engine");
+        let (commands, command_receiver) = mpsc::channel();
+        let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
+        for job in jobs {
+            commands.send(BatchCommand::Start(job)).expect("send");
+        }
+        commands.send(BatchCommand::Drain).expect("send");
+        let tokenizer = shipped_tokenizer();
+        let config = test_config();
+        let engine_thread = std::thread::spawn(move || {
+            run_batcher(engine, tokenizer, config, command_receiver, output_sender)
+        });
+        let mut generated: HashMap<String, Vec<u32>> = HashMap::new();
+        while let Some(output) = outputs.blocking_recv() {
+            if let BatchOutput::Tokens { request_id, update } = output {
+                generated
+                    .entry(request_id)
+                    .or_default()
+                    .extend(&update.token_ids);
+            }
+        }
+        engine_thread.join().expect("the engine thread ends");
+        generated
+    }
+
+    /// Sampled requests decoding in one batch (their rows drawn in parallel) each get the tokens their seed gives
+    /// them alone.
+    #[test]
+    fn sampled_requests_in_a_batch_draw_what_their_seeds_draw_alone() {
+        let sampled = |request_id: &str, seed: u64| {
+            let mut job = job(request_id, 8, 12);
+            job.sampling.temperature = 1.0;
+            job.sampling.seed = Some(seed);
+            job
+        };
+        let together = run_together(vec![sampled("a", 1), sampled("b", 2), sampled("c", 3)]);
+        for (request_id, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+            let alone = run_together(vec![sampled(request_id, seed)]);
+            assert_eq!(together[request_id].len(), 12);
+            assert_eq!(
+                together[request_id], alone[request_id],
+                "request {request_id}"
+            );
+        }
+        assert_ne!(together["a"], together["b"]);
     }
 
     /// Runs `job` alone to its end on the counting CPU backend.
