@@ -1071,9 +1071,11 @@ mod tests {
         greedy_steps: usize,
     }
 
-    /// Runs `jobs` together to their end on the CPU backend: each request's generated tokens.
-    fn run_together(jobs: Vec<Job>) -> HashMap<String, Vec<u32>> {
-        let engine = Engine::cpu(builtin_model(), EngineConfig::default()).expect("engine");
+    /// What each request of a run gave: its generated tokens, and how many logprobs came with them.
+    type Generated = HashMap<String, (Vec<u32>, usize)>;
+
+    /// Runs `jobs` together to their end on `engine`.
+    fn run_jobs(engine: Engine, jobs: Vec<Job>) -> Generated {
         let (commands, command_receiver) = mpsc::channel();
         let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
         for job in jobs {
@@ -1085,17 +1087,25 @@ mod tests {
         let engine_thread = std::thread::spawn(move || {
             run_batcher(engine, tokenizer, config, command_receiver, output_sender)
         });
-        let mut generated: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut generated = Generated::new();
         while let Some(output) = outputs.blocking_recv() {
             if let BatchOutput::Tokens { request_id, update } = output {
-                generated
-                    .entry(request_id)
-                    .or_default()
-                    .extend(&update.token_ids);
+                let (tokens, logprobs) = generated.entry(request_id).or_default();
+                tokens.extend(&update.token_ids);
+                *logprobs += update.logprobs.len();
             }
         }
         engine_thread.join().expect("the engine thread ends");
         generated
+    }
+
+    /// Runs `jobs` together to their end on the CPU backend: each request's generated tokens.
+    fn run_together(jobs: Vec<Job>) -> HashMap<String, Vec<u32>> {
+        let engine = Engine::cpu(builtin_model(), EngineConfig::default()).expect("engine");
+        run_jobs(engine, jobs)
+            .into_iter()
+            .map(|(request_id, (tokens, _))| (request_id, tokens))
+            .collect()
     }
 
     /// Sampled requests decoding in one batch (their rows drawn in parallel) each get the tokens their seed gives
@@ -1132,31 +1142,16 @@ mod tests {
             greedy_steps: Arc::clone(&greedy_steps),
         };
         let engine = Engine::new(Box::new(backend), config).expect("engine");
-        let (commands, command_receiver) = mpsc::channel();
-        let (output_sender, mut outputs) = tokio::sync::mpsc::unbounded_channel();
-        commands.send(BatchCommand::Start(job)).expect("send");
-        commands.send(BatchCommand::Drain).expect("send");
-        let tokenizer = shipped_tokenizer();
-        let config = test_config();
-        let engine_thread = std::thread::spawn(move || {
-            run_batcher(engine, tokenizer, config, command_receiver, output_sender)
-        });
-        let mut run = CountedRun {
-            tokens: Vec::new(),
-            logprobs: 0,
-            logits_steps: 0,
-            greedy_steps: 0,
-        };
-        while let Some(output) = outputs.blocking_recv() {
-            if let BatchOutput::Tokens { update, .. } = output {
-                run.tokens.extend(&update.token_ids);
-                run.logprobs += update.logprobs.len();
-            }
+        let (tokens, logprobs) = run_jobs(engine, vec![job])
+            .into_values()
+            .next()
+            .unwrap_or_default();
+        CountedRun {
+            tokens,
+            logprobs,
+            logits_steps: logits_steps.load(Ordering::Relaxed),
+            greedy_steps: greedy_steps.load(Ordering::Relaxed),
         }
-        engine_thread.join().expect("the engine thread ends");
-        run.logits_steps = logits_steps.load(Ordering::Relaxed);
-        run.greedy_steps = greedy_steps.load(Ordering::Relaxed);
-        run
     }
 
     /// Greedy requests without logprobs decode through `decode_greedy` (on a GPU the tokens are picked there), and
