@@ -307,7 +307,6 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of the matrices one decode step reads (bf16): every layer's projections and the lm_head.
 /// Runs `steps` decode steps of the sequences `ids`, each step's logits copied to the host and every sequence's
 /// next token drawn by its sampler there; returns the seconds they took. `next_tokens` holds each sequence's
 /// input token, and its next one when this returns.
@@ -338,6 +337,7 @@ fn decode_sampled(
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Bytes of the matrices one decode step reads (bf16): every layer's projections and the lm_head.
 fn decode_weight_bytes(config: &ModelConfig) -> f64 {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let per_layer = (config.q_dim() + 2 * config.kv_dim()) * h + h * config.q_dim() + 3 * i * h;
