@@ -1,7 +1,8 @@
 //! The per-step copies between host and GPU of a decode step: its metadata up, the greedy tokens' keys down.
-//! Both go through page-locked buffers kept for the backend's life. From pageable memory the driver stages a
-//! copy itself, and a download into pageable memory waits for the stream inside the call and copies again on
-//! the host; at one sequence a step is under a millisecond, so those microseconds count.
+//! Both go through page-locked buffers kept for the backend's life, not pageable memory that the driver stages
+//! itself (a download into pageable memory also waits for the stream inside the call and copies again on the
+//! host). That measured within the noise of a step (PERF.md, stop 23); copies that overlap a running step, the
+//! way to hide the host's part of one, need page-locked memory.
 
 use std::sync::Arc;
 
