@@ -33,4 +33,6 @@ pub use model::builtin::{BUILTIN_SEED, builtin_config, builtin_model, qwen3_shap
 pub use model::config::ModelConfig;
 pub use model::loader::{load_model, load_model_config};
 pub use model::weights::ModelWeights;
-pub use sampling::{SampledToken, Sampler, SamplingParams, TokenLogprobs};
+pub use sampling::{
+    DRAW_CANDIDATES, RowDraw, RowDrawParams, SampledToken, Sampler, SamplingParams, TokenLogprobs,
+};
