@@ -13,7 +13,7 @@ use crate::kv_cache::layout::KvLayout;
 use crate::kv_cache::{BlockTable, KvCacheEvent, KvCacheManager};
 use crate::model::config::ModelConfig;
 use crate::model::weights::ModelWeights;
-use crate::sampling::{Sampler, SamplingParams, TokenLogprobs};
+use crate::sampling::{RowDraw, RowDrawParams, Sampler, SamplingParams, TokenLogprobs};
 
 /// Identifies a sequence within one engine.
 pub type SequenceId = u64;
@@ -89,13 +89,19 @@ pub struct Engine {
     logits: Vec<f32>,
     /// The last greedy step's tokens, one per sequence.
     greedy_tokens: Vec<u32>,
+    /// The last drawn step's rows ([`Engine::decode_drawn`]).
+    draws: Vec<RowDraw>,
+    /// Whether the last step was drawn: then [`Engine::step_logits`] may read its rows.
+    last_step_drawn: bool,
+    /// A row of the last drawn step's logits read back from the backend.
+    logits_row: Vec<f32>,
 }
 
-/// What a decode step leaves behind: every sequence's logits, or only its argmax.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum DecodeOutput {
+/// What a decode step leaves behind: every sequence's logits, only its argmax, or each row's draw.
+enum DecodeOutput<'p> {
     Logits,
     Greedy,
+    Drawn(&'p [RowDrawParams]),
 }
 
 impl Engine {
@@ -130,6 +136,9 @@ impl Engine {
             config,
             logits: Vec::new(),
             greedy_tokens: Vec::new(),
+            draws: Vec::new(),
+            last_step_drawn: false,
+            logits_row: Vec::new(),
         })
     }
 
@@ -283,6 +292,7 @@ impl Engine {
             start_position: start,
             block_table: &sequence.block_table.blocks,
         };
+        self.last_step_drawn = false;
         self.backend.forward(&[step], &mut self.logits)?;
         sequence.num_computed_tokens = end;
         self.kv_cache
@@ -290,7 +300,7 @@ impl Engine {
         Ok(end == sequence.token_ids.len())
     }
 
-    /// The logits of the last step, `[batch, vocab_size]`.
+    /// The logits of the last step, `[batch, vocab_size]` (empty after a drawn step whose backend kept them).
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
@@ -309,11 +319,49 @@ impl Engine {
         Ok(&self.greedy_tokens)
     }
 
+    /// Like [`Engine::decode`] for a batch where some sequence samples: returns each row's [`RowDraw`] for its
+    /// `params` (one per step, in the order given). A GPU backend computes them on the device, so the logits
+    /// stay there; a row whose top-p nucleus reaches past the candidates reads its logits with
+    /// [`Engine::step_logits`].
+    pub fn decode_drawn(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+        params: &[RowDrawParams],
+    ) -> Result<&[RowDraw], EngineError> {
+        if params.len() != steps.len() {
+            return Err(EngineError::Config(format!(
+                "a drawn step of {} sequences was given {} rows of sampling parameters",
+                steps.len(),
+                params.len()
+            )));
+        }
+        self.decode_step(steps, DecodeOutput::Drawn(params))?;
+        self.last_step_drawn = true;
+        Ok(&self.draws)
+    }
+
+    /// Row `row`'s logits of the last step, which must have been [`Engine::decode_drawn`]'s.
+    pub fn step_logits(&mut self, row: usize) -> Result<&[f32], EngineError> {
+        let rows = self.draws.len();
+        if !self.last_step_drawn || row >= rows {
+            return Err(EngineError::LogitsNotKept(format!(
+                "row {row} of the last step: only the rows of the last drawn step ({rows}) are kept"
+            )));
+        }
+        let vocab_size = self.model_config().vocab_size;
+        if self.logits.len() == rows * vocab_size {
+            return Ok(&self.logits[row * vocab_size..(row + 1) * vocab_size]);
+        }
+        self.backend.read_logits_row(row, &mut self.logits_row)?;
+        Ok(&self.logits_row)
+    }
+
     fn decode_step(
         &mut self,
         steps: &[(SequenceId, u32)],
-        output: DecodeOutput,
+        output: DecodeOutput<'_>,
     ) -> Result<(), EngineError> {
+        self.last_step_drawn = false;
         let block_size = self.config.block_size_tokens;
         let mut needed_blocks = 0;
         for (index, &(id, token_id)) in steps.iter().enumerate() {
@@ -363,6 +411,12 @@ impl Engine {
         let result = match output {
             DecodeOutput::Logits => self.backend.forward(&batch, &mut self.logits),
             DecodeOutput::Greedy => self.backend.forward_greedy(&batch, &mut self.greedy_tokens),
+            DecodeOutput::Drawn(params) => {
+                // Left empty by a backend that keeps the logits, so no earlier step's rows pass for this one's.
+                self.logits.clear();
+                self.backend
+                    .forward_drawn(&batch, params, &mut self.logits, &mut self.draws)
+            }
         };
         drop(batch);
         for &(id, _) in steps {

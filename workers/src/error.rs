@@ -77,6 +77,8 @@ pub enum EngineError {
     DuplicateInBatch(u64),
     #[error("KV import: {0}")]
     KvImport(String),
+    #[error("the last step's logits are not available: {0}")]
+    LogitsNotKept(String),
     #[error("invalid engine configuration: {0}")]
     Config(String),
     #[error(transparent)]

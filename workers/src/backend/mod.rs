@@ -5,10 +5,13 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
+use rayon::prelude::*;
+
 use crate::error::EngineError;
 use crate::kv_cache::BlockId;
 use crate::kv_cache::layout::KvLayout;
 use crate::model::config::ModelConfig;
+use crate::sampling::{RowDraw, RowDrawParams};
 
 /// One sequence's share of a forward step: its new tokens, at positions
 /// `start_position..start_position + token_ids.len()`; the KV of positions `0..start_position` is already in
@@ -59,6 +62,32 @@ pub trait Backend: Send {
             best as u32
         }));
         Ok(())
+    }
+
+    /// Runs a step like [`Backend::forward`] for a batch where some row samples: leaves in `draws` each row's
+    /// [`RowDraw`] for its `params`. This default computes them on the host from the logits it leaves in
+    /// `logits`. A GPU backend overrides it to compute them on the device and leaves `logits` empty, so a few
+    /// hundred bytes a row cross to the host instead of the vocabulary; [`Backend::read_logits_row`] then
+    /// gives a row that needs more.
+    fn forward_drawn(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        params: &[RowDrawParams],
+        logits: &mut Vec<f32>,
+        draws: &mut Vec<RowDraw>,
+    ) -> Result<(), EngineError> {
+        self.forward(batch, logits)?;
+        draw_on_host(logits, self.model_config().vocab_size, params, draws);
+        Ok(())
+    }
+
+    /// After a [`Backend::forward_drawn`] that left `logits` empty: copies that step's logits of row `row` into
+    /// `out`.
+    fn read_logits_row(&mut self, row: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        let _ = (row, out);
+        Err(EngineError::LogitsNotKept(
+            "this backend leaves every step's logits on the host".into(),
+        ))
     }
 
     /// Copies one block out in the byte layout of [`KvLayout`]; `out.len()` is `block_bytes()`.
@@ -145,4 +174,19 @@ pub trait Backend: Send {
             "this backend's KV is in host memory: it cannot push blocks to a GPU".into(),
         ))
     }
+}
+
+/// Each row's [`RowDraw`] from the step's logits on the host, rows in parallel: each is a few passes over the
+/// vocabulary, and they are independent.
+pub(crate) fn draw_on_host(
+    logits: &[f32],
+    vocab_size: usize,
+    params: &[RowDrawParams],
+    draws: &mut Vec<RowDraw>,
+) {
+    logits
+        .par_chunks_exact(vocab_size)
+        .zip(params)
+        .map(|(row, params)| RowDraw::from_logits(row, params))
+        .collect_into_vec(draws);
 }

@@ -33,7 +33,7 @@ use crate::roles::engine_sampling;
 use crate::roles::observe::DecodeMetrics;
 use crate::roles::prefill_rule::{PrefillRule, SharedPrefillRule};
 use crate::roles::stop::StopMatcher;
-use crate::sampling::{SampledToken, Sampler, TokenLogprobs};
+use crate::sampling::{RowDraw, RowDrawParams, SampledToken, Sampler, TokenLogprobs};
 use crate::transfer::engine_io::import_received;
 use crate::transfer::{ExpectedTransfer, ReceivedKv};
 
@@ -185,11 +185,15 @@ pub struct BatcherConfig {
     pub metrics: DecodeMetrics,
 }
 
-/// What a decode step gives back: every sequence's logits (a row of the vocabulary each), or only each one's
-/// greedy token.
+/// What a decode step gives back: every sequence's logits (a row of the vocabulary each), only each one's
+/// greedy token, or each one's draw with the parameters it was asked for.
 enum StepOutput {
     Logits(Vec<f32>),
     Tokens(Vec<u32>),
+    Drawn {
+        params: Vec<RowDrawParams>,
+        draws: Vec<RowDraw>,
+    },
 }
 
 enum Phase {
@@ -680,14 +684,36 @@ impl Batcher<'_> {
             return;
         }
         // A step whose requests all decode greedily without logprobs takes only the tokens from the engine: on a
-        // GPU they are picked there, and the logits (the vocabulary's f32 per sequence) stay on the device.
-        let only_argmax = self.running.iter().all(|run| {
-            !matches!(run.phase, Phase::Decoding { .. }) || run.sampler.needs_only_argmax()
-        });
+        // GPU they are picked there, and the logits (the vocabulary's f32 per sequence) stay on the device. One
+        // whose requests all fit a row draw takes each row's draw (on a GPU, its candidates and sums), and only
+        // a request whose top-p nucleus reaches past the candidates reads its row of logits.
+        let decoding = || {
+            self.running
+                .iter()
+                .filter(|run| matches!(run.phase, Phase::Decoding { .. }))
+        };
+        let only_argmax = decoding().all(|run| run.sampler.needs_only_argmax());
+        let fits_row_draws = decoding().all(|run| run.sampler.fits_row_draw());
         let decoded = if only_argmax {
             self.engine
                 .decode_greedy(&steps)
                 .map(|tokens| StepOutput::Tokens(tokens.to_vec()))
+        } else if fits_row_draws {
+            let params: Vec<RowDrawParams> = steps
+                .iter()
+                .map(|&(sequence_id, _)| {
+                    self.running
+                        .iter()
+                        .find(|run| run.sequence_id == sequence_id)
+                        .map_or(RowDrawParams::GREEDY, |run| run.sampler.row_draw_params())
+                })
+                .collect();
+            self.engine
+                .decode_drawn(&steps, &params)
+                .map(|draws| StepOutput::Drawn {
+                    draws: draws.to_vec(),
+                    params,
+                })
         } else {
             self.engine
                 .decode(&steps)
@@ -755,6 +781,45 @@ impl Batcher<'_> {
                 let mut by_row = vec![None; steps.len()];
                 for (row, token) in drawn {
                     by_row[row] = Some(token);
+                }
+                by_row
+            }
+            StepOutput::Drawn { params, draws } => {
+                let mut by_row = Vec::with_capacity(steps.len());
+                let mut unread = Vec::new();
+                for (row, &(sequence_id, _)) in steps.iter().enumerate() {
+                    let Some(run) = self
+                        .running
+                        .iter_mut()
+                        .find(|run| run.sequence_id == sequence_id)
+                    else {
+                        by_row.push(None);
+                        continue;
+                    };
+                    let token = match run.sampler.sample_from_draw(&params[row], &draws[row]) {
+                        Some(token) => token,
+                        None => match self.engine.step_logits(row) {
+                            Ok(logits) => run.sampler.sample_with_params(&params[row], logits),
+                            Err(error) => {
+                                // The engine has taken the step: without its token the request cannot go on.
+                                unread.push((sequence_id, error));
+                                by_row.push(None);
+                                continue;
+                            }
+                        },
+                    };
+                    by_row.push(Some(token));
+                }
+                for (sequence_id, error) in unread {
+                    if let Some(index) = self
+                        .running
+                        .iter()
+                        .position(|run| run.sequence_id == sequence_id)
+                    {
+                        let run = self.running.swap_remove(index);
+                        self.release(run.sequence_id);
+                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                    }
                 }
                 by_row
             }
@@ -996,13 +1061,24 @@ mod tests {
     use super::*;
     use crate::backend::{Backend, SequenceStep};
     use crate::kv_cache::BlockId;
+    use crate::sampling::DRAW_CANDIDATES;
     use crate::{CpuBackend, EngineConfig, KvLayout, ModelConfig, builtin_model};
 
-    /// The CPU backend, counting the steps that asked for logits and those that asked only for the greedy tokens.
+    /// The CPU backend, counting the kinds of steps asked of it. With `keeps_logits` its drawn steps behave as a
+    /// GPU's: the logits stay with the backend, and a row is read back only when asked for.
     struct CountingBackend {
         inner: CpuBackend,
-        logits_steps: Arc<AtomicUsize>,
-        greedy_steps: Arc<AtomicUsize>,
+        counts: Arc<StepCounts>,
+        keeps_logits: bool,
+        kept_logits: Vec<f32>,
+    }
+
+    #[derive(Default)]
+    struct StepCounts {
+        logits_steps: AtomicUsize,
+        greedy_steps: AtomicUsize,
+        drawn_steps: AtomicUsize,
+        rows_read: AtomicUsize,
     }
 
     impl Backend for CountingBackend {
@@ -1020,7 +1096,7 @@ mod tests {
             batch: &[SequenceStep<'_>],
             logits: &mut Vec<f32>,
         ) -> Result<(), EngineError> {
-            self.logits_steps.fetch_add(1, Ordering::Relaxed);
+            self.counts.logits_steps.fetch_add(1, Ordering::Relaxed);
             self.inner.forward(batch, logits)
         }
         fn forward_greedy(
@@ -1028,8 +1104,29 @@ mod tests {
             batch: &[SequenceStep<'_>],
             tokens: &mut Vec<u32>,
         ) -> Result<(), EngineError> {
-            self.greedy_steps.fetch_add(1, Ordering::Relaxed);
+            self.counts.greedy_steps.fetch_add(1, Ordering::Relaxed);
             self.inner.forward_greedy(batch, tokens)
+        }
+        fn forward_drawn(
+            &mut self,
+            batch: &[SequenceStep<'_>],
+            params: &[RowDrawParams],
+            logits: &mut Vec<f32>,
+            draws: &mut Vec<RowDraw>,
+        ) -> Result<(), EngineError> {
+            self.counts.drawn_steps.fetch_add(1, Ordering::Relaxed);
+            if !self.keeps_logits {
+                return self.inner.forward_drawn(batch, params, logits, draws);
+            }
+            self.inner
+                .forward_drawn(batch, params, &mut self.kept_logits, draws)
+        }
+        fn read_logits_row(&mut self, row: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+            self.counts.rows_read.fetch_add(1, Ordering::Relaxed);
+            let vocab_size = self.model_config().vocab_size;
+            out.clear();
+            out.extend_from_slice(&self.kept_logits[row * vocab_size..(row + 1) * vocab_size]);
+            Ok(())
         }
         fn read_block(&self, block: BlockId, out: &mut [u8]) -> Result<(), EngineError> {
             self.inner.read_block(block, out)
@@ -1060,15 +1157,6 @@ mod tests {
             prefill_queue_depth: Arc::new(AtomicU32::new(0)),
             metrics: DecodeMetrics::new("test"),
         }
-    }
-
-    /// What one request's run on the counting CPU backend gave: its tokens, how many logprobs came with them, and
-    /// the steps that asked for logits and those that asked only for the greedy tokens.
-    struct CountedRun {
-        tokens: Vec<u32>,
-        logprobs: usize,
-        logits_steps: usize,
-        greedy_steps: usize,
     }
 
     /// What each request of a run gave: its generated tokens, and how many logprobs came with them.
@@ -1130,48 +1218,106 @@ mod tests {
         assert_ne!(together["a"], together["b"]);
     }
 
-    /// Runs `job` alone to its end on the counting CPU backend.
-    fn run_counted(job: Job) -> CountedRun {
-        let logits_steps = Arc::new(AtomicUsize::new(0));
-        let greedy_steps = Arc::new(AtomicUsize::new(0));
+    /// Runs `jobs` together to their end on the counting CPU backend: what each gave, and the steps taken.
+    fn run_counted(jobs: Vec<Job>, keeps_logits: bool) -> (Generated, Arc<StepCounts>) {
+        let counts = Arc::new(StepCounts::default());
         let config = EngineConfig::default();
         let backend = CountingBackend {
             inner: CpuBackend::new(builtin_model(), config.num_blocks, config.block_size_tokens)
                 .expect("backend"),
-            logits_steps: Arc::clone(&logits_steps),
-            greedy_steps: Arc::clone(&greedy_steps),
+            counts: Arc::clone(&counts),
+            keeps_logits,
+            kept_logits: Vec::new(),
         };
         let engine = Engine::new(Box::new(backend), config).expect("engine");
-        let (tokens, logprobs) = run_jobs(engine, vec![job])
-            .into_values()
-            .next()
-            .unwrap_or_default();
-        CountedRun {
-            tokens,
-            logprobs,
-            logits_steps: logits_steps.load(Ordering::Relaxed),
-            greedy_steps: greedy_steps.load(Ordering::Relaxed),
-        }
+        (run_jobs(engine, jobs), counts)
+    }
+
+    fn counted(counts: &StepCounts) -> [usize; 4] {
+        [
+            &counts.logits_steps,
+            &counts.greedy_steps,
+            &counts.drawn_steps,
+            &counts.rows_read,
+        ]
+        .map(|count| count.load(Ordering::Relaxed))
     }
 
     /// Greedy requests without logprobs decode through `decode_greedy` (on a GPU the tokens are picked there), and
-    /// give the tokens the sampler gives from the logits; a request with logprobs keeps the logits.
+    /// give the tokens the sampler gives from the logits; a request with logprobs takes row draws.
     #[test]
     fn greedy_requests_without_logprobs_take_only_the_greedy_tokens() {
         let greedy = job("greedy", 8, 10);
         let mut with_logprobs = job("with_logprobs", 8, 10);
         with_logprobs.sampling.logprobs = Some(2);
 
-        let greedy = run_counted(greedy);
-        assert_eq!(greedy.tokens.len(), 10);
-        assert_eq!(greedy.logprobs, 0);
+        let (greedy, greedy_counts) = run_counted(vec![greedy], false);
+        let (greedy_tokens, greedy_logprobs) = &greedy["greedy"];
+        assert_eq!(greedy_tokens.len(), 10);
+        assert_eq!(*greedy_logprobs, 0);
         // The prompt (one chunk) gives the first token from its logits; the nine steps after it only tokens.
-        assert_eq!((greedy.logits_steps, greedy.greedy_steps), (1, 9));
+        assert_eq!(counted(&greedy_counts), [1, 9, 0, 0]);
 
-        let sampled = run_counted(with_logprobs);
-        assert_eq!(sampled.tokens, greedy.tokens);
-        assert_eq!(sampled.logprobs, 10);
-        assert_eq!((sampled.logits_steps, sampled.greedy_steps), (10, 0));
+        let (sampled, sampled_counts) = run_counted(vec![with_logprobs], false);
+        let (sampled_tokens, sampled_logprobs) = &sampled["with_logprobs"];
+        assert_eq!(sampled_tokens, greedy_tokens);
+        assert_eq!(*sampled_logprobs, 10);
+        assert_eq!(counted(&sampled_counts), [1, 0, 9, 0]);
+    }
+
+    /// Requests that sample get the same tokens and logprobs from row draws as from their whole rows on the
+    /// host: with the logits kept by the backend (a GPU's drawn steps), reading back only the rows whose top-p
+    /// nucleus reaches past the candidates, and beside a request that needs every row's logits.
+    #[test]
+    fn row_draws_give_what_the_whole_rows_give() {
+        let sampled = |request_id: &str, temperature, top_k, top_p, logprobs| {
+            let mut job = job(request_id, 8, 12);
+            job.sampling.temperature = temperature;
+            job.sampling.top_k = top_k;
+            job.sampling.top_p = top_p;
+            job.sampling.logprobs = logprobs;
+            job.sampling.seed = Some(request_id.len() as u64 * 7);
+            job
+        };
+        let jobs = || {
+            vec![
+                sampled("plain", 1.0, 0, 1.0, None),
+                sampled("nucleus", 0.8, 0, 0.9, None),
+                sampled("wide_nucleus", 3.0, 0, 0.999, None),
+                sampled("top_k_with_logprobs", 1.2, 5, 1.0, Some(3)),
+                sampled("greedy_with_logprobs", 0.0, 0, 1.0, Some(2)),
+            ]
+        };
+        let (on_host, host_counts) = run_counted(jobs(), false);
+        let (kept, kept_counts) = run_counted(jobs(), true);
+        assert_eq!(kept, on_host);
+        let [_, greedy_steps, drawn_steps, rows_read] = counted(&kept_counts);
+        assert_eq!(greedy_steps, 0);
+        assert!(drawn_steps >= 11, "{drawn_steps} drawn steps");
+        assert!(rows_read > 0, "no nucleus reached past the candidates");
+        assert_eq!(counted(&host_counts)[3], 0);
+        for (request_id, (tokens, logprobs)) in &on_host {
+            assert_eq!(tokens.len(), 12, "request {request_id}");
+            assert_eq!(*logprobs > 0, request_id.ends_with("logprobs"));
+        }
+
+        // A top-k past the candidates takes the whole rows for its steps; the others' tokens stay theirs.
+        let mut with_wide_top_k = jobs();
+        with_wide_top_k.push(sampled(
+            "wide_top_k",
+            1.0,
+            DRAW_CANDIDATES as u32 + 1,
+            1.0,
+            None,
+        ));
+        let (mixed, mixed_counts) = run_counted(with_wide_top_k, true);
+        for (request_id, generated) in &on_host {
+            assert_eq!(&mixed[request_id], generated, "request {request_id}");
+        }
+        assert_eq!(mixed["wide_top_k"].0.len(), 12);
+        // Six prompts of one chunk each, and at least wide_top_k's eleven decode steps.
+        let [logits_steps, ..] = counted(&mixed_counts);
+        assert!(logits_steps >= 6 + 11, "{logits_steps} logits steps");
     }
 
     fn job(request_id: &str, prompt_tokens: u32, max_tokens: u32) -> Job {
