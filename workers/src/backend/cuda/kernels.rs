@@ -16,12 +16,54 @@ use cudarc::driver::{CudaFunction, CudaStream, DriverError, LaunchConfig};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
 use super::device::{CudaError, DriverContext, GpuContext};
+use crate::sampling::DRAW_CANDIDATES;
 
 const SOURCE: &str = concat!(
     include_str!("kernels.cu"),
     include_str!("decode_gemv.cu"),
-    include_str!("decode_qkv_attention.cu")
+    include_str!("decode_qkv_attention.cu"),
+    include_str!("draw.cu")
 );
+
+/// Logits a block of `draw_chunk_stats` takes (`DRAW_CHUNK` in draw.cu).
+pub(crate) const DRAW_CHUNK: usize = 4096;
+/// Chunks a row may have (`DRAW_MAX_CHUNKS`: `draw_row` keeps their sums in shared memory).
+const DRAW_MAX_CHUNKS: usize = 64;
+/// Bytes `draw.cu` leaves per row (`DrawOut`): token, logit, two f64 sums, the candidates' keys.
+pub(crate) const DRAW_OUT_BYTES: usize = 4 + 4 + 8 + 8 + 8 * DRAW_CANDIDATES;
+/// Dynamic shared memory a block gets without opting in.
+const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
+
+/// Chunks of `DRAW_CHUNK` logits in a row.
+pub(crate) fn draw_chunks(vocab_size: usize) -> usize {
+    vocab_size.div_ceil(DRAW_CHUNK)
+}
+
+/// `draw_row`'s dynamic shared memory: the chunks' candidates, padded to a power of two.
+fn draw_row_shared_bytes(vocab_size: usize) -> usize {
+    8 * (draw_chunks(vocab_size) * DRAW_CANDIDATES).next_power_of_two()
+}
+
+/// Whether the device draws fit a vocabulary of `vocab_size` (up to 262,144 tokens); a larger one draws on
+/// the host from copied logits.
+pub(crate) fn draw_fits(vocab_size: usize) -> bool {
+    vocab_size > 0
+        && draw_chunks(vocab_size) <= DRAW_MAX_CHUNKS
+        && draw_row_shared_bytes(vocab_size) <= DEFAULT_SHARED_BYTES
+}
+
+/// Device addresses of the buffers a step's row draws use (sized by the caller for its rows): `params`,
+/// a `DrawParams` (two f64) a row; `chunk_top`, two u64 keys a chunk; `chunk_stats`, three f64 a chunk;
+/// `chunk_counts`, a u32 a chunk; `chunk_candidates`, `DRAW_CANDIDATES` u64 keys a chunk; `out`,
+/// `DRAW_OUT_BYTES` a row.
+pub(crate) struct DrawBuffers {
+    pub(crate) params: u64,
+    pub(crate) chunk_top: u64,
+    pub(crate) chunk_stats: u64,
+    pub(crate) chunk_counts: u64,
+    pub(crate) chunk_candidates: u64,
+    pub(crate) out: u64,
+}
 
 /// Tokens of the largest step the decode GEMVs take (`GEMV_MAX_TOKENS`: the graph buckets 1 and 2). At four
 /// tokens they measured slower than cuBLAS with the separate norm and SwiGLU kernels (PERF.md).
@@ -139,6 +181,9 @@ pub(crate) struct Kernels {
     prefill_attention: CudaFunction,
     swiglu: CudaFunction,
     argmax_rows: CudaFunction,
+    draw_chunk_top: CudaFunction,
+    draw_chunk_stats: CudaFunction,
+    draw_row: CudaFunction,
     bf16_to_f32: CudaFunction,
     f32_to_bf16: CudaFunction,
     gather_layer_f32: CudaFunction,
@@ -315,6 +360,11 @@ impl Kernels {
             // Exact expf/sqrtf/cosf: parity with the f32 CPU backend matters more than the few cycles.
             use_fast_math: Some(false),
             name: Some("tandem_kernels.cu".into()),
+            options: vec![
+                format!("-DDRAW_CHUNK={DRAW_CHUNK}"),
+                format!("-DDRAW_CANDIDATES={DRAW_CANDIDATES}"),
+                format!("-DDRAW_MAX_CHUNKS={DRAW_MAX_CHUNKS}"),
+            ],
             ..Default::default()
         };
         let ptx = compile_ptx_with_opts(SOURCE, options)
@@ -409,6 +459,9 @@ impl Kernels {
             prefill_attention,
             swiglu: load("swiglu")?,
             argmax_rows: load("argmax_rows")?,
+            draw_chunk_top: load("draw_chunk_top")?,
+            draw_chunk_stats: load("draw_chunk_stats")?,
+            draw_row: load("draw_row")?,
             bf16_to_f32: load("bf16_to_f32")?,
             f32_to_bf16: load("f32_to_bf16")?,
             gather_layer_f32: load("gather_layer_f32")?,
@@ -1098,6 +1151,70 @@ impl Kernels {
         // SAFETY: matches `argmax_rows` (1024 threads, its shared arrays' size).
         unsafe { self.launch(&self.argmax_rows, grid(num_rows, 1, 1, 1024), &args, false) }
             .during(|| "launching argmax_rows".into())
+    }
+
+    /// Each row's draw (`draw.cu`): the three launches over the first `num_rows` rows of `logits`, with
+    /// `params` a [`DrawParams`] a row, and the buffers of [`DrawBuffers`] sized for at least `num_rows`.
+    /// `mark` is called after each launch with its kernel's name (for `TANDEM_CUDA_LAUNCH_TIMES`).
+    pub(crate) fn draw_rows(
+        &self,
+        logits: u64,
+        buffers: &DrawBuffers,
+        num_rows: usize,
+        vocab_size: usize,
+        mark: &dyn Fn(&'static str) -> Result<(), CudaError>,
+    ) -> Result<(), CudaError> {
+        let chunks = draw_chunks(vocab_size);
+        let vocab = Arg::Int(vocab_size as i32);
+        // SAFETY: each launch matches its kernel's parameters (draw.cu); every buffer holds `num_rows` rows of
+        // `chunks` chunks (`DrawBuffers::for_rows`), and `draw_row`'s dynamic shared memory is
+        // `draw_row_shared_bytes`, which `draw_fits` keeps within what a block gets without asking.
+        unsafe {
+            self.launch(
+                &self.draw_chunk_top,
+                grid(chunks, num_rows, 1, 256),
+                &[Arg::Ptr(logits), vocab, Arg::Ptr(buffers.chunk_top)],
+                false,
+            )
+            .during(|| "launching draw_chunk_top".into())?;
+            mark("draw_chunk_top")?;
+            self.launch(
+                &self.draw_chunk_stats,
+                grid(chunks, num_rows, 1, 512),
+                &[
+                    Arg::Ptr(logits),
+                    vocab,
+                    Arg::Ptr(buffers.params),
+                    Arg::Ptr(buffers.chunk_top),
+                    Arg::Ptr(buffers.chunk_stats),
+                    Arg::Ptr(buffers.chunk_counts),
+                    Arg::Ptr(buffers.chunk_candidates),
+                ],
+                false,
+            )
+            .during(|| "launching draw_chunk_stats".into())?;
+            mark("draw_chunk_stats")?;
+            let mut row_shape = grid(num_rows, 1, 1, 1024);
+            row_shape.shared_mem_bytes = draw_row_shared_bytes(vocab_size) as u32;
+            self.launch(
+                &self.draw_row,
+                row_shape,
+                &[
+                    Arg::Ptr(logits),
+                    vocab,
+                    Arg::Int(chunks as i32),
+                    Arg::Ptr(buffers.params),
+                    Arg::Ptr(buffers.chunk_top),
+                    Arg::Ptr(buffers.chunk_stats),
+                    Arg::Ptr(buffers.chunk_counts),
+                    Arg::Ptr(buffers.chunk_candidates),
+                    Arg::Ptr(buffers.out),
+                ],
+                false,
+            )
+            .during(|| "launching draw_row".into())?;
+            mark("draw_row")
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 
 mod ceilings;
 mod device;
+mod draw;
 mod gemm;
 mod graphs;
 mod kernels;
@@ -29,12 +30,13 @@ use rayon::prelude::*;
 pub use ceilings::{Ceilings, measure_ceilings};
 pub use device::{CudaError, Device, cuda_device_count, cuda_driver_present};
 use device::{DriverContext, GpuContext};
+use draw::DeviceDraws;
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, grouped_decode_attention_fits,
-    prefill_kernel_fits, qkv_attention_fits,
+    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, draw_fits,
+    grouped_decode_attention_fits, prefill_kernel_fits, qkv_attention_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -42,12 +44,13 @@ use launch_times::LaunchTimes;
 use step_io::StepIo;
 use weights::{DeviceLayer, DeviceWeights};
 
-use super::{Backend, SequenceStep};
+use super::{Backend, SequenceStep, draw_on_host};
 use crate::error::EngineError;
 use crate::kv_cache::BlockId;
 use crate::kv_cache::layout::KvLayout;
 use crate::model::config::ModelConfig;
 use crate::model::weights::ModelWeights;
+use crate::sampling::{RowDraw, RowDrawParams};
 
 /// Attention blocks aimed for per launch: splitting a short batch's context over more blocks keeps the
 /// GPU's multiprocessors busy at decode (flash-decoding); a long prefill has enough blocks without it.
@@ -128,6 +131,10 @@ pub struct CudaBackend {
     /// thread block clusters (`decode_qkv_attention`): where the shape fits it and the GPU holds a cluster
     /// per KV head at once, unless `TANDEM_CUDA_QKV_ATTENTION=0` (for measurements).
     qkv_attention: bool,
+    /// The buffers of the row draws (`draw.rs`), made at the first drawn step and grown for larger ones.
+    device_draws: Option<DeviceDraws>,
+    /// Rows of the logits the last drawn step left in `scratch.logits` for [`Backend::read_logits_row`].
+    drawn_rows: usize,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -393,6 +400,8 @@ impl CudaBackend {
             grouped_attention_max_tokens,
             graph_splits: env_count("TANDEM_CUDA_GRAPH_SPLITS"),
             qkv_attention,
+            device_draws: None,
+            drawn_rows: 0,
         })
     }
 
@@ -1186,6 +1195,88 @@ impl Backend for CudaBackend {
             .during(|| "running a greedy forward step".into())?;
         self.report_launches(batch)?;
         tokens.extend_from_slice(&self.greedy_tokens);
+        Ok(())
+    }
+
+    fn forward_drawn(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        params: &[RowDrawParams],
+        logits: &mut Vec<f32>,
+        draws: &mut Vec<RowDraw>,
+    ) -> Result<(), EngineError> {
+        let vocab_size = self.config.vocab_size;
+        if !draw_fits(vocab_size) {
+            self.forward(batch, logits)?;
+            draw_on_host(logits, vocab_size, params, draws);
+            return Ok(());
+        }
+        let rows = batch.len();
+        if params.len() != rows {
+            return Err(EngineError::Config(format!(
+                "a drawn step of {rows} sequences was given {} rows of sampling parameters",
+                params.len()
+            )));
+        }
+        self.drawn_rows = 0;
+        self.run(batch)?;
+        let gpu = &self.gpu;
+        if self
+            .device_draws
+            .as_ref()
+            .is_none_or(|device_draws| device_draws.rows() < rows)
+        {
+            self.device_draws = None;
+            self.device_draws = Some(DeviceDraws::new(gpu, vocab_size, rows.next_power_of_two())?);
+        }
+        let Some(device_draws) = self.device_draws.as_mut() else {
+            unreachable!("made just above");
+        };
+        device_draws.upload(params, &mut self.step_io, gpu)?;
+        // Timed from here when launch times are on (a graph step's own launches are never timed).
+        let launch_times = &self.launch_times;
+        let mark = |kind: &'static str| match launch_times {
+            Some(times) => times.mark(&gpu.stream, kind),
+            None => Ok(()),
+        };
+        mark("draw_params")?;
+        self.kernels.draw_rows(
+            addr(&self.scratch.logits, gpu),
+            &device_draws.buffers(gpu),
+            rows,
+            vocab_size,
+            &mark,
+        )?;
+        device_draws.download(rows, vocab_size, &mut self.step_io, gpu, draws)?;
+        self.report_launches(batch)?;
+        logits.clear();
+        self.drawn_rows = rows;
+        Ok(())
+    }
+
+    fn read_logits_row(&mut self, row: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        if row >= self.drawn_rows {
+            return Err(EngineError::LogitsNotKept(format!(
+                "row {row} of a drawn step of {} rows",
+                self.drawn_rows
+            )));
+        }
+        let vocab_size = self.config.vocab_size;
+        out.clear();
+        out.resize(vocab_size, 0.0);
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_dtoh(
+                &self
+                    .scratch
+                    .logits
+                    .slice(row * vocab_size..(row + 1) * vocab_size),
+                &mut out[..],
+            )
+            .during(|| "copying a row of logits to the host".into())?;
+        stream
+            .synchronize()
+            .during(|| "copying a row of logits to the host".into())?;
         Ok(())
     }
 

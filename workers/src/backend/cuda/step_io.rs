@@ -1,4 +1,5 @@
-//! The per-step copies between host and GPU of a decode step: its metadata up, the greedy tokens' keys down.
+//! The per-step copies between host and GPU of a decode step: its metadata up, the greedy tokens' keys down, and
+//! for a drawn step its rows' parameters up and their draws down.
 //! Both go through page-locked buffers kept for the backend's life, not pageable memory that the driver stages
 //! itself (a download into pageable memory also waits for the stream inside the call and copies again on the
 //! host). That measured within the noise of a step (PERF.md, stop 23); copies that overlap a running step, the
@@ -50,6 +51,8 @@ pub(crate) struct StepIo {
     context: Arc<CudaContext>,
     meta: PinnedBuffer<u32>,
     keys: PinnedBuffer<u64>,
+    draw_params: PinnedBuffer<f64>,
+    draws: PinnedBuffer<u8>,
 }
 
 impl StepIo {
@@ -58,6 +61,8 @@ impl StepIo {
             context: Arc::clone(context),
             meta: PinnedBuffer::new(),
             keys: PinnedBuffer::new(),
+            draw_params: PinnedBuffer::new(),
+            draws: PinnedBuffer::new(),
         }
     }
 
@@ -92,5 +97,36 @@ impl StepIo {
             .synchronize()
             .during(|| "running a greedy forward step".into())?;
         Ok(keys)
+    }
+
+    /// Queues the upload of a drawn step's `params` (two f64 a row) to `target` (at least as long) on `stream`.
+    pub(crate) fn upload_draw_params(
+        &mut self,
+        params: &[f64],
+        target: CUdeviceptr,
+        stream: CUstream,
+    ) -> Result<(), CudaError> {
+        let staged = self.draw_params.slice_mut(&self.context, params.len())?;
+        staged.copy_from_slice(params);
+        // SAFETY: as in `upload_meta`.
+        unsafe { result::memcpy_htod_async(target, staged, stream) }
+            .during(|| "uploading the row draws' parameters".into())
+    }
+
+    /// Copies `len` bytes of row draws from `source` on `stream`, waits for the stream, and returns them.
+    pub(crate) fn download_draws(
+        &mut self,
+        source: CUdeviceptr,
+        len: usize,
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<&[u8], CudaError> {
+        let draws = self.draws.slice_mut(&self.context, len)?;
+        // SAFETY: as in `download_keys`.
+        unsafe { result::memcpy_dtoh_async(draws, source, stream.cu_stream()) }
+            .during(|| "copying the row draws to the host".into())?;
+        stream
+            .synchronize()
+            .during(|| "running a drawn step".into())?;
+        Ok(draws)
     }
 }
