@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tandem_workers::{
-    Device, Engine, EngineConfig, ModelConfig, ModelWeights, Sampler, SamplingParams,
-    builtin_model, load_model, measure_ceilings, qwen3_shape, random_model,
+    Device, Engine, EngineConfig, ModelConfig, ModelWeights, RowDrawParams, Sampler,
+    SamplingParams, builtin_model, load_model, measure_ceilings, qwen3_shape, random_model,
 };
 
 /// Engine settings shared by both commands.
@@ -258,6 +258,7 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
             &mut next_tokens,
             &mut samplers,
             args.decode_steps,
+            DrawnWhere::HostLogits,
         )?;
         for id in ids {
             engine.remove_sequence(id)?;
@@ -307,15 +308,27 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `steps` decode steps of the sequences `ids`, each step's logits copied to the host and every sequence's
-/// next token drawn by its sampler there; returns the seconds they took. `next_tokens` holds each sequence's
-/// input token, and its next one when this returns.
+/// Where a sampled decode step's tokens are drawn.
+#[derive(Clone, Copy)]
+enum DrawnWhere {
+    /// Each step's logits copied to the host, every sequence's token drawn from its row there (one after
+    /// another).
+    HostLogits,
+    /// Each row's draw made by the backend (`Engine::decode_drawn`: on a GPU, where the logits are); only a row
+    /// whose top-p nucleus reaches past the candidates reads its logits.
+    RowDraws,
+}
+
+/// Runs `steps` decode steps of the sequences `ids`, every sequence's next token drawn by its sampler as
+/// `drawn_where` says; returns the seconds they took. `next_tokens` holds each sequence's input token, and its
+/// next one when this returns.
 fn decode_sampled(
     engine: &mut Engine,
     ids: &[u64],
     next_tokens: &mut [u32],
     samplers: &mut [Sampler],
     steps: usize,
+    drawn_where: DrawnWhere,
 ) -> Result<f64> {
     let vocab_size = engine.model_config().vocab_size;
     let started = Instant::now();
@@ -325,13 +338,33 @@ fn decode_sampled(
             .copied()
             .zip(next_tokens.iter().copied())
             .collect();
-        let logits = engine.decode(&batch)?;
-        for ((row, sampler), next) in logits
-            .chunks_exact(vocab_size)
-            .zip(samplers.iter_mut())
-            .zip(next_tokens.iter_mut())
-        {
-            *next = sampler.sample(row).token_id;
+        match drawn_where {
+            DrawnWhere::HostLogits => {
+                let logits = engine.decode(&batch)?;
+                for ((row, sampler), next) in logits
+                    .chunks_exact(vocab_size)
+                    .zip(samplers.iter_mut())
+                    .zip(next_tokens.iter_mut())
+                {
+                    *next = sampler.sample(row).token_id;
+                }
+            }
+            DrawnWhere::RowDraws => {
+                let params: Vec<RowDrawParams> =
+                    samplers.iter().map(Sampler::row_draw_params).collect();
+                let draws = engine.decode_drawn(&batch, &params)?.to_vec();
+                for (row, (sampler, next)) in
+                    samplers.iter_mut().zip(next_tokens.iter_mut()).enumerate()
+                {
+                    *next = match sampler.sample_from_draw(&params[row], &draws[row]) {
+                        Some(sampled) => sampled.token_id,
+                        None => {
+                            let logits = engine.step_logits(row)?;
+                            sampler.sample_with_params(&params[row], logits).token_id
+                        }
+                    };
+                }
+            }
         }
     }
     Ok(started.elapsed().as_secs_f64())
@@ -374,10 +407,11 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let parameters = weights.num_parameters();
     let max_prefill = args.prefill_lens.iter().copied().max().unwrap_or(1);
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, timed steps (greedy on the device,
-    // then with the logits to the host), one spare.
+    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, four rounds of timed steps
+    // (greedy on the device, greedy with the logits to the host, temperature 1 drawn on the device, temperature 1
+    // drawn on the host), one spare.
     let block_tokens = args.engine.kv_block_tokens.max(1);
-    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + 2 * args.decode_steps + 1)
+    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + 4 * args.decode_steps + 1)
         .div_ceil(block_tokens)
         * block_tokens;
     let tokens_needed = max_prefill.max(max_batch * sequence_tokens);
@@ -486,16 +520,48 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             &mut next_tokens,
             &mut samplers,
             args.decode_steps,
+            DrawnWhere::HostLogits,
         )? * 1e3
             / args.decode_steps as f64;
         println!(
             "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
+        );
+        // Sampling at temperature 1 both ways: drawn on the GPU, and from the logits copied to the host.
+        let mut sampled_ms_per_step = [0.0; 2];
+        for (ms_per_step, drawn_where) in sampled_ms_per_step
+            .iter_mut()
+            .zip([DrawnWhere::RowDraws, DrawnWhere::HostLogits])
+        {
+            let mut samplers: Vec<Sampler> = (0..batch)
+                .map(|sequence| {
+                    Sampler::new(SamplingParams {
+                        temperature: 1.0,
+                        seed: Some(sequence as u64),
+                        ..SamplingParams::default()
+                    })
+                })
+                .collect();
+            *ms_per_step = decode_sampled(
+                &mut engine,
+                &ids,
+                &mut next_tokens,
+                &mut samplers,
+                args.decode_steps,
+                drawn_where,
+            )? * 1e3
+                / args.decode_steps as f64;
+        }
+        let [drawn_ms_per_step, host_drawn_ms_per_step] = sampled_ms_per_step;
+        println!(
+            "decode batch {batch} at temperature 1: drawn on the GPU {drawn_ms_per_step:.3} ms/step, from the logits on the host {host_drawn_ms_per_step:.3} ms/step"
         );
         decode_results.push(json!({
             "batch": batch, "steps": args.decode_steps, "ms_per_step": ms_per_step,
             "tokens_per_s": (batch * args.decode_steps) as f64 / seconds,
             "bytes_per_step": bytes, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms_per_step,
             "logits_to_host_ms_per_step": logits_ms_per_step,
+            "temperature_1_drawn_on_device_ms_per_step": drawn_ms_per_step,
+            "temperature_1_drawn_on_host_ms_per_step": host_drawn_ms_per_step,
         }));
         for id in ids {
             engine.remove_sequence(id)?;
