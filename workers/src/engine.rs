@@ -277,6 +277,45 @@ impl Engine {
         id: SequenceId,
         max_tokens: usize,
     ) -> Result<bool, EngineError> {
+        self.prefill_chunk_with(id, max_tokens, None)
+    }
+
+    /// Runs the rest of the prompt of `id` like [`Engine::prefill`], and returns the draw of the token that
+    /// follows it for `params` (as [`Engine::decode_drawn`] does for a decode step: on a GPU, the logits stay
+    /// there unless [`Engine::step_logits`] reads them).
+    pub fn prefill_drawn(
+        &mut self,
+        id: SequenceId,
+        params: &RowDrawParams,
+    ) -> Result<&RowDraw, EngineError> {
+        while self
+            .prefill_chunk_drawn(id, self.config.prefill_chunk_tokens, params)?
+            .is_none()
+        {}
+        self.draws.first().ok_or_else(|| {
+            EngineError::LogitsNotKept("the prompt's last chunk left no draw".into())
+        })
+    }
+
+    /// Like [`Engine::prefill_chunk`]; the chunk that ends the prompt also draws the token that follows it for
+    /// `params`, and returns that draw.
+    pub fn prefill_chunk_drawn(
+        &mut self,
+        id: SequenceId,
+        max_tokens: usize,
+        params: &RowDrawParams,
+    ) -> Result<Option<&RowDraw>, EngineError> {
+        let done = self.prefill_chunk_with(id, max_tokens, Some(params))?;
+        Ok(if done { self.draws.first() } else { None })
+    }
+
+    /// One prompt chunk; with `draw`, the chunk that ends the prompt is a drawn step.
+    fn prefill_chunk_with(
+        &mut self,
+        id: SequenceId,
+        max_tokens: usize,
+        draw: Option<&RowDrawParams>,
+    ) -> Result<bool, EngineError> {
         let sequence = self
             .sequences
             .get_mut(&id)
@@ -284,6 +323,12 @@ impl Engine {
         let start = sequence.num_computed_tokens;
         let pending = sequence.token_ids.len() - start;
         if pending == 0 {
+            if draw.is_some() {
+                // Nothing left to run, so nothing to draw from.
+                return Err(EngineError::LogitsNotKept(format!(
+                    "the prompt of sequence {id} is already computed"
+                )));
+            }
             return Ok(true);
         }
         let end = start + pending.min(max_tokens.max(1));
@@ -292,12 +337,28 @@ impl Engine {
             start_position: start,
             block_table: &sequence.block_table.blocks,
         };
-        self.last_step_drawn = false;
-        self.backend.forward(&[step], &mut self.logits)?;
+        let done = end == sequence.token_ids.len();
+        match draw {
+            Some(params) if done => {
+                self.logits.clear();
+                self.last_step_drawn = false;
+                self.backend.forward_drawn(
+                    &[step],
+                    std::slice::from_ref(params),
+                    &mut self.logits,
+                    &mut self.draws,
+                )?;
+                self.last_step_drawn = true;
+            }
+            _ => {
+                self.last_step_drawn = false;
+                self.backend.forward(&[step], &mut self.logits)?;
+            }
+        }
         sequence.num_computed_tokens = end;
         self.kv_cache
             .register_full_blocks(&mut sequence.block_table, &sequence.token_ids, end);
-        Ok(end == sequence.token_ids.len())
+        Ok(done)
     }
 
     /// The logits of the last step, `[batch, vocab_size]` (empty after a drawn step whose backend kept them).

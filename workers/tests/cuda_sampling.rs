@@ -1,8 +1,9 @@
-//! Row draws on the GPU (`Engine::decode_drawn`) against the host's reference (`RowDraw::from_logits`) on the
-//! same step's logits, read back with `Engine::step_logits`: the same candidates to the bit, the same drawn
-//! token, and the same sums up to the order they were added in. Rows greedy, cool, plain and hot (a nearly
-//! flat distribution, whose draws land far past the candidates), on a random model of the Qwen3-0.6B shape
-//! (151,936 tokens: 38 chunks a row). Skips, saying why, where no CUDA driver exists.
+//! Row draws on the GPU (`Engine::decode_drawn`, and `Engine::prefill_drawn` for a prompt's last chunk) against
+//! the host's reference (`RowDraw::from_logits`) on the same step's logits, read back with `Engine::step_logits`:
+//! the same candidates to the bit, the same drawn token, and the same sums up to the order they were added in.
+//! Rows greedy, cool, plain and hot (a nearly flat distribution, whose draws land far past the candidates), on a
+//! random model of the Qwen3-0.6B shape (151,936 tokens: 38 chunks a row). Skips, saying why, where no CUDA
+//! driver exists.
 
 use std::time::Instant;
 
@@ -31,6 +32,29 @@ fn relative_difference(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(f64::MIN_POSITIVE)
 }
 
+/// The device's draw against the host's on the same logits: the same candidates and drawn token to the bit, the
+/// sums up to the order they were added in.
+fn check_draw(draw: &RowDraw, reference: &RowDraw, at: &str) {
+    assert_eq!(draw.candidates, reference.candidates, "{at}: candidates");
+    assert_eq!(draw.drawn_token, reference.drawn_token, "{at}: drawn token");
+    assert_eq!(
+        draw.drawn_logit.to_bits(),
+        reference.drawn_logit.to_bits(),
+        "{at}: drawn logit"
+    );
+    assert_eq!(draw.vocab_size, reference.vocab_size, "{at}: vocabulary");
+    let normalizer = (draw.log_normalizer - reference.log_normalizer).abs();
+    assert!(
+        normalizer < 1e-9,
+        "{at}: log normalizer off by {normalizer}"
+    );
+    let total = relative_difference(draw.tempered_total, reference.tempered_total);
+    assert!(
+        total < 1e-12,
+        "{at}: tempered total off by {total} (relative)"
+    );
+}
+
 /// Runs `STEPS` drawn steps of `ids` (feeding each row its drawn token) and checks every row against the host's
 /// reference; returns how many draws landed past the row's candidates.
 fn check_drawn_steps(engine: &mut Engine, ids: &[u64], next_tokens: &mut [u32]) -> usize {
@@ -54,26 +78,8 @@ fn check_drawn_steps(engine: &mut Engine, ids: &[u64], next_tokens: &mut [u32]) 
             .to_vec();
         for (row, draw) in draws.iter().enumerate() {
             let logits = engine.step_logits(row).expect("the row's logits").to_vec();
-            let reference = RowDraw::from_logits(&logits, &params[row]);
             let at = format!("step {step}, row {row}");
-            assert_eq!(draw.candidates, reference.candidates, "{at}: candidates");
-            assert_eq!(draw.drawn_token, reference.drawn_token, "{at}: drawn token");
-            assert_eq!(
-                draw.drawn_logit.to_bits(),
-                reference.drawn_logit.to_bits(),
-                "{at}: drawn logit"
-            );
-            assert_eq!(draw.vocab_size, logits.len());
-            let normalizer = (draw.log_normalizer - reference.log_normalizer).abs();
-            assert!(
-                normalizer < 1e-9,
-                "{at}: log normalizer off by {normalizer}"
-            );
-            let total = relative_difference(draw.tempered_total, reference.tempered_total);
-            assert!(
-                total < 1e-12,
-                "{at}: tempered total off by {total} (relative)"
-            );
+            check_draw(draw, &RowDraw::from_logits(&logits, &params[row]), &at);
             if params[row].inverse_temperature == 0.0 {
                 assert_eq!(draw.drawn_token, draw.candidates[0].0, "{at}: greedy");
             }
@@ -111,10 +117,20 @@ fn gpu_row_draws_match_the_host_on_the_same_logits() {
                 .map(|i| ((i * 2_654_435_761 + sequence as u64 * 97 + 5) % vocab_size) as u32)
                 .collect();
             let id = engine.add_sequence(&prompt).expect("a sequence");
-            let logits = engine.prefill(id).expect("a prefill");
-            let first = RowDraw::from_logits(logits, &RowDrawParams::GREEDY).drawn_token;
+            // The prompt's last chunk drawn too (the first token of a request), against its logits read back.
+            let params = RowDrawParams {
+                inverse_temperature: INVERSE_TEMPERATURES[sequence % INVERSE_TEMPERATURES.len()],
+                uniform: 0.3,
+            };
+            let first = engine
+                .prefill_drawn(id, &params)
+                .expect("a prefill")
+                .clone();
+            let logits = engine.step_logits(0).expect("the prompt's logits").to_vec();
+            let at = format!("prompt {sequence}");
+            check_draw(&first, &RowDraw::from_logits(&logits, &params), &at);
             ids.push(id);
-            next_tokens.push(first);
+            next_tokens.push(first.drawn_token);
         }
         past_candidates += check_drawn_steps(&mut engine, &ids, &mut next_tokens);
 

@@ -634,12 +634,23 @@ impl Batcher<'_> {
     fn prefill_chunk(&mut self, index: usize) {
         let sequence_id = self.running[index].sequence_id;
         let started = Instant::now();
-        match self
-            .engine
-            .prefill_chunk(sequence_id, self.config.prefill_chunk_tokens)
-        {
-            Ok(false) => {}
-            Ok(true) => {
+        // The first token is drawn like a decode step's where the request fits a row draw (on a GPU, the logits
+        // stay there). `Some(draw)` once the prompt is done: the draw, or `None` for the logits path.
+        let sampler = &self.running[index].sampler;
+        let draw_params = sampler.fits_row_draw().then(|| sampler.row_draw_params());
+        let chunk = match &draw_params {
+            Some(params) => self
+                .engine
+                .prefill_chunk_drawn(sequence_id, self.config.prefill_chunk_tokens, params)
+                .map(|draw| draw.cloned().map(Some)),
+            None => self
+                .engine
+                .prefill_chunk(sequence_id, self.config.prefill_chunk_tokens)
+                .map(|done| done.then_some(None)),
+        };
+        match chunk {
+            Ok(None) => {}
+            Ok(Some(first_draw)) => {
                 tracing::debug!(
                     request_id = %self.running[index].job.request_id,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -654,13 +665,27 @@ impl Batcher<'_> {
                     }),
                     run.job.routed_attempt,
                 );
-                let vocab_size = self.engine.model_config().vocab_size;
-                let logits = self.engine.logits();
-                // The logits after the prompt are the last row of the step.
-                let last_row = logits[logits.len() - vocab_size..].to_vec();
-                let finished = self.accept_sampled(index, &last_row);
-                if finished {
-                    self.finish(index);
+                let sampled = match (first_draw, draw_params) {
+                    (Some(draw), Some(params)) => self.token_from_draw(index, 0, &params, &draw),
+                    _ => {
+                        let vocab_size = self.engine.model_config().vocab_size;
+                        let logits = self.engine.logits();
+                        // The logits after the prompt are the last row of the step.
+                        let last_row = &logits[logits.len() - vocab_size..];
+                        Ok(self.running[index].sampler.sample(last_row))
+                    }
+                };
+                match sampled {
+                    Ok(sampled) => {
+                        if self.accept_token(index, sampled) {
+                            self.finish(index);
+                        }
+                    }
+                    Err(error) => {
+                        let run = self.running.swap_remove(index);
+                        self.release(run.sequence_id);
+                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                    }
                 }
             }
             Err(error) => {
@@ -788,27 +813,22 @@ impl Batcher<'_> {
                 let mut by_row = Vec::with_capacity(steps.len());
                 let mut unread = Vec::new();
                 for (row, &(sequence_id, _)) in steps.iter().enumerate() {
-                    let Some(run) = self
+                    let Some(index) = self
                         .running
-                        .iter_mut()
-                        .find(|run| run.sequence_id == sequence_id)
+                        .iter()
+                        .position(|run| run.sequence_id == sequence_id)
                     else {
                         by_row.push(None);
                         continue;
                     };
-                    let token = match run.sampler.sample_from_draw(&params[row], &draws[row]) {
-                        Some(token) => token,
-                        None => match self.engine.step_logits(row) {
-                            Ok(logits) => run.sampler.sample_with_params(&params[row], logits),
-                            Err(error) => {
-                                // The engine has taken the step: without its token the request cannot go on.
-                                unread.push((sequence_id, error));
-                                by_row.push(None);
-                                continue;
-                            }
-                        },
-                    };
-                    by_row.push(Some(token));
+                    match self.token_from_draw(index, row, &params[row], &draws[row]) {
+                        Ok(token) => by_row.push(Some(token)),
+                        Err(error) => {
+                            // The engine has taken the step: without its token the request cannot go on.
+                            unread.push((sequence_id, error));
+                            by_row.push(None);
+                        }
+                    }
                 }
                 for (sequence_id, error) in unread {
                     if let Some(index) = self
@@ -903,10 +923,22 @@ impl Batcher<'_> {
         }
     }
 
-    /// Samples the next token of request `index` from its logits row, streams it, and says whether it finished.
-    fn accept_sampled(&mut self, index: usize, logits_row: &[f32]) -> bool {
-        let sampled = self.running[index].sampler.sample(logits_row);
-        self.accept_token(index, sampled)
+    /// The next token of request `index` from its row `row` of the last drawn step: from the draw, or from the
+    /// row's logits when the request's top-p nucleus reaches past the draw's candidates.
+    fn token_from_draw(
+        &mut self,
+        index: usize,
+        row: usize,
+        params: &RowDrawParams,
+        draw: &RowDraw,
+    ) -> Result<SampledToken, EngineError> {
+        if let Some(token) = self.running[index].sampler.sample_from_draw(params, draw) {
+            return Ok(token);
+        }
+        let logits = self.engine.step_logits(row)?;
+        Ok(self.running[index]
+            .sampler
+            .sample_with_params(params, logits))
     }
 
     /// Takes `sampled` as the request's next token, streams it, and says whether the request finished.
@@ -1244,7 +1276,8 @@ mod tests {
     }
 
     /// Greedy requests without logprobs decode through `decode_greedy` (on a GPU the tokens are picked there), and
-    /// give the tokens the sampler gives from the logits; a request with logprobs takes row draws.
+    /// give the tokens the sampler gives from a row draw; a request with logprobs takes row draws. Both draw the
+    /// first token at the end of the prompt.
     #[test]
     fn greedy_requests_without_logprobs_take_only_the_greedy_tokens() {
         let greedy = job("greedy", 8, 10);
@@ -1255,14 +1288,14 @@ mod tests {
         let (greedy_tokens, greedy_logprobs) = &greedy["greedy"];
         assert_eq!(greedy_tokens.len(), 10);
         assert_eq!(*greedy_logprobs, 0);
-        // The prompt (one chunk) gives the first token from its logits; the nine steps after it only tokens.
-        assert_eq!(counted(&greedy_counts), [1, 9, 0, 0]);
+        // The prompt (one chunk) gives the first token from a row draw; the nine steps after it only tokens.
+        assert_eq!(counted(&greedy_counts), [0, 9, 1, 0]);
 
         let (sampled, sampled_counts) = run_counted(vec![with_logprobs], false);
         let (sampled_tokens, sampled_logprobs) = &sampled["with_logprobs"];
         assert_eq!(sampled_tokens, greedy_tokens);
         assert_eq!(*sampled_logprobs, 10);
-        assert_eq!(counted(&sampled_counts), [1, 0, 9, 0]);
+        assert_eq!(counted(&sampled_counts), [0, 0, 10, 0]);
     }
 
     /// Requests that sample get the same tokens and logprobs from row draws as from their whole rows on the
@@ -1315,9 +1348,9 @@ mod tests {
             assert_eq!(&mixed[request_id], generated, "request {request_id}");
         }
         assert_eq!(mixed["wide_top_k"].0.len(), 12);
-        // Six prompts of one chunk each, and at least wide_top_k's eleven decode steps.
+        // wide_top_k's prompt (one chunk) and at least its eleven decode steps; the other prompts are drawn.
         let [logits_steps, ..] = counted(&mixed_counts);
-        assert!(logits_steps >= 6 + 11, "{logits_steps} logits steps");
+        assert!(logits_steps >= 12, "{logits_steps} logits steps");
     }
 
     fn job(request_id: &str, prompt_tokens: u32, max_tokens: u32) -> Job {

@@ -25,10 +25,11 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::engine::{Engine, SequenceId};
+use crate::error::EngineError;
 use crate::roles::membership::{self, Joining};
 use crate::roles::observe::PrefillMetrics;
 use crate::roles::{RoleError, engine_sampling, prefill_queue_consumer};
-use crate::sampling::Sampler;
+use crate::sampling::{SampledToken, Sampler};
 use crate::transfer::engine_io::export_layer;
 use crate::transfer::{KvDtype, KvTransport, OutgoingTransfer, TransferHeader, split_device_pool};
 
@@ -501,6 +502,26 @@ async fn mark_in_progress(delivery: Arc<Delivery>) {
     }
 }
 
+/// Runs the rest of the prompt of `sequence_id` and takes the token that follows it: drawn where the request fits
+/// a row draw (on a GPU the logits stay there), else sampled from the logits.
+fn first_token(
+    engine: &mut Engine,
+    sequence_id: SequenceId,
+    sampler: &mut Sampler,
+) -> Result<SampledToken, EngineError> {
+    if !sampler.fits_row_draw() {
+        let vocab_size = engine.model_config().vocab_size;
+        let logits = engine.prefill(sequence_id)?;
+        return Ok(sampler.sample(&logits[logits.len() - vocab_size..]));
+    }
+    let params = sampler.row_draw_params();
+    let draw = engine.prefill_drawn(sequence_id, &params)?.clone();
+    match sampler.sample_from_draw(&params, &draw) {
+        Some(token) => Ok(token),
+        None => Ok(sampler.sample_with_params(&params, engine.step_logits(0)?)),
+    }
+}
+
 /// The engine thread: one prompt at a time, computed, first token sampled, layers exported, blocks released.
 fn run_compute(
     mut engine: Engine,
@@ -560,15 +581,10 @@ fn compute(
         let cached_tokens = engine
             .cached_prompt_tokens(sequence_id)
             .map_err(|e| e.to_string())? as u32;
-        let vocab_size = engine.model_config().vocab_size;
-        let logits = engine
-            .prefill(sequence_id)
-            .map_err(|error| error.to_string())?;
-        let last_row = logits[logits.len() - vocab_size..].to_vec();
-        let compute_ns = started.elapsed().as_nanos() as u64;
         let sampling = job.job.sampling.clone().unwrap_or_default();
         let mut sampler = Sampler::new(engine_sampling(&sampling, 1));
-        let first = sampler.sample(&last_row);
+        let first = first_token(engine, sequence_id, &mut sampler).map_err(|e| e.to_string())?;
+        let compute_ns = started.elapsed().as_nanos() as u64;
         let mut header = TransferHeader::for_sequence(
             engine,
             sequence_id,
