@@ -111,7 +111,7 @@ impl DirectTarget {
         let prompt_tokens = prompt_token_ids.len() as u64;
         let wire = WireSampling {
             temperature: sampling.temperature as f32,
-            top_p: 1.0,
+            top_p: sampling.top_p as f32,
             top_k: 0,
             seed: None,
             max_tokens: sampling.output_len,

@@ -66,6 +66,7 @@ impl HttpTarget {
             "messages": [{"role": "user", "content": content}],
             "max_completion_tokens": sampling.output_len,
             "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
             "ignore_eos": sampling.ignore_eos,
             "stream": true,
             "stream_options": {"include_usage": true},

@@ -63,6 +63,9 @@ pub struct ServeBenchArgs {
     /// Sampling temperature sent with each request (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Nucleus sampling: the smallest set of most likely tokens whose probability reaches this (1: no limit).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
     /// Seed of the prompts and the arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -91,6 +94,7 @@ pub struct ServeBenchArgs {
 pub struct Sampling {
     pub output_len: u32,
     pub temperature: f64,
+    pub top_p: f64,
     pub ignore_eos: bool,
 }
 
@@ -230,6 +234,7 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
     let sampling = Arc::new(Sampling {
         output_len: args.output_len,
         temperature: args.temperature,
+        top_p: args.top_p,
         ignore_eos: args.ignore_eos,
     });
     for (index, prompt) in prepared.into_iter().enumerate() {
@@ -318,6 +323,7 @@ async fn run_async(args: ServeBenchArgs) -> Result<()> {
             "shared_prefix_ratio": args.shared_prefix_ratio,
             "ignore_eos": args.ignore_eos,
             "temperature": args.temperature,
+            "top_p": args.top_p,
             "seed": args.seed,
             "warmup_requests": args.warmup_requests,
             "model": args.model.model.as_ref().map_or("builtin".into(), |path| path.display().to_string()),
