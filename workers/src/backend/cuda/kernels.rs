@@ -1,8 +1,8 @@
-//! The NVRTC kernels of `kernels.cu` and `decode_gemv.cu`: compiled once when a backend starts, and one
-//! typed launch function each, all through `cuLaunchKernelEx` so that kernels which wait for their
-//! predecessor can launch with programmatic dependent launch. Every pointer argument is a raw device address
-//! (`u64`) the caller took from a live allocation of the right size; 0 stands for a null pointer where the
-//! kernel accepts one.
+//! The NVRTC kernels of `kernels.cu`, `decode_gemv.cu`, `decode_qkv_attention.cu` and `draw.cu`: compiled
+//! once when a backend starts, and one typed launch function each, all through `cuLaunchKernelEx` so that
+//! kernels which wait for their predecessor can launch with programmatic dependent launch. Every pointer
+//! argument is a raw device address (`u64`) the caller took from a live allocation of the right size; 0 stands
+//! for a null pointer where the kernel accepts one.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -1154,7 +1154,7 @@ impl Kernels {
     }
 
     /// Each row's draw (`draw.cu`): the three launches over the first `num_rows` rows of `logits`, with
-    /// `params` a [`DrawParams`] a row, and the buffers of [`DrawBuffers`] sized for at least `num_rows`.
+    /// `params` a `DrawParams` a row, and the buffers of [`DrawBuffers`] sized for at least `num_rows`.
     /// `mark` is called after each launch with its kernel's name (for `TANDEM_CUDA_LAUNCH_TIMES`).
     pub(crate) fn draw_rows(
         &self,
@@ -1167,7 +1167,7 @@ impl Kernels {
         let chunks = draw_chunks(vocab_size);
         let vocab = Arg::Int(vocab_size as i32);
         // SAFETY: each launch matches its kernel's parameters (draw.cu); every buffer holds `num_rows` rows of
-        // `chunks` chunks (`DrawBuffers::for_rows`), and `draw_row`'s dynamic shared memory is
+        // `chunks` chunks (`DeviceDraws::new` in draw.rs), and `draw_row`'s dynamic shared memory is
         // `draw_row_shared_bytes`, which `draw_fits` keeps within what a block gets without asking.
         unsafe {
             self.launch(

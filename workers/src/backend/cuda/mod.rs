@@ -5,7 +5,8 @@
 //! (`decode_gemv.cu`, five launches a layer with the fused attention): FMA ones at one sequence, tensor-core
 //! ones at two and four. At one sequence the qkv projection and the attention are one launch of thread block
 //! clusters where the GPU and the shape allow it (`decode_qkv_attention.cu`), four launches a layer.
-//! Greedy steps pick their tokens on the GPU, so only the token ids come back.
+//! Greedy steps pick their tokens on the GPU, so only the token ids come back; steps that sample draw each
+//! row's token there (`draw.cu`, `draw.rs`), so about half a kilobyte a row comes back.
 //!
 //! Everything runs in order on one stream; the host builds each step's metadata (token ids, positions,
 //! block tables) in one buffer and uploads it with one copy. Decode steps replay CUDA graphs captured per
