@@ -380,6 +380,12 @@ impl Engine {
         Ok(&self.greedy_tokens)
     }
 
+    /// Whether drawn steps ([`Engine::decode_drawn`], [`Engine::prefill_drawn`]) draw on the device. Where they
+    /// do not, sampling the logits directly is cheaper, and gives the same tokens.
+    pub fn draws_on_device(&self) -> bool {
+        self.backend.draws_on_device()
+    }
+
     /// Like [`Engine::decode`] for a batch where some sequence samples: returns each row's [`RowDraw`] for its
     /// `params` (one per step, in the order given). A GPU backend computes them on the device, so the logits
     /// stay there; a row whose top-p nucleus reaches past the candidates reads its logits with

@@ -64,6 +64,12 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// Whether [`Backend::forward_drawn`] draws on the device, where the logits are. Where it does not, drawing
+    /// from the host's logits costs more than sampling them directly, so callers sample the logits instead.
+    fn draws_on_device(&self) -> bool {
+        false
+    }
+
     /// Runs a step like [`Backend::forward`] for a batch where some row samples: leaves in `draws` each row's
     /// [`RowDraw`] for its `params`. This default computes them on the host from the logits it leaves in
     /// `logits`. A GPU backend overrides it to compute them on the device and leaves `logits` empty, so a few

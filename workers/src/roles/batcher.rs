@@ -634,10 +634,11 @@ impl Batcher<'_> {
     fn prefill_chunk(&mut self, index: usize) {
         let sequence_id = self.running[index].sequence_id;
         let started = Instant::now();
-        // The first token is drawn like a decode step's where the request fits a row draw (on a GPU, the logits
-        // stay there). `Some(draw)` once the prompt is done: the draw, or `None` for the logits path.
+        // The first token is drawn like a decode step's where the engine draws on the device and the request
+        // fits a row draw (the logits stay on the device). `Some(draw)` once the prompt is done: the draw, or `None` for the logits path.
         let sampler = &self.running[index].sampler;
-        let draw_params = sampler.fits_row_draw().then(|| sampler.row_draw_params());
+        let draw_params = (self.engine.draws_on_device() && sampler.fits_row_draw())
+            .then(|| sampler.row_draw_params());
         let chunk = match &draw_params {
             Some(params) => self
                 .engine
@@ -709,16 +710,18 @@ impl Batcher<'_> {
             return;
         }
         // A step whose requests all decode greedily without logprobs takes only the tokens from the engine: on a
-        // GPU they are picked there, and the logits (the vocabulary's f32 per sequence) stay on the device. One
-        // whose requests all fit a row draw takes each row's draw (on a GPU, its candidates and sums), and only
-        // a request whose top-p nucleus reaches past the candidates reads its row of logits.
+        // GPU they are picked there, and the logits (the vocabulary's f32 per sequence) stay on the device. Where
+        // the engine draws on the device, one whose requests all fit a row draw takes each row's draw (its
+        // candidates and sums), and only a request whose top-p nucleus reaches past the candidates reads its row
+        // of logits.
         let decoding = || {
             self.running
                 .iter()
                 .filter(|run| matches!(run.phase, Phase::Decoding { .. }))
         };
         let only_argmax = decoding().all(|run| run.sampler.needs_only_argmax());
-        let fits_row_draws = decoding().all(|run| run.sampler.fits_row_draw());
+        let fits_row_draws =
+            self.engine.draws_on_device() && decoding().all(|run| run.sampler.fits_row_draw());
         let decoded = if only_argmax {
             self.engine
                 .decode_greedy(&steps)
@@ -1096,8 +1099,9 @@ mod tests {
     use crate::sampling::DRAW_CANDIDATES;
     use crate::{CpuBackend, EngineConfig, KvLayout, ModelConfig, builtin_model};
 
-    /// The CPU backend, counting the kinds of steps asked of it. With `keeps_logits` its drawn steps behave as a
-    /// GPU's: the logits stay with the backend, and a row is read back only when asked for.
+    /// The CPU backend, counting the kinds of steps asked of it. With `keeps_logits` it says it draws on the
+    /// device, and its drawn steps behave as a GPU's: the logits stay with the backend, and a row is read back
+    /// only when asked for.
     struct CountingBackend {
         inner: CpuBackend,
         counts: Arc<StepCounts>,
@@ -1138,6 +1142,9 @@ mod tests {
         ) -> Result<(), EngineError> {
             self.counts.greedy_steps.fetch_add(1, Ordering::Relaxed);
             self.inner.forward_greedy(batch, tokens)
+        }
+        fn draws_on_device(&self) -> bool {
+            self.keeps_logits
         }
         fn forward_drawn(
             &mut self,
@@ -1276,8 +1283,8 @@ mod tests {
     }
 
     /// Greedy requests without logprobs decode through `decode_greedy` (on a GPU the tokens are picked there), and
-    /// give the tokens the sampler gives from a row draw; a request with logprobs takes row draws. Both draw the
-    /// first token at the end of the prompt.
+    /// give the tokens the sampler gives from the logits; on a backend that does not draw on its device, a
+    /// request with logprobs keeps the logits.
     #[test]
     fn greedy_requests_without_logprobs_take_only_the_greedy_tokens() {
         let greedy = job("greedy", 8, 10);
@@ -1288,19 +1295,19 @@ mod tests {
         let (greedy_tokens, greedy_logprobs) = &greedy["greedy"];
         assert_eq!(greedy_tokens.len(), 10);
         assert_eq!(*greedy_logprobs, 0);
-        // The prompt (one chunk) gives the first token from a row draw; the nine steps after it only tokens.
-        assert_eq!(counted(&greedy_counts), [0, 9, 1, 0]);
+        // The prompt (one chunk) gives the first token from its logits; the nine steps after it only tokens.
+        assert_eq!(counted(&greedy_counts), [1, 9, 0, 0]);
 
         let (sampled, sampled_counts) = run_counted(vec![with_logprobs], false);
         let (sampled_tokens, sampled_logprobs) = &sampled["with_logprobs"];
         assert_eq!(sampled_tokens, greedy_tokens);
         assert_eq!(*sampled_logprobs, 10);
-        assert_eq!(counted(&sampled_counts), [0, 0, 10, 0]);
+        assert_eq!(counted(&sampled_counts), [10, 0, 0, 0]);
     }
 
-    /// Requests that sample get the same tokens and logprobs from row draws as from their whole rows on the
-    /// host: with the logits kept by the backend (a GPU's drawn steps), reading back only the rows whose top-p
-    /// nucleus reaches past the candidates, and beside a request that needs every row's logits.
+    /// Requests that sample get the same tokens and logprobs from row draws, with the logits kept by the backend
+    /// (a GPU's drawn steps) and only the rows whose top-p nucleus reaches past the candidates read back, as from
+    /// their whole rows on the host; also beside a request that needs every row's logits.
     #[test]
     fn row_draws_give_what_the_whole_rows_give() {
         let sampled = |request_id: &str, temperature, top_k, top_p, logprobs| {
@@ -1324,11 +1331,12 @@ mod tests {
         let (on_host, host_counts) = run_counted(jobs(), false);
         let (kept, kept_counts) = run_counted(jobs(), true);
         assert_eq!(kept, on_host);
-        let [_, greedy_steps, drawn_steps, rows_read] = counted(&kept_counts);
-        assert_eq!(greedy_steps, 0);
-        assert!(drawn_steps >= 11, "{drawn_steps} drawn steps");
+        let [logits_steps, greedy_steps, drawn_steps, rows_read] = counted(&kept_counts);
+        assert_eq!((logits_steps, greedy_steps), (0, 0));
+        assert!(drawn_steps >= 12, "{drawn_steps} drawn steps");
         assert!(rows_read > 0, "no nucleus reached past the candidates");
-        assert_eq!(counted(&host_counts)[3], 0);
+        // Without device draws every step takes the logits.
+        assert_eq!(counted(&host_counts)[1..], [0, 0, 0]);
         for (request_id, (tokens, logprobs)) in &on_host {
             assert_eq!(tokens.len(), 12, "request {request_id}");
             assert_eq!(*logprobs > 0, request_id.ends_with("logprobs"));

@@ -502,14 +502,14 @@ async fn mark_in_progress(delivery: Arc<Delivery>) {
     }
 }
 
-/// Runs the rest of the prompt of `sequence_id` and takes the token that follows it: drawn where the request fits
-/// a row draw (on a GPU the logits stay there), else sampled from the logits.
+/// Runs the rest of the prompt of `sequence_id` and takes the token that follows it: drawn where the engine draws
+/// on its device and the request fits a row draw (the logits stay on the device), else sampled from the logits.
 fn first_token(
     engine: &mut Engine,
     sequence_id: SequenceId,
     sampler: &mut Sampler,
 ) -> Result<SampledToken, EngineError> {
-    if !sampler.fits_row_draw() {
+    if !(engine.draws_on_device() && sampler.fits_row_draw()) {
         let vocab_size = engine.model_config().vocab_size;
         let logits = engine.prefill(sequence_id)?;
         return Ok(sampler.sample(&logits[logits.len() - vocab_size..]));

@@ -1199,6 +1199,10 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn draws_on_device(&self) -> bool {
+        draw_fits(self.config.vocab_size)
+    }
+
     fn forward_drawn(
         &mut self,
         batch: &[SequenceStep<'_>],
