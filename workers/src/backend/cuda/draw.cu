@@ -101,6 +101,11 @@ __device__ __forceinline__ double draw_weight(float logit, float row_max, double
     return exp((double)(logit - row_max) * inverse_temperature);
 }
 
+// Sorts `n` keys (a power of two) of shared memory in descending order on the first warp alone: a sort of a
+// few hundred keys is cheaper with warp barriers than with block ones. Every thread of the block calls it,
+// after a barrier that follows the keys' stores, and all keys are readable when it returns.
+__device__ void draw_sort_descending_warp(unsigned long long* keys, int n);
+
 // One compare-exchange of a bitonic sort that ends descending.
 __device__ __forceinline__ void draw_compare_exchange(unsigned long long* keys, int i, int j, int k) {
     const int partner = i ^ j;
@@ -137,14 +142,67 @@ __device__ void draw_sort_descending(unsigned long long* keys, int n) {
     __syncthreads();
 }
 
+// A thread's share of a chunk: VALUES logits of `row` from `first` (ids below `end`), requested all at once
+// (16 bytes a load where the row allows it) so that one memory round trip brings them; ids past `end` get -1.
+// The chunk is DRAW_CHUNK logits over blockDim.x * VALUES / 4 threads: lane t takes the 16-byte pieces
+// t, t + blockDim.x, ...
+template <int VALUES>
+__device__ __forceinline__ void draw_load_share(const float* row, int first, int end, float (&values)[VALUES],
+                                                int (&ids)[VALUES]) {
+    constexpr int PIECES = VALUES / 4;
+    const bool aligned = ((((size_t)row) & 15) == 0) && ((first & 3) == 0);
+#pragma unroll
+    for (int piece = 0; piece < PIECES; ++piece) {
+        const int id = first + 4 * (threadIdx.x + piece * blockDim.x);
+        if (aligned && id + 3 < end) {
+            const float4 v = *reinterpret_cast<const float4*>(row + id);
+            values[4 * piece] = v.x;
+            values[4 * piece + 1] = v.y;
+            values[4 * piece + 2] = v.z;
+            values[4 * piece + 3] = v.w;
+        } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) values[4 * piece + c] = id + c < end ? row[id + c] : 0.0f;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) ids[4 * piece + c] = id + c < end ? id + c : -1;
+    }
+}
+
+__device__ void draw_sort_descending_warp(unsigned long long* keys, int n) {
+    if (threadIdx.x < 32) {
+        for (int k = 2; k <= n; k <<= 1) {
+            for (int j = k >> 1; j > 0; j >>= 1) {
+                for (int i = threadIdx.x; i < n; i += 32) draw_compare_exchange(keys, i, j, k);
+                __syncwarp();
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// The sort for `n` keys: on one warp up to DRAW_WARP_SORT_MAX, on the whole block above.
+#define DRAW_WARP_SORT_MAX 512
+__device__ __forceinline__ void draw_sort(unsigned long long* keys, int n) {
+    if (n <= DRAW_WARP_SORT_MAX)
+        draw_sort_descending_warp(keys, n);
+    else
+        draw_sort_descending(keys, n);
+}
+
 // chunk_top[(row * chunks + chunk) * 2 + 0, 1] = the chunk's largest and second largest keys. Grid (chunks,
-// rows), 256 threads.
+// rows), DRAW_CHUNK / 16 threads (16 logits each).
 extern "C" __global__ void draw_chunk_top(const float* logits, int vocab_size, unsigned long long* chunk_top) {
     __shared__ unsigned long long warp_tops[32][2];
     const float* row = logits + (size_t)blockIdx.y * vocab_size;
     const int first = blockIdx.x * DRAW_CHUNK, end = min(first + DRAW_CHUNK, vocab_size);
+    float values[16];
+    int ids[16];
+    draw_load_share<16>(row, first, end, values, ids);
     unsigned long long top = 0ull, second = 0ull;
-    for (int i = first + threadIdx.x; i < end; i += blockDim.x) draw_top_two(top, second, draw_key(row[i], i), 0ull);
+#pragma unroll
+    for (int v = 0; v < 16; ++v)
+        if (ids[v] >= 0) draw_top_two(top, second, draw_key(values[v], ids[v]), 0ull);
     for (int offset = 16; offset > 0; offset >>= 1) {
         const unsigned long long other_top = __shfl_xor_sync(0xffffffffu, top, offset);
         const unsigned long long other_second = __shfl_xor_sync(0xffffffffu, second, offset);
@@ -165,7 +223,7 @@ extern "C" __global__ void draw_chunk_top(const float* logits, int vocab_size, u
 }
 
 // Each chunk's sums, and its keys at or above the row's floor: how many (at most DRAW_CANDIDATES) and the
-// largest of them, sorted, then 0s. Grid (chunks, rows), 512 threads.
+// largest of them, sorted, then 0s. Grid (chunks, rows), DRAW_CHUNK / 8 threads (8 logits each).
 extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size, const DrawParams* params,
                                             const unsigned long long* chunk_top, DrawChunkStats* stats,
                                             unsigned* chunk_counts, unsigned long long* chunk_candidates) {
@@ -180,11 +238,15 @@ extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size,
     draw_row_floor(chunk_top + (size_t)row_index * chunks * 2, chunks, &row_max, &floor);
     const double inverse_temperature = params[row_index].inverse_temperature;
     const int first = chunk * DRAW_CHUNK;
+    float values[8];
+    int ids[8];
+    draw_load_share<8>(row, first, min(first + DRAW_CHUNK, vocab_size), values, ids);
     double tempered = 0.0, tempered_rounded = 0.0, raw = 0.0;
-    for (int i = threadIdx.x; i < DRAW_CHUNK; i += blockDim.x) {
-        const int id = first + i;
-        if (id >= vocab_size) continue;
-        const float logit = row[id];
+#pragma unroll
+    for (int v = 0; v < 8; ++v) {
+        const int id = ids[v];
+        if (id < 0) continue;
+        const float logit = values[v];
         const unsigned long long key = draw_key(logit, id);
         if (key >= floor) keys[atomicAdd(&kept, 1u)] = key;
         raw += exp((double)logit - (double)row_max);
@@ -219,7 +281,7 @@ extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size,
     while (sorted < count) sorted <<= 1;
     for (int i = count + threadIdx.x; i < sorted; i += blockDim.x) keys[i] = 0ull;
     __syncthreads();
-    draw_sort_descending(keys, sorted);
+    draw_sort(keys, sorted);
     const size_t at = (size_t)row_index * chunks + chunk;
     if (threadIdx.x < DRAW_CANDIDATES)
         chunk_candidates[at * DRAW_CANDIDATES + threadIdx.x] = threadIdx.x < count ? keys[threadIdx.x] : 0ull;
@@ -249,9 +311,11 @@ extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chu
 
     // The row's candidates: the largest of the chunks' kept keys, each chunk's placed after the ones before.
     __shared__ int offsets[DRAW_MAX_CHUNKS + 1];
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) offsets[c + 1] = (int)chunk_counts[row_index * chunks + c];
+    __syncthreads();
     if (threadIdx.x == 0) {
         offsets[0] = 0;
-        for (int c = 0; c < chunks; ++c) offsets[c + 1] = offsets[c] + (int)chunk_counts[row_index * chunks + c];
+        for (int c = 0; c < chunks; ++c) offsets[c + 1] += offsets[c];
     }
     __syncthreads();
     const int merged = offsets[chunks];
@@ -266,7 +330,7 @@ extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chu
             keys[offsets[c] + rank] = chunk_candidates[(size_t)row_index * chunks * DRAW_CANDIDATES + i];
     }
     __syncthreads();
-    draw_sort_descending(keys, sorted);
+    draw_sort(keys, sorted);
     if (threadIdx.x < DRAW_CANDIDATES) o->candidates[threadIdx.x] = keys[threadIdx.x];
     const unsigned argmax = draw_key_id(keys[0]);
 

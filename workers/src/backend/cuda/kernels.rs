@@ -1172,7 +1172,7 @@ impl Kernels {
         unsafe {
             self.launch(
                 &self.draw_chunk_top,
-                grid(chunks, num_rows, 1, 256),
+                grid(chunks, num_rows, 1, (DRAW_CHUNK / 16) as u32),
                 &[Arg::Ptr(logits), vocab, Arg::Ptr(buffers.chunk_top)],
                 false,
             )
@@ -1180,7 +1180,7 @@ impl Kernels {
             mark("draw_chunk_top")?;
             self.launch(
                 &self.draw_chunk_stats,
-                grid(chunks, num_rows, 1, 512),
+                grid(chunks, num_rows, 1, (DRAW_CHUNK / 8) as u32),
                 &[
                     Arg::Ptr(logits),
                     vocab,
