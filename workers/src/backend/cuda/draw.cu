@@ -222,11 +222,11 @@ extern "C" __global__ void draw_chunk_top(const float* logits, int vocab_size, u
     }
 }
 
-// Each chunk's sums, and its keys at or above the row's floor: how many (at most DRAW_CANDIDATES) and the
-// largest of them, sorted, then 0s. Grid (chunks, rows), DRAW_CHUNK / 8 threads (8 logits each).
+// Each chunk's sums, and its keys at or above the row's floor: the largest DRAW_CANDIDATES of them, sorted,
+// then 0s. Grid (chunks, rows), DRAW_CHUNK / 8 threads (8 logits each).
 extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size, const DrawParams* params,
                                             const unsigned long long* chunk_top, DrawChunkStats* stats,
-                                            unsigned* chunk_counts, unsigned long long* chunk_candidates) {
+                                            unsigned long long* chunk_candidates) {
     __shared__ unsigned long long keys[DRAW_CHUNK];
     __shared__ double warp_sums[3][32];
     __shared__ unsigned kept;
@@ -285,15 +285,13 @@ extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size,
     const size_t at = (size_t)row_index * chunks + chunk;
     if (threadIdx.x < DRAW_CANDIDATES)
         chunk_candidates[at * DRAW_CANDIDATES + threadIdx.x] = threadIdx.x < count ? keys[threadIdx.x] : 0ull;
-    if (threadIdx.x == 0) chunk_counts[at] = min(count, DRAW_CANDIDATES);
 }
 
 // One row's totals, candidates and draw. Grid (rows), 1024 threads; dynamic shared memory of
 // chunks * DRAW_CANDIDATES rounded up to a power of two 8-byte words.
 extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chunks, const DrawParams* params,
                                     const unsigned long long* chunk_top, const DrawChunkStats* stats,
-                                    const unsigned* chunk_counts, const unsigned long long* chunk_candidates,
-                                    DrawOut* out) {
+                                    const unsigned long long* chunk_candidates, DrawOut* out) {
     extern __shared__ unsigned long long draw_shared[];
     __shared__ double warp_prefix[32];
     __shared__ int drawn_chunk, drawn_index, last_weighted_index;
@@ -302,46 +300,44 @@ extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chu
     __shared__ double tempered_sums[DRAW_MAX_CHUNKS], rounded_sums[DRAW_MAX_CHUNKS], raw_sums[DRAW_MAX_CHUNKS];
     const int row_index = blockIdx.x;
     const float* row = logits + (size_t)row_index * vocab_size;
-    float row_max;
-    unsigned long long floor;
-    draw_row_floor(chunk_top + (size_t)row_index * chunks * 2, chunks, &row_max, &floor);
     const DrawParams p = params[row_index];
     const DrawChunkStats* row_stats = stats + row_index * chunks;
     DrawOut* o = out + row_index;
 
-    // The row's candidates: the largest of the chunks' kept keys, each chunk's placed after the ones before.
-    __shared__ int offsets[DRAW_MAX_CHUNKS + 1];
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) offsets[c + 1] = (int)chunk_counts[row_index * chunks + c];
-    __syncthreads();
+    // Everything the row's chunks left, requested at once: the chunks' largest keys (for the row's largest
+    // logit), their sums, and their kept keys (0 past each chunk's count), gathered in any order.
+    __shared__ unsigned long long largest;
+    __shared__ int merged;
     if (threadIdx.x == 0) {
-        offsets[0] = 0;
-        for (int c = 0; c < chunks; ++c) offsets[c + 1] += offsets[c];
+        largest = 0ull;
+        merged = 0;
     }
     __syncthreads();
-    const int merged = offsets[chunks];
-    int sorted = 1;
-    while (sorted < merged) sorted <<= 1;
     unsigned long long* keys = draw_shared;
-    for (int i = threadIdx.x; i < sorted; i += blockDim.x) keys[i] = 0ull;
-    __syncthreads();
-    for (int i = threadIdx.x; i < chunks * DRAW_CANDIDATES; i += blockDim.x) {
-        const int c = i / DRAW_CANDIDATES, rank = i % DRAW_CANDIDATES;
-        if (rank < offsets[c + 1] - offsets[c])
-            keys[offsets[c] + rank] = chunk_candidates[(size_t)row_index * chunks * DRAW_CANDIDATES + i];
-    }
-    __syncthreads();
-    draw_sort(keys, sorted);
-    if (threadIdx.x < DRAW_CANDIDATES) o->candidates[threadIdx.x] = keys[threadIdx.x];
-    const unsigned argmax = draw_key_id(keys[0]);
-
-    // The chunks' sums, read in parallel for the one thread that walks them.
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        atomicMax(&largest, chunk_top[((size_t)row_index * chunks + c) * 2]);
         const DrawChunkStats chunk_stats = row_stats[c];
         tempered_sums[c] = chunk_stats.tempered;
         rounded_sums[c] = chunk_stats.tempered_rounded;
         raw_sums[c] = chunk_stats.raw;
     }
+    for (int i = threadIdx.x; i < chunks * DRAW_CANDIDATES; i += blockDim.x) {
+        const unsigned long long key = chunk_candidates[(size_t)row_index * chunks * DRAW_CANDIDATES + i];
+        if (key != 0ull) keys[atomicAdd(&merged, 1)] = key;
+    }
     __syncthreads();
+    const float row_max = draw_key_logit(largest);
+
+    // The row's candidates: the largest of the kept keys.
+    const int count = merged;
+    int sorted = 1;
+    while (sorted < count) sorted <<= 1;
+    for (int i = count + threadIdx.x; i < sorted; i += blockDim.x) keys[i] = 0ull;
+    __syncthreads();
+    draw_sort(keys, sorted);
+    if (threadIdx.x < DRAW_CANDIDATES) o->candidates[threadIdx.x] = keys[threadIdx.x];
+    const unsigned argmax = draw_key_id(keys[0]);
+
     // The totals, in chunk order so that a row sums the same way every time.
     if (threadIdx.x == 0) {
         double tempered = 0.0, raw = 0.0;

@@ -15,7 +15,6 @@ pub(super) struct DeviceDraws {
     params: CudaSlice<f64>,
     chunk_top: CudaSlice<u64>,
     chunk_stats: CudaSlice<f64>,
-    chunk_counts: CudaSlice<u32>,
     chunk_candidates: CudaSlice<u64>,
     out: CudaSlice<u8>,
     /// The last step's parameters, two f64 a row, as uploaded.
@@ -30,7 +29,6 @@ impl DeviceDraws {
             params: zeros(gpu, 2 * rows, "the row draws' parameters")?,
             chunk_top: zeros(gpu, 2 * chunks, "the row draws' chunk maxima")?,
             chunk_stats: zeros(gpu, 3 * chunks, "the row draws' chunk sums")?,
-            chunk_counts: zeros(gpu, chunks, "the row draws' candidate counts")?,
             chunk_candidates: zeros(gpu, DRAW_CANDIDATES * chunks, "the row draws' candidates")?,
             out: zeros(gpu, DRAW_OUT_BYTES * rows, "the row draws")?,
             host_params: Vec::with_capacity(2 * rows),
@@ -65,7 +63,6 @@ impl DeviceDraws {
             params: addr(&self.params, gpu),
             chunk_top: addr(&self.chunk_top, gpu),
             chunk_stats: addr(&self.chunk_stats, gpu),
-            chunk_counts: addr(&self.chunk_counts, gpu),
             chunk_candidates: addr(&self.chunk_candidates, gpu),
             out: addr(&self.out, gpu),
         }

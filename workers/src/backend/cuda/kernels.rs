@@ -54,13 +54,11 @@ pub(crate) fn draw_fits(vocab_size: usize) -> bool {
 
 /// Device addresses of the buffers a step's row draws use (sized by the caller for its rows): `params`,
 /// a `DrawParams` (two f64) a row; `chunk_top`, two u64 keys a chunk; `chunk_stats`, three f64 a chunk;
-/// `chunk_counts`, a u32 a chunk; `chunk_candidates`, `DRAW_CANDIDATES` u64 keys a chunk; `out`,
-/// `DRAW_OUT_BYTES` a row.
+/// `chunk_candidates`, `DRAW_CANDIDATES` u64 keys a chunk; `out`, `DRAW_OUT_BYTES` a row.
 pub(crate) struct DrawBuffers {
     pub(crate) params: u64,
     pub(crate) chunk_top: u64,
     pub(crate) chunk_stats: u64,
-    pub(crate) chunk_counts: u64,
     pub(crate) chunk_candidates: u64,
     pub(crate) out: u64,
 }
@@ -1187,7 +1185,6 @@ impl Kernels {
                     Arg::Ptr(buffers.params),
                     Arg::Ptr(buffers.chunk_top),
                     Arg::Ptr(buffers.chunk_stats),
-                    Arg::Ptr(buffers.chunk_counts),
                     Arg::Ptr(buffers.chunk_candidates),
                 ],
                 false,
@@ -1206,7 +1203,6 @@ impl Kernels {
                     Arg::Ptr(buffers.params),
                     Arg::Ptr(buffers.chunk_top),
                     Arg::Ptr(buffers.chunk_stats),
-                    Arg::Ptr(buffers.chunk_counts),
                     Arg::Ptr(buffers.chunk_candidates),
                     Arg::Ptr(buffers.out),
                 ],
