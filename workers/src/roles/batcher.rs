@@ -683,16 +683,12 @@ impl Batcher<'_> {
                         }
                     }
                     Err(error) => {
-                        let run = self.running.swap_remove(index);
-                        self.release(run.sequence_id);
-                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                        self.fail_running(index, &error);
                     }
                 }
             }
             Err(error) => {
-                let run = self.running.swap_remove(index);
-                self.release(run.sequence_id);
-                self.fail_job(&run.job, "engine_error", &error.to_string());
+                self.fail_running(index, &error);
             }
         }
     }
@@ -769,9 +765,7 @@ impl Batcher<'_> {
                         .iter()
                         .position(|run| run.sequence_id == sequence_id)
                     {
-                        let run = self.running.swap_remove(index);
-                        self.release(run.sequence_id);
-                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                        self.fail_running(index, &error);
                     }
                 }
                 return;
@@ -839,9 +833,7 @@ impl Batcher<'_> {
                         .iter()
                         .position(|run| run.sequence_id == sequence_id)
                     {
-                        let run = self.running.swap_remove(index);
-                        self.release(run.sequence_id);
-                        self.fail_job(&run.job, "engine_error", &error.to_string());
+                        self.fail_running(index, &error);
                     }
                 }
                 by_row
@@ -924,6 +916,13 @@ impl Batcher<'_> {
                 self.fail_job(&run.job, "kv_transfer_failed", &reason);
             }
         }
+    }
+
+    /// Ends request `index` on an engine error: its blocks are released and its `Failed` event says why.
+    fn fail_running(&mut self, index: usize, error: &EngineError) {
+        let run = self.running.swap_remove(index);
+        self.release(run.sequence_id);
+        self.fail_job(&run.job, "engine_error", &error.to_string());
     }
 
     /// The next token of request `index` from its row `row` of the last drawn step: from the draw, or from the
