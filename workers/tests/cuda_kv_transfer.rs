@@ -14,27 +14,17 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+mod common;
+
+use common::driver_or_skip;
 use tandem_workers::{
-    Engine, EngineConfig, ModelWeights, cuda_device_count, cuda_driver_present, qwen3_shape,
-    random_model,
+    Engine, EngineConfig, ModelWeights, cuda_device_count, qwen3_shape, random_model,
 };
 
 const BLOCK_TOKENS: usize = 16;
 const DECODE_STEPS: usize = 8;
 /// Set in the receiving process of the IPC test.
 const CHILD_ENV: &str = "TANDEM_CUDA_IPC_CHILD";
-
-fn driver_or_skip(test: &str) -> bool {
-    if !cuda_driver_present() {
-        eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
-        return false;
-    }
-    if cuda_device_count() == 0 {
-        eprintln!("skipping {test}: the CUDA driver loads but sees no GPU");
-        return false;
-    }
-    true
-}
 
 fn weights() -> ModelWeights {
     let shape = qwen3_shape("qwen3-0.6b").expect("the qwen3-0.6b shape");

@@ -18,10 +18,9 @@
 
 mod common;
 
-use common::{FIXTURES, load_fixture, log_softmax, reference};
+use common::{FIXTURES, driver_or_skip, load_fixture, log_softmax, reference};
 use tandem_workers::{
-    Engine, EngineConfig, ModelConfig, ModelWeights, cuda_device_count, cuda_driver_present,
-    qwen3_shape, random_model,
+    Engine, EngineConfig, ModelConfig, ModelWeights, cuda_driver_present, qwen3_shape, random_model,
 };
 
 const DECODE_STEPS: usize = 64;
@@ -258,18 +257,6 @@ fn check(name: &str, comparison: &Comparison) {
         comparison.host_device_argmax_mismatches, 0,
         "{name}: GPU argmax"
     );
-}
-
-fn driver_or_skip(test: &str) -> bool {
-    if !cuda_driver_present() {
-        eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
-        return false;
-    }
-    if cuda_device_count() == 0 {
-        eprintln!("skipping {test}: the CUDA driver loads but sees no GPU");
-        return false;
-    }
-    true
 }
 
 #[test]

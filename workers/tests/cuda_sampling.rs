@@ -7,26 +7,14 @@
 
 use std::time::Instant;
 
-use tandem_workers::{
-    Engine, EngineConfig, RowDraw, RowDrawParams, cuda_device_count, cuda_driver_present,
-    qwen3_shape, random_model,
-};
+mod common;
+
+use common::driver_or_skip;
+use tandem_workers::{Engine, EngineConfig, RowDraw, RowDrawParams, qwen3_shape, random_model};
 
 const STEPS: usize = 24;
 /// Per row: the inverse temperature (0: greedy).
 const INVERSE_TEMPERATURES: [f64; 4] = [0.0, 1.0 / 0.7, 1.0, 1.0 / 8.0];
-
-fn driver_or_skip(test: &str) -> bool {
-    if !cuda_driver_present() {
-        eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
-        return false;
-    }
-    if cuda_device_count() == 0 {
-        eprintln!("skipping {test}: the CUDA driver loads but sees no GPU");
-        return false;
-    }
-    true
-}
 
 fn relative_difference(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(f64::MIN_POSITIVE)

@@ -1,11 +1,13 @@
-//! Helpers shared by the integration tests: fixture paths and their reference records.
+//! Helpers shared by the integration tests: fixture paths and their reference records, and the CUDA tests' skip.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
 use serde_json::Value;
-use tandem_workers::{Engine, EngineConfig, ModelWeights, load_model};
+use tandem_workers::{
+    Engine, EngineConfig, ModelWeights, cuda_device_count, cuda_driver_present, load_model,
+};
 
 pub const FIXTURES: [&str; 3] = [
     "tiny_bf16_tied_t4",
@@ -68,4 +70,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Whether a CUDA test can run here; if not, says why (CUDA tests skip, never fail, without a GPU).
+pub fn driver_or_skip(test: &str) -> bool {
+    if !cuda_driver_present() {
+        eprintln!("skipping {test}: no CUDA driver on this machine (libcuda not found)");
+        return false;
+    }
+    if cuda_device_count() == 0 {
+        eprintln!("skipping {test}: the CUDA driver loads but sees no GPU");
+        return false;
+    }
+    true
 }
