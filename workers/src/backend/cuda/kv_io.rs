@@ -561,13 +561,11 @@ impl Drop for PinnedChunk {
     }
 }
 
-/// The staging buffers, sized for one layer of a transfer.
+/// The device staging buffers, sized for one layer of a transfer.
 pub(crate) struct Staged<'a> {
     pub(crate) block_ids: &'a mut CudaSlice<u32>,
     /// One layer of every block, f32, on the device.
     pub(crate) chunk: &'a mut CudaSlice<f32>,
-    /// The same in pinned host memory.
-    pub(crate) pinned: &'a mut PinnedHostSlice<f32>,
 }
 
 /// Device and pinned host buffers for moving one layer of many blocks, grown on demand.
@@ -576,7 +574,9 @@ pub(crate) struct KvStaging {
     capacity_blocks: usize,
     block_ids: Option<CudaSlice<u32>>,
     chunk: Option<CudaSlice<f32>>,
-    pinned: Option<PinnedHostSlice<f32>>,
+    /// Two pinned buffers of an import, so that the host fills one while the other is copied to the device.
+    pinned: [Option<PinnedHostSlice<f32>>; 2],
+    pinned_capacity_floats: usize,
 }
 
 impl KvStaging {
@@ -586,17 +586,64 @@ impl KvStaging {
             capacity_blocks: 0,
             block_ids: None,
             chunk: None,
-            pinned: None,
+            pinned: [None, None],
+            pinned_capacity_floats: 0,
         }
     }
 
-    /// Makes room for `num_blocks` ids and `floats` f32 on the device and in pinned host memory.
+    /// Makes room for `num_blocks` ids and `floats` f32 on the device.
     pub(crate) fn ensure(
         &mut self,
         gpu: &GpuContext,
         num_blocks: usize,
         floats: usize,
     ) -> Result<Staged<'_>, CudaError> {
+        self.grow_device(gpu, num_blocks, floats)?;
+        match (&mut self.block_ids, &mut self.chunk) {
+            (Some(block_ids), Some(chunk)) => Ok(Staged { block_ids, chunk }),
+            _ => Err(CudaError::Unsupported(
+                "the KV staging buffers are missing".into(),
+            )),
+        }
+    }
+
+    /// As [`KvStaging::ensure`], and two pinned host buffers of `floats` f32 each for an import.
+    pub(crate) fn ensure_import(
+        &mut self,
+        gpu: &GpuContext,
+        num_blocks: usize,
+        floats: usize,
+    ) -> Result<(Staged<'_>, [&mut PinnedHostSlice<f32>; 2]), CudaError> {
+        self.grow_device(gpu, num_blocks, floats)?;
+        if floats > self.pinned_capacity_floats || self.pinned.iter().any(Option::is_none) {
+            let capacity = floats.next_power_of_two().max(1 << 16);
+            self.pinned = [None, None];
+            for buffer in &mut self.pinned {
+                // Plain page-locked memory (flags 0): the host writes it, a device copy reads it.
+                // SAFETY: the host fills every byte a copy reads before the copy.
+                *buffer = Some(
+                    unsafe { gpu.context.alloc_pinned_with_flags::<f32>(capacity, 0) }
+                        .during(|| "allocating a pinned KV import buffer".into())?,
+                );
+            }
+            self.pinned_capacity_floats = capacity;
+        }
+        match (&mut self.block_ids, &mut self.chunk, &mut self.pinned) {
+            (Some(block_ids), Some(chunk), [Some(first), Some(second)]) => {
+                Ok((Staged { block_ids, chunk }, [first, second]))
+            }
+            _ => Err(CudaError::Unsupported(
+                "the KV staging buffers are missing".into(),
+            )),
+        }
+    }
+
+    fn grow_device(
+        &mut self,
+        gpu: &GpuContext,
+        num_blocks: usize,
+        floats: usize,
+    ) -> Result<(), CudaError> {
         if num_blocks > self.capacity_blocks || self.block_ids.is_none() {
             let capacity = num_blocks.next_power_of_two().max(64);
             self.block_ids = Some(
@@ -606,34 +653,18 @@ impl KvStaging {
             );
             self.capacity_blocks = capacity;
         }
-        if floats > self.capacity_floats || self.chunk.is_none() || self.pinned.is_none() {
+        if floats > self.capacity_floats || self.chunk.is_none() {
             let capacity = floats.next_power_of_two().max(1 << 16);
-            // Free the old ones first: a long prompt's layer can be hundreds of MiB.
+            // Free the old one first: a long prompt's layer can be hundreds of MiB.
             self.chunk = None;
-            self.pinned = None;
             self.chunk = Some(
                 gpu.stream
                     .alloc_zeros::<f32>(capacity)
                     .during(|| "allocating the KV transfer staging chunk".into())?,
             );
-            // Plain page-locked memory: write-combined memory (cudarc's default) is slow for the host to read.
-            // SAFETY: every byte is written by a device copy before the host reads it.
-            self.pinned = Some(
-                unsafe { gpu.context.alloc_pinned_with_flags::<f32>(capacity, 0) }
-                    .during(|| "allocating the pinned KV transfer buffer".into())?,
-            );
             self.capacity_floats = capacity;
         }
-        match (&mut self.block_ids, &mut self.chunk, &mut self.pinned) {
-            (Some(block_ids), Some(chunk), Some(pinned)) => Ok(Staged {
-                block_ids,
-                chunk,
-                pinned,
-            }),
-            _ => Err(CudaError::Unsupported(
-                "the KV staging buffers are missing".into(),
-            )),
-        }
+        Ok(())
     }
 }
 

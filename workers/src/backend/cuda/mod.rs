@@ -25,7 +25,8 @@ mod weights;
 
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use rayon::prelude::*;
 
 pub use ceilings::{Ceilings, measure_ceilings};
@@ -1408,14 +1409,19 @@ impl Backend for CudaBackend {
             .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
         let layer_elems = self.layout.block_floats() / self.layout.num_layers;
         let floats = blocks.len() * layer_elems;
-        let Staged {
-            block_ids: ids,
-            chunk,
+        let (
+            Staged {
+                block_ids: ids,
+                chunk,
+            },
             pinned,
-        } = staging.ensure(gpu, blocks.len(), floats)?;
+        ) = staging.ensure_import(gpu, blocks.len(), floats)?;
         gpu.stream
             .memcpy_htod(blocks, &mut ids.slice_mut(..blocks.len()))
             .during(|| "uploading the block ids of a KV import".into())?;
+        // Layers alternate between the two pinned buffers: the host fills one while the other's copy to the
+        // device runs. One device chunk is enough, since the stream orders each copy after the scatter before.
+        let mut copied: [Option<CudaEvent>; 2] = [None, None];
         for (layer, bytes) in layers.iter().enumerate() {
             if bytes.len() != 4 * floats {
                 return Err(EngineError::KvImport(format!(
@@ -1425,14 +1431,18 @@ impl Backend for CudaBackend {
                     4 * floats
                 )));
             }
-            // The previous layer's copy out of the pinned buffer must be done before it is refilled.
-            gpu.stream
-                .synchronize()
-                .during(|| format!("writing KV layer {layer}"))?;
-            let host = pinned
+            let slot = layer % 2;
+            // The copy out of this buffer two layers back must be done before it is refilled.
+            if let Some(event) = copied[slot].take() {
+                event
+                    .synchronize()
+                    .during(|| format!("writing KV layer {layer}"))?;
+            }
+            let host = pinned[slot]
                 .as_mut_ptr()
-                .during(|| "waiting for the pinned KV buffer".into())?;
-            // SAFETY: the pinned buffer holds at least `floats` f32 and no copy reads it now (synchronized).
+                .during(|| "waiting for a pinned KV buffer".into())?;
+            // SAFETY: the pinned buffer holds at least `floats` f32 and no copy reads it now (its last copy is
+            // done).
             let staged = unsafe { std::slice::from_raw_parts_mut(host.cast::<u8>(), 4 * floats) };
             // One thread copies a layer at a few GB/s, far below the pinned copy's ~55 GB/s; the rayon pool
             // (idle on a GPU worker) spreads it over the cores.
@@ -1440,7 +1450,8 @@ impl Backend for CudaBackend {
                 .par_chunks_mut(STAGING_COPY_CHUNK_BYTES)
                 .zip(bytes.par_chunks(STAGING_COPY_CHUNK_BYTES))
                 .for_each(|(target, source)| target.copy_from_slice(source));
-            // SAFETY: both buffers hold at least `floats` f32.
+            // SAFETY: both buffers hold at least `floats` f32; the pinned one is not written again before
+            // `copied[slot]` says the copy is done.
             unsafe {
                 cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
                     addr(chunk, gpu),
@@ -1451,6 +1462,11 @@ impl Backend for CudaBackend {
             }
             .result()
             .during(|| format!("copying KV layer {layer} to the GPU"))?;
+            copied[slot] = Some(
+                gpu.stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                    .during(|| format!("marking the copy of KV layer {layer}"))?,
+            );
             self.kernels.scatter_layer(
                 addr(chunk, gpu),
                 addr(ids, gpu),
