@@ -1409,6 +1409,17 @@ impl Backend for CudaBackend {
             .map_err(|_| CudaError::Unsupported("the KV staging lock is poisoned".into()))?;
         let layer_elems = self.layout.block_floats() / self.layout.num_layers;
         let floats = blocks.len() * layer_elems;
+        // Every layer is checked before any is copied, so no check leaves a copy in flight behind an error.
+        for (layer, bytes) in layers.iter().enumerate() {
+            if bytes.len() != 4 * floats {
+                return Err(EngineError::KvImport(format!(
+                    "layer {layer}: {} bytes for {} blocks, {} expected",
+                    bytes.len(),
+                    blocks.len(),
+                    4 * floats
+                )));
+            }
+        }
         let (
             Staged {
                 block_ids: ids,
@@ -1423,14 +1434,6 @@ impl Backend for CudaBackend {
         // device runs. One device chunk is enough, since the stream orders each copy after the scatter before.
         let mut copied: [Option<CudaEvent>; 2] = [None, None];
         for (layer, bytes) in layers.iter().enumerate() {
-            if bytes.len() != 4 * floats {
-                return Err(EngineError::KvImport(format!(
-                    "layer {layer}: {} bytes for {} blocks, {} expected",
-                    bytes.len(),
-                    blocks.len(),
-                    4 * floats
-                )));
-            }
             let slot = layer % 2;
             // The copy out of this buffer two layers back must be done before it is refilled.
             if let Some(event) = copied[slot].take() {
