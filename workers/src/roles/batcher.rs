@@ -399,6 +399,13 @@ impl Batcher<'_> {
         }
     }
 
+    /// Where the request of `sequence_id` sits in the batch, if it still runs.
+    fn running_index(&self, sequence_id: SequenceId) -> Option<usize> {
+        self.running
+            .iter()
+            .position(|run| run.sequence_id == sequence_id)
+    }
+
     fn release(&mut self, sequence_id: SequenceId) {
         if let Err(error) = self.engine.remove_sequence(sequence_id) {
             tracing::warn!(%error, "releasing a sequence failed");
@@ -760,11 +767,7 @@ impl Batcher<'_> {
             }
             Err(error) => {
                 for (sequence_id, _) in steps {
-                    if let Some(index) = self
-                        .running
-                        .iter()
-                        .position(|run| run.sequence_id == sequence_id)
-                    {
+                    if let Some(index) = self.running_index(sequence_id) {
                         self.fail_running(index, &error);
                     }
                 }
@@ -810,11 +813,7 @@ impl Batcher<'_> {
                 let mut by_row = Vec::with_capacity(steps.len());
                 let mut unread = Vec::new();
                 for (row, &(sequence_id, _)) in steps.iter().enumerate() {
-                    let Some(index) = self
-                        .running
-                        .iter()
-                        .position(|run| run.sequence_id == sequence_id)
-                    else {
+                    let Some(index) = self.running_index(sequence_id) else {
                         by_row.push(None);
                         continue;
                     };
@@ -828,11 +827,7 @@ impl Batcher<'_> {
                     }
                 }
                 for (sequence_id, error) in unread {
-                    if let Some(index) = self
-                        .running
-                        .iter()
-                        .position(|run| run.sequence_id == sequence_id)
-                    {
+                    if let Some(index) = self.running_index(sequence_id) {
                         self.fail_running(index, &error);
                     }
                 }
@@ -841,11 +836,7 @@ impl Batcher<'_> {
         };
         let mut finished = Vec::new();
         for (row, (sequence_id, _)) in steps.iter().enumerate() {
-            let Some(index) = self
-                .running
-                .iter()
-                .position(|run| run.sequence_id == *sequence_id)
-            else {
+            let Some(index) = self.running_index(*sequence_id) else {
                 continue;
             };
             let Some(token) = sampled[row].take() else {
@@ -856,11 +847,7 @@ impl Batcher<'_> {
             }
         }
         for sequence_id in finished {
-            if let Some(index) = self
-                .running
-                .iter()
-                .position(|run| run.sequence_id == sequence_id)
-            {
+            if let Some(index) = self.running_index(sequence_id) {
                 self.finish(index);
             }
         }
