@@ -238,25 +238,12 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
 
     let mut decode_results = Vec::new();
     for &batch in &args.batch {
-        let mut ids = Vec::with_capacity(batch);
-        let mut samplers = Vec::with_capacity(batch);
-        let mut next_tokens = Vec::with_capacity(batch);
-        for sequence in 0..batch {
-            let id =
-                engine.add_sequence(&bench_prompt(sequence + 1, args.prompt_len, vocab_size))?;
-            let mut sampler = Sampler::new(SamplingParams {
-                seed: Some(sequence as u64),
-                ..SamplingParams::default()
-            });
-            next_tokens.push(sampler.sample(engine.prefill(id)?).token_id);
-            ids.push(id);
-            samplers.push(sampler);
-        }
+        let (ids, mut next_tokens) = start_bench_sequences(&mut engine, batch, args.prompt_len)?;
         let seconds = decode_sampled(
             &mut engine,
             &ids,
             &mut next_tokens,
-            &mut samplers,
+            0.0,
             args.decode_steps,
             DrawnWhere::HostLogits,
         )?;
@@ -308,6 +295,28 @@ pub fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// Adds `batch` bench prompts of `prompt_len` tokens and prefills them: their ids, and each one's greedy first
+/// token.
+fn start_bench_sequences(
+    engine: &mut Engine,
+    batch: usize,
+    prompt_len: usize,
+) -> Result<(Vec<u64>, Vec<u32>)> {
+    let vocab_size = engine.model_config().vocab_size;
+    let mut ids = Vec::with_capacity(batch);
+    let mut next_tokens = Vec::with_capacity(batch);
+    for sequence in 0..batch {
+        let id = engine.add_sequence(&bench_prompt(sequence + 1, prompt_len, vocab_size))?;
+        next_tokens.push(
+            Sampler::new(SamplingParams::default())
+                .sample(engine.prefill(id)?)
+                .token_id,
+        );
+        ids.push(id);
+    }
+    Ok((ids, next_tokens))
+}
+
 /// Where a sampled decode step's tokens are drawn.
 #[derive(Clone, Copy)]
 enum DrawnWhere {
@@ -319,17 +328,26 @@ enum DrawnWhere {
     RowDraws,
 }
 
-/// Runs `steps` decode steps of the sequences `ids`, every sequence's next token drawn by its sampler as
-/// `drawn_where` says; returns the seconds they took. `next_tokens` holds each sequence's input token, and its
-/// next one when this returns.
+/// Runs `steps` decode steps of the sequences `ids`, every sequence sampling at `temperature` (0: greedy; seeded by
+/// its index) and its next token drawn as `drawn_where` says; returns the seconds they took. `next_tokens` holds
+/// each sequence's input token, and its next one when this returns.
 fn decode_sampled(
     engine: &mut Engine,
     ids: &[u64],
     next_tokens: &mut [u32],
-    samplers: &mut [Sampler],
+    temperature: f32,
     steps: usize,
     drawn_where: DrawnWhere,
 ) -> Result<f64> {
+    let mut samplers: Vec<Sampler> = (0..ids.len())
+        .map(|sequence| {
+            Sampler::new(SamplingParams {
+                temperature,
+                seed: Some(sequence as u64),
+                ..SamplingParams::default()
+            })
+        })
+        .collect();
     let vocab_size = engine.model_config().vocab_size;
     let started = Instant::now();
     for _ in 0..steps {
@@ -472,18 +490,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let weight_bytes = decode_weight_bytes(&config);
     let mut decode_results = Vec::new();
     for &batch in &args.batch {
-        let mut ids = Vec::with_capacity(batch);
-        let mut next_tokens = Vec::with_capacity(batch);
-        for sequence in 0..batch {
-            let id =
-                engine.add_sequence(&bench_prompt(sequence + 1, args.prompt_len, vocab_size))?;
-            next_tokens.push(
-                Sampler::new(SamplingParams::default())
-                    .sample(engine.prefill(id)?)
-                    .token_id,
-            );
-            ids.push(id);
-        }
+        let (ids, mut next_tokens) = start_bench_sequences(&mut engine, batch, args.prompt_len)?;
         let warmup_steps = DECODE_WARMUP_STEPS;
         let mut started = Instant::now();
         for step in 0..warmup_steps + args.decode_steps {
@@ -509,49 +516,33 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             bytes / 1e6,
             roofline_ms / ms_per_step * 100.0
         );
-        // The same steps with each sequence's logits copied to the host and sampled there (greedy): what a
-        // step costs when some request in it samples or asks for logprobs.
-        let mut samplers: Vec<Sampler> = (0..batch)
-            .map(|_| Sampler::new(SamplingParams::default()))
-            .collect();
-        let logits_ms_per_step = decode_sampled(
-            &mut engine,
-            &ids,
-            &mut next_tokens,
-            &mut samplers,
-            args.decode_steps,
-            DrawnWhere::HostLogits,
-        )? * 1e3
-            / args.decode_steps as f64;
-        println!(
-            "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
-        );
-        // Sampling at temperature 1 both ways: drawn on the GPU, and from the logits copied to the host.
-        let mut sampled_ms_per_step = [0.0; 2];
-        for (ms_per_step, drawn_where) in sampled_ms_per_step
-            .iter_mut()
-            .zip([DrawnWhere::RowDraws, DrawnWhere::HostLogits])
-        {
-            let mut samplers: Vec<Sampler> = (0..batch)
-                .map(|sequence| {
-                    Sampler::new(SamplingParams {
-                        temperature: 1.0,
-                        seed: Some(sequence as u64),
-                        ..SamplingParams::default()
-                    })
-                })
-                .collect();
+        // The same steps with each sequence's logits copied to the host and sampled there (greedy): what a step
+        // cost before sampled steps drew on the GPU. Then temperature 1 both ways: drawn on the GPU, and from
+        // the logits copied to the host.
+        let mut rounds_ms_per_step = [0.0; 3];
+        for (ms_per_step, (temperature, drawn_where)) in rounds_ms_per_step.iter_mut().zip([
+            (0.0, DrawnWhere::HostLogits),
+            (1.0, DrawnWhere::RowDraws),
+            (1.0, DrawnWhere::HostLogits),
+        ]) {
             *ms_per_step = decode_sampled(
                 &mut engine,
                 &ids,
                 &mut next_tokens,
-                &mut samplers,
+                temperature,
                 args.decode_steps,
                 drawn_where,
             )? * 1e3
                 / args.decode_steps as f64;
         }
-        let [drawn_ms_per_step, host_drawn_ms_per_step] = sampled_ms_per_step;
+        let [
+            logits_ms_per_step,
+            drawn_ms_per_step,
+            host_drawn_ms_per_step,
+        ] = rounds_ms_per_step;
+        println!(
+            "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
+        );
         println!(
             "decode batch {batch} at temperature 1: drawn on the GPU {drawn_ms_per_step:.3} ms/step, from the logits on the host {host_drawn_ms_per_step:.3} ms/step"
         );
