@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
-use cudarc::driver::{CudaContext, DeviceRepr, PinnedHostSlice, result};
+use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, PinnedHostSlice, result};
 
 use super::device::{CudaError, DriverContext};
 
@@ -45,6 +45,46 @@ impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits> PinnedBuffer<T> {
     }
 }
 
+impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> PinnedBuffer<T> {
+    /// Stages `data` (`what`, for errors) here and queues its copy to `target` (at least `data.len()` elements)
+    /// on `stream`.
+    fn upload(
+        &mut self,
+        context: &Arc<CudaContext>,
+        data: &[T],
+        target: CUdeviceptr,
+        stream: CUstream,
+        what: &str,
+    ) -> Result<(), CudaError> {
+        let staged = self.slice_mut(context, data.len())?;
+        staged.copy_from_slice(data);
+        // SAFETY: `target` holds at least `data.len()` elements (the caller's contract); the page-locked source
+        // is not written again before the stream is synchronized (see `StepIo`).
+        unsafe { result::memcpy_htod_async(target, staged, stream) }
+            .during(|| format!("uploading {what}"))
+    }
+
+    /// Copies `len` elements of `what` from `source` on `stream`, waits for the stream, and returns them.
+    fn download(
+        &mut self,
+        context: &Arc<CudaContext>,
+        source: CUdeviceptr,
+        len: usize,
+        stream: &CudaStream,
+        what: &str,
+    ) -> Result<&[T], CudaError> {
+        let staged = self.slice_mut(context, len)?;
+        // SAFETY: `source` holds at least `len` elements (the caller's contract), and the destination outlives
+        // the copy: the stream is synchronized before this returns.
+        unsafe { result::memcpy_dtoh_async(staged, source, stream.cu_stream()) }
+            .during(|| format!("copying {what} to the host"))?;
+        stream
+            .synchronize()
+            .during(|| format!("waiting for {what}"))?;
+        Ok(staged)
+    }
+}
+
 /// The page-locked buffers of the step copies. A step's copies must be complete (its stream synchronized)
 /// before the next step's start here, which every forward step does before it returns.
 pub(crate) struct StepIo {
@@ -73,12 +113,8 @@ impl StepIo {
         target: CUdeviceptr,
         stream: CUstream,
     ) -> Result<(), CudaError> {
-        let staged = self.meta.slice_mut(&self.context, meta.len())?;
-        staged.copy_from_slice(meta);
-        // SAFETY: `target` holds at least `meta.len()` u32 (the caller's contract); the page-locked source is
-        // not written again before the stream is synchronized (see `StepIo`).
-        unsafe { result::memcpy_htod_async(target, staged, stream) }
-            .during(|| "uploading the step metadata".into())
+        self.meta
+            .upload(&self.context, meta, target, stream, "the step metadata")
     }
 
     /// Copies `len` keys from `source` on `stream`, waits for the stream, and returns them.
@@ -86,17 +122,10 @@ impl StepIo {
         &mut self,
         source: CUdeviceptr,
         len: usize,
-        stream: &cudarc::driver::CudaStream,
+        stream: &CudaStream,
     ) -> Result<&[u64], CudaError> {
-        let keys = self.keys.slice_mut(&self.context, len)?;
-        // SAFETY: `source` holds at least `len` u64 (the caller's contract), and the destination outlives the
-        // copy: the stream is synchronized before this returns.
-        unsafe { result::memcpy_dtoh_async(keys, source, stream.cu_stream()) }
-            .during(|| "copying the greedy token keys to the host".into())?;
-        stream
-            .synchronize()
-            .during(|| "running a greedy forward step".into())?;
-        Ok(keys)
+        self.keys
+            .download(&self.context, source, len, stream, "the greedy token keys")
     }
 
     /// Queues the upload of a drawn step's `params` (two f64 a row) to `target` (at least as long) on `stream`.
@@ -106,11 +135,13 @@ impl StepIo {
         target: CUdeviceptr,
         stream: CUstream,
     ) -> Result<(), CudaError> {
-        let staged = self.draw_params.slice_mut(&self.context, params.len())?;
-        staged.copy_from_slice(params);
-        // SAFETY: as in `upload_meta`.
-        unsafe { result::memcpy_htod_async(target, staged, stream) }
-            .during(|| "uploading the row draws' parameters".into())
+        self.draw_params.upload(
+            &self.context,
+            params,
+            target,
+            stream,
+            "the row draws' parameters",
+        )
     }
 
     /// Copies `len` bytes of row draws from `source` on `stream`, waits for the stream, and returns them.
@@ -118,15 +149,9 @@ impl StepIo {
         &mut self,
         source: CUdeviceptr,
         len: usize,
-        stream: &cudarc::driver::CudaStream,
+        stream: &CudaStream,
     ) -> Result<&[u8], CudaError> {
-        let draws = self.draws.slice_mut(&self.context, len)?;
-        // SAFETY: as in `download_keys`.
-        unsafe { result::memcpy_dtoh_async(draws, source, stream.cu_stream()) }
-            .during(|| "copying the row draws to the host".into())?;
-        stream
-            .synchronize()
-            .during(|| "running a drawn step".into())?;
-        Ok(draws)
+        self.draws
+            .download(&self.context, source, len, stream, "the row draws")
     }
 }
