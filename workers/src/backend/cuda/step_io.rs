@@ -1,6 +1,5 @@
 //! The per-step copies between host and GPU of a decode step: its metadata up, the greedy tokens' keys down, and
-//! for a drawn step its rows' parameters up and their draws down.
-//! Both go through page-locked buffers kept for the backend's life, not pageable memory that the driver stages
+//! for a drawn step its rows' parameters up and their draws down. All go through page-locked buffers kept for the backend's life, not pageable memory that the driver stages
 //! itself (a download into pageable memory also waits for the stream inside the call and copies again on the
 //! host). That measured within the noise of a step (PERF.md, stop 23); copies that overlap a running step, the
 //! way to hide the host's part of one, need page-locked memory.
