@@ -1235,9 +1235,10 @@ impl Backend for CudaBackend {
             self.device_draws = None;
             self.device_draws = Some(DeviceDraws::new(gpu, vocab_size, rows.next_power_of_two())?);
         }
-        let Some(device_draws) = self.device_draws.as_mut() else {
-            unreachable!("made just above");
-        };
+        let device_draws = self
+            .device_draws
+            .as_mut()
+            .ok_or_else(|| CudaError::Unsupported("the row draw buffers are missing".into()))?;
         device_draws.upload(params, &mut self.step_io, gpu)?;
         // Timed from here when launch times are on (a graph step's own launches are never timed).
         let launch_times = &self.launch_times;
