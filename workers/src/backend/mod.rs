@@ -64,6 +64,40 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// Whether greedy steps can be queued ([`Backend::queue_greedy`]) and run while the host works: a backend
+    /// whose steps run on a device. Its default, where every step runs inside the call, says no; the engine then
+    /// runs a step it would queue at once.
+    fn queues_greedy_steps(&self) -> bool {
+        false
+    }
+
+    /// Queues a greedy step like [`Backend::forward_greedy`] without waiting for it; [`Backend::take_greedy`]
+    /// gives its tokens, steps in the order queued (at most two are queued at once). With `from_previous`, row
+    /// `i` takes as its input the token the last queued greedy step picked for its row `i`, which need not have
+    /// reached the host: the batch's token ids are then ignored (one a row). So the next step of a batch can run
+    /// while the host still streams this one's tokens.
+    fn queue_greedy(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        from_previous: bool,
+    ) -> Result<(), EngineError> {
+        let _ = (batch, from_previous);
+        Err(EngineError::Config(
+            "this backend runs its steps inside the call: it queues none".into(),
+        ))
+    }
+
+    /// The tokens of the oldest greedy step [`Backend::queue_greedy`] queued, once it has run.
+    fn take_greedy(&mut self, tokens: &mut Vec<u32>) -> Result<(), EngineError> {
+        let _ = tokens;
+        Err(EngineError::Config("no greedy step is queued".into()))
+    }
+
+    /// Waits for every queued greedy step and forgets their tokens.
+    fn drop_queued_greedy(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Whether [`Backend::forward_drawn`] draws on the device, where the logits are. Where it does not, drawing
     /// from the host's logits costs more than sampling them directly, so callers sample the logits instead.
     fn draws_on_device(&self) -> bool {

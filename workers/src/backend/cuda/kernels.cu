@@ -56,13 +56,31 @@ __device__ __forceinline__ void prefetch_l2(const void* address, unsigned bytes)
 #endif
 }
 
+// token_ids[t] marking a step queued before the host knew its tokens: take the previous step's pick for row t,
+// from its fused argmax's key (`previous_keys`) or from `argmax_rows` (`previous_tokens`). Vocabularies stop far
+// below these ids.
+#define TOKEN_FROM_PREVIOUS_KEY 0xffffffffu
+#define TOKEN_FROM_PREVIOUS_TOKEN 0xfffffffeu
+
 // hidden[t, :] = embedding[token_ids[t], :]; argmax_keys[t] = 0 for this step's fused argmax, when given.
 extern "C" __global__ void embed(float* hidden, const bf16_t* embedding, const unsigned* token_ids, int hidden_size,
-                                 unsigned long long* argmax_keys) {
+                                 unsigned long long* argmax_keys, const unsigned long long* previous_keys,
+                                 const unsigned* previous_tokens) {
     allow_next_grid();
     wait_for_previous_grid();
+    unsigned token = token_ids[blockIdx.x];
+    if (token == TOKEN_FROM_PREVIOUS_KEY) {
+        // The low half of a key is 0xffffffff - token (argmax_key in decode_gemv.cu); a key of 0 (no logit)
+        // embeds token 0, and the host reports the previous step's missing token when it reads the key.
+        const unsigned long long key = previous_keys[blockIdx.x];
+        token = key == 0 ? 0u : 0xffffffffu - (unsigned)key;
+    } else if (token == TOKEN_FROM_PREVIOUS_TOKEN) {
+        token = previous_tokens[blockIdx.x];
+    }
+    // This step's argmax reuses the keys the line above may read: every thread has its token before the reset.
+    __syncthreads();
     if (argmax_keys && threadIdx.x == 0) argmax_keys[blockIdx.x] = 0;
-    const size_t row = (size_t)token_ids[blockIdx.x] * hidden_size;
+    const size_t row = (size_t)token * hidden_size;
     float* out = hidden + (size_t)blockIdx.x * hidden_size;
     for (int i = threadIdx.x; i < hidden_size; i += blockDim.x) out[i] = bf2f(embedding[row + i]);
 }

@@ -200,6 +200,20 @@ pub(crate) struct LayerSlice {
     pub(crate) block_size: usize,
 }
 
+/// Where `embed` finds a step's tokens: its ids, and for the marks of a step queued ahead of the host the picks of
+/// the step before it (that step's fused argmax keys and the tokens of `argmax_rows`, one per row).
+#[derive(Clone, Copy)]
+pub(crate) struct TokenSource {
+    pub(crate) ids: u64,
+    pub(crate) previous_keys: u64,
+    pub(crate) previous_tokens: u64,
+}
+
+/// The token id that has `embed` take row `t`'s token from the previous step's fused argmax key (kernels.cu).
+pub(crate) const TOKEN_FROM_PREVIOUS_KEY: u32 = u32::MAX;
+/// The token id that has `embed` take row `t`'s token from the previous step's `argmax_rows`.
+pub(crate) const TOKEN_FROM_PREVIOUS_TOKEN: u32 = u32::MAX - 1;
+
 /// One kernel argument, passed to the driver by the address of its value.
 #[derive(Clone, Copy)]
 enum Arg {
@@ -586,7 +600,7 @@ impl Kernels {
         &self,
         hidden: u64,
         embedding: u64,
-        token_ids: u64,
+        tokens: TokenSource,
         num_tokens: usize,
         hidden_size: usize,
         argmax_keys: u64,
@@ -594,13 +608,16 @@ impl Kernels {
         let args = [
             Arg::Ptr(hidden),
             Arg::Ptr(embedding),
-            Arg::Ptr(token_ids),
+            Arg::Ptr(tokens.ids),
             Arg::Int(hidden_size as i32),
             Arg::Ptr(argmax_keys),
+            Arg::Ptr(tokens.previous_keys),
+            Arg::Ptr(tokens.previous_tokens),
         ];
         // SAFETY: the argument list matches `embed` in kernels.cu; the caller passes live buffers of
         // `num_tokens` ids and `num_tokens * hidden_size` floats (and keys, when given), and ids are checked
-        // against the vocabulary.
+        // against the vocabulary, except the two marks of a step queued ahead (`TOKEN_FROM_PREVIOUS_KEY`,
+        // `TOKEN_FROM_PREVIOUS_TOKEN`), which read the previous picks' row (at least `num_tokens` of each).
         // It launches after the host's metadata upload, not a kernel: no programmatic overlap.
         unsafe { self.launch(&self.embed, grid(num_tokens, 1, 1, 256), &args, false) }
             .during(|| "launching embed".into())

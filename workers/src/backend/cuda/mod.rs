@@ -37,13 +37,14 @@ use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, decode_attention_fits, decode_gemv_fits, draw_fits,
-    grouped_decode_attention_fits, prefill_kernel_fits, qkv_attention_fits,
+    PREFILL_TILE_TOKENS, TOKEN_FROM_PREVIOUS_KEY, TOKEN_FROM_PREVIOUS_TOKEN, TokenSource,
+    decode_attention_fits, decode_gemv_fits, draw_fits, grouped_decode_attention_fits,
+    prefill_kernel_fits, qkv_attention_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use launch_times::LaunchTimes;
-use step_io::StepIo;
+use step_io::{Picks, PicksSlot, StepIo};
 use weights::{DeviceLayer, DeviceWeights};
 
 use super::{Backend, SequenceStep, draw_on_host};
@@ -107,9 +108,13 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     /// This step's metadata, built on the host: see [`StepMeta`].
     meta: Vec<u32>,
-    greedy_tokens: Vec<u32>,
-    /// Page-locked buffers of each step's metadata upload and greedy keys download.
+    /// Page-locked buffers of each step's metadata upload and greedy picks download.
     step_io: StepIo,
+    /// Greedy steps queued on the stream whose tokens the host has not taken ([`Backend::queue_greedy`]),
+    /// oldest first; at most two, one per picks buffer.
+    queued_greedy: std::collections::VecDeque<QueuedGreedy>,
+    /// The picks buffer of the next queued greedy step.
+    next_picks_slot: usize,
     /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
@@ -137,6 +142,14 @@ pub struct CudaBackend {
     device_draws: Option<DeviceDraws>,
     /// Rows of the logits the last drawn step left in `scratch.logits` for [`Backend::read_logits_row`].
     drawn_rows: usize,
+}
+
+/// A greedy step queued on the stream ([`Backend::queue_greedy`]) whose tokens the host has not taken.
+struct QueuedGreedy {
+    /// Where its picks come down; queued right after the step, before anything can overwrite them.
+    picks: PicksSlot,
+    /// Tokens of the step, for the launch times of an eager one.
+    num_tokens: usize,
 }
 
 /// Device buffers sized for `token_capacity` tokens per step and `row_capacity` sequences, grown on demand.
@@ -391,7 +404,8 @@ impl CudaBackend {
             destinations: DeviceDestinations::default(),
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
-            greedy_tokens: Vec::new(),
+            queued_greedy: std::collections::VecDeque::new(),
+            next_picks_slot: 0,
             step_io,
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
@@ -592,20 +606,13 @@ impl CudaBackend {
     }
 
     /// Grows the work buffers to hold this step.
-    fn ensure_capacity(
-        &mut self,
-        num_tokens: usize,
-        num_rows: usize,
-        partials: usize,
-    ) -> Result<(), EngineError> {
-        let s = &self.scratch;
-        if num_tokens <= s.token_capacity
-            && num_rows <= s.row_capacity
-            && partials <= s.partial_capacity
-            && self.meta.len() <= s.meta_capacity
-        {
+    fn ensure_capacity(&mut self, parts: &StepMeta) -> Result<(), EngineError> {
+        if self.fits_capacity(parts) {
             return Ok(());
         }
+        let s = &self.scratch;
+        let (num_tokens, num_rows) = (parts.num_tokens, parts.rows);
+        let partials = self.partials(parts);
         let tokens = s.token_capacity.max(num_tokens.next_power_of_two());
         let rows = s.row_capacity.max(num_rows.next_power_of_two());
         let partial = s.partial_capacity.max(partials.next_power_of_two());
@@ -625,9 +632,18 @@ impl CudaBackend {
     /// Runs every layer and the lm_head: leaves the logits of each sequence's last new token in the first
     /// `batch.len()` rows of `scratch.logits`. Decode steps replay a captured graph; others launch eagerly.
     /// Returns whether the step also left each row's greedy token key in `scratch.argmax_keys`.
-    fn run(&mut self, batch: &[SequenceStep<'_>]) -> Result<bool, EngineError> {
+    fn run(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        from_previous: bool,
+    ) -> Result<bool, EngineError> {
         self.check_batch(batch)?;
         let decode_only = batch.iter().all(|step| step.token_ids.len() == 1);
+        if from_previous && !decode_only {
+            return Err(EngineError::Config(
+                "a step queued ahead takes one token a sequence".into(),
+            ));
+        }
         match bucket_for(batch.len()).filter(|_| decode_only) {
             Some(bucket) => {
                 let longest_table = batch
@@ -637,6 +653,9 @@ impl CudaBackend {
                     .unwrap_or(1);
                 let capacity = table_capacity(longest_table);
                 let parts = self.build_padded_meta(batch, bucket, capacity);
+                if from_previous {
+                    self.inputs_from_previous(&parts)?;
+                }
                 self.prepare(&parts)?;
                 let fused = self.uses_decode_gemv(&parts);
                 let key = (bucket, capacity);
@@ -656,11 +675,80 @@ impl CudaBackend {
             }
             None => {
                 let parts = self.build_meta(batch);
+                if from_previous {
+                    self.inputs_from_previous(&parts)?;
+                }
                 self.prepare(&parts)?;
                 self.launch_step(&parts, true)?;
                 Ok(self.uses_decode_gemv(&parts))
             }
         }
+    }
+
+    /// Has step `parts` (one token a row, `rows` rows) embed the tokens the last queued greedy step picked for its
+    /// rows, which need not have reached the host: its token ids become marks `embed` resolves on the GPU.
+    /// Where the step grows the work buffers (which drops the picks on the GPU), it waits for the picks on the
+    /// host and writes the tokens instead.
+    fn inputs_from_previous(&mut self, parts: &StepMeta) -> Result<(), EngineError> {
+        let previous = self
+            .queued_greedy
+            .back()
+            .map(|queued| queued.picks)
+            .ok_or_else(|| {
+                EngineError::Config("a step queued ahead follows no queued greedy step".into())
+            })?;
+        if previous.rows() < parts.rows {
+            return Err(EngineError::Config(format!(
+                "a step of {} rows queued ahead follows a greedy step of {}",
+                parts.rows,
+                previous.rows()
+            )));
+        }
+        let grows = !self.fits_capacity(parts);
+        let mut tokens = Vec::new();
+        if grows {
+            picked_tokens(
+                self.step_io.picks(previous)?,
+                self.config.vocab_size,
+                &mut tokens,
+            )?;
+        }
+        let mark = if previous.holds_keys() {
+            TOKEN_FROM_PREVIOUS_KEY
+        } else {
+            TOKEN_FROM_PREVIOUS_TOKEN
+        };
+        let ids = &mut self.meta[parts.token_ids..parts.token_ids + parts.rows];
+        if grows {
+            ids.copy_from_slice(&tokens[..parts.rows]);
+        } else {
+            ids.fill(mark);
+        }
+        Ok(())
+    }
+
+    /// Where `embed` finds a step's tokens: the ids at `ids`, and the last greedy step's picks for the marks of a
+    /// step queued ahead of the host.
+    fn token_source(&self, ids: u64) -> TokenSource {
+        TokenSource {
+            ids,
+            previous_keys: addr(&self.scratch.argmax_keys, &self.gpu),
+            previous_tokens: addr(&self.scratch.tokens, &self.gpu),
+        }
+    }
+
+    /// Whether the work buffers hold step `parts` (whose metadata is `self.meta`) without growing.
+    fn fits_capacity(&self, parts: &StepMeta) -> bool {
+        let s = &self.scratch;
+        parts.num_tokens <= s.token_capacity
+            && parts.rows <= s.row_capacity
+            && self.partials(parts) <= s.partial_capacity
+            && self.meta.len() <= s.meta_capacity
+    }
+
+    /// The attention's partial rows of step `parts`.
+    fn partials(&self, parts: &StepMeta) -> usize {
+        parts.num_tokens * self.config.num_q_heads * parts.num_splits
     }
 
     /// Whether `parts` runs on the decode GEMVs: a step of one token per sequence (so the logits rows are the
@@ -690,16 +778,12 @@ impl CudaBackend {
 
     /// Grows the work buffers for `parts` and uploads the step metadata.
     fn prepare(&mut self, parts: &StepMeta) -> Result<(), EngineError> {
-        self.ensure_capacity(
-            parts.num_tokens,
-            parts.rows,
-            parts.num_tokens * self.config.num_q_heads * parts.num_splits,
-        )?;
+        self.ensure_capacity(parts)?;
         // `scratch.meta` holds at least `self.meta.len()` u32 (ensure_capacity above).
         self.step_io.upload_meta(
             &self.meta,
             addr(&self.scratch.meta, &self.gpu),
-            self.gpu.stream.cu_stream(),
+            &self.gpu.stream,
         )?;
         Ok(())
     }
@@ -765,7 +849,7 @@ impl CudaBackend {
         k.embed(
             hidden,
             addr(&w.embed_tokens, gpu),
-            at(parts.token_ids),
+            self.token_source(at(parts.token_ids)),
             num_tokens,
             h,
             0,
@@ -1034,7 +1118,7 @@ impl CudaBackend {
         k.embed(
             hidden,
             addr(&w.embed_tokens, gpu),
-            addr(&s.meta, gpu) + 4 * parts.token_ids as u64,
+            self.token_source(addr(&s.meta, gpu) + 4 * parts.token_ids as u64),
             num_tokens,
             h,
             argmax_keys,
@@ -1138,7 +1222,7 @@ impl Backend for CudaBackend {
         logits: &mut Vec<f32>,
     ) -> Result<(), EngineError> {
         // The fused argmax's keys, if any, are left unread.
-        self.run(batch)?;
+        self.run(batch, false)?;
         let len = batch.len() * self.config.vocab_size;
         logits.clear();
         logits.resize(len, 0.0);
@@ -1158,45 +1242,81 @@ impl Backend for CudaBackend {
         batch: &[SequenceStep<'_>],
         tokens: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
-        let picked_on_gpu = self.run(batch)?;
+        // Steps queued by someone who never took them would hold the picks buffers.
+        self.drop_queued_greedy()?;
+        self.queue_greedy(batch, false)?;
+        self.take_greedy(tokens)
+    }
+
+    fn queues_greedy_steps(&self) -> bool {
+        true
+    }
+
+    fn queue_greedy(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        from_previous: bool,
+    ) -> Result<(), EngineError> {
+        if self.queued_greedy.len() >= 2 {
+            return Err(EngineError::Config(
+                "two greedy steps are queued already: take one first".into(),
+            ));
+        }
+        let picked_on_gpu = self.run(batch, from_previous)?;
         let gpu = &self.gpu;
         let s = &self.scratch;
-        tokens.clear();
-        if picked_on_gpu {
-            // `argmax_keys` holds a key for every row of the step.
-            let keys =
-                self.step_io
-                    .download_keys(addr(&s.argmax_keys, gpu), batch.len(), &gpu.stream)?;
-            for &key in keys {
-                // The low half of a key is u32::MAX - token (argmax_key in decode_gemv.cu); 0 means no logit.
-                let token = u32::MAX - key as u32;
-                if key == 0 || token as usize >= self.config.vocab_size {
-                    return Err(CudaError::Unsupported(format!(
-                        "the GPU argmax returned no token (key {key:#x})"
-                    ))
-                    .into());
-                }
-                tokens.push(token);
-            }
-            self.report_launches(batch)?;
+        let rows = batch.len();
+        if !picked_on_gpu {
+            self.kernels.argmax_rows(
+                addr(&s.logits, gpu),
+                addr(&s.tokens, gpu),
+                rows,
+                self.config.vocab_size,
+            )?;
+        }
+        // The picks go down right behind the step, before a step queued after it overwrites them.
+        let source = if picked_on_gpu {
+            addr(&s.argmax_keys, gpu)
+        } else {
+            addr(&s.tokens, gpu)
+        };
+        let slot = self.next_picks_slot;
+        let picks = self
+            .step_io
+            .queue_picks(slot, picked_on_gpu, source, rows, &gpu.stream)?;
+        self.next_picks_slot ^= 1;
+        self.queued_greedy.push_back(QueuedGreedy {
+            picks,
+            num_tokens: rows,
+        });
+        Ok(())
+    }
+
+    fn take_greedy(&mut self, tokens: &mut Vec<u32>) -> Result<(), EngineError> {
+        let queued = self
+            .queued_greedy
+            .pop_front()
+            .ok_or_else(|| EngineError::Config("no greedy step is queued".into()))?;
+        picked_tokens(
+            self.step_io.picks(queued.picks)?,
+            self.config.vocab_size,
+            tokens,
+        )?;
+        if let Some(times) = &self.launch_times {
+            times.report(queued.num_tokens)?;
+        }
+        Ok(())
+    }
+
+    fn drop_queued_greedy(&mut self) -> Result<(), EngineError> {
+        if self.queued_greedy.is_empty() {
             return Ok(());
         }
-        self.kernels.argmax_rows(
-            addr(&s.logits, gpu),
-            addr(&s.tokens, gpu),
-            batch.len(),
-            self.config.vocab_size,
-        )?;
-        self.greedy_tokens.clear();
-        self.greedy_tokens.resize(batch.len(), 0);
-        gpu.stream
-            .memcpy_dtoh(&s.tokens.slice(..batch.len()), &mut self.greedy_tokens[..])
-            .during(|| "copying the greedy tokens to the host".into())?;
-        gpu.stream
+        self.queued_greedy.clear();
+        self.gpu
+            .stream
             .synchronize()
-            .during(|| "running a greedy forward step".into())?;
-        self.report_launches(batch)?;
-        tokens.extend_from_slice(&self.greedy_tokens);
+            .during(|| "waiting for the greedy steps queued ahead".into())?;
         Ok(())
     }
 
@@ -1225,7 +1345,7 @@ impl Backend for CudaBackend {
             )));
         }
         self.drawn_rows = 0;
-        self.run(batch)?;
+        self.run(batch, false)?;
         let gpu = &self.gpu;
         if self
             .device_draws
@@ -1544,6 +1664,31 @@ impl Drop for CudaBackend {
             self.destinations.close();
         }
     }
+}
+
+/// The tokens of a greedy step's `picks`: a fused argmax key's low half is `u32::MAX - token`
+/// (`argmax_key` in decode_gemv.cu), and a key of 0 means the row had no logit to pick.
+fn picked_tokens(
+    picks: Picks<'_>,
+    vocab_size: usize,
+    tokens: &mut Vec<u32>,
+) -> Result<(), CudaError> {
+    tokens.clear();
+    match picks {
+        Picks::Keys(keys) => {
+            for &key in keys {
+                let token = u32::MAX - key as u32;
+                if key == 0 || token as usize >= vocab_size {
+                    return Err(CudaError::Unsupported(format!(
+                        "the GPU argmax returned no token (key {key:#x})"
+                    )));
+                }
+                tokens.push(token);
+            }
+        }
+        Picks::Tokens(picked) => tokens.extend_from_slice(picked),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
