@@ -3,7 +3,7 @@
 //! Prefill runs a prompt in chunks; decode runs one new token for each of a batch of sequences of any
 //! lengths in one step, which is what continuous batching builds on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Device};
@@ -95,12 +95,30 @@ pub struct Engine {
     last_step_drawn: bool,
     /// A row of the last drawn step's logits read back from the backend.
     logits_row: Vec<f32>,
+    /// Whether [`Engine::decode_greedy_ahead`] queues the next step: by default where the backend runs steps
+    /// while the host works ([`Backend::queues_greedy_steps`]); [`Engine::set_queue_ahead`] overrides it.
+    queue_ahead: bool,
+    /// The sequences, in row order, of the greedy step the last [`Engine::decode_greedy_ahead`] queued; its
+    /// inputs are the tokens that call returned (`greedy_tokens`).
+    queued_ahead: Option<Vec<SequenceId>>,
+    /// Where the backend runs steps inside the call: the tokens of the greedy steps the engine ran when it
+    /// queued them, oldest first.
+    ran_greedy: VecDeque<Vec<u32>>,
+    /// Greedy steps queued ahead so far, and how many of them a call took.
+    queued_ahead_steps: QueuedAheadSteps,
 }
 
-/// What a decode step leaves behind: every sequence's logits, only its argmax, or each row's draw.
+/// How many greedy steps [`Engine::decode_greedy_ahead`] queued ahead, and how many of them the next call took;
+/// the others were dropped (the GPU ran them for nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueuedAheadSteps {
+    pub queued: u64,
+    pub taken: u64,
+}
+
+/// What a decode step leaves behind besides the greedy steps: every sequence's logits, or each row's draw.
 enum DecodeOutput<'p> {
     Logits,
-    Greedy,
     Drawn(&'p [RowDrawParams]),
 }
 
@@ -124,7 +142,12 @@ impl Engine {
                 "prefill_chunk_tokens must be at least 1".into(),
             ));
         }
+        let queue_ahead = backend.queues_greedy_steps();
         Ok(Self {
+            queue_ahead,
+            queued_ahead: None,
+            ran_greedy: VecDeque::new(),
+            queued_ahead_steps: QueuedAheadSteps::default(),
             kv_cache: KvCacheManager::new(
                 config.num_blocks,
                 config.block_size_tokens,
@@ -316,6 +339,7 @@ impl Engine {
         max_tokens: usize,
         draw: Option<&RowDrawParams>,
     ) -> Result<bool, EngineError> {
+        self.settle_queued()?;
         let sequence = self
             .sequences
             .get_mut(&id)
@@ -376,8 +400,122 @@ impl Engine {
     /// Like [`Engine::decode`] for greedy sequences: returns the argmax token that follows each, picked by
     /// the backend (on the GPU for CUDA, so no logits cross to the host).
     pub fn decode_greedy(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[u32], EngineError> {
-        self.decode_step(steps, DecodeOutput::Greedy)?;
-        Ok(&self.greedy_tokens)
+        self.decode_greedy_queued(steps, false)
+    }
+
+    /// Like [`Engine::decode_greedy`], and before it returns, queues the next greedy step of the same
+    /// sequences, whose inputs are the tokens it returns, so that the GPU runs it while the caller handles
+    /// them (where queueing ahead is on: [`Engine::set_queue_ahead`]). The next call whose steps are exactly
+    /// those (the same sequences in the same order, with these tokens) takes that step's tokens instead of
+    /// running one. Anything else asked of the engine first waits for the queued step and drops it, so its
+    /// only cost is the GPU time of a step nobody takes (its KV writes go to slots no sequence holds yet).
+    pub fn decode_greedy_ahead(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+    ) -> Result<&[u32], EngineError> {
+        self.decode_greedy_queued(steps, true)
+    }
+
+    /// Turns queueing ahead ([`Engine::decode_greedy_ahead`]) on or off. On by default where the backend runs
+    /// steps while the host works (a GPU); where it does not, a step queued ahead runs inside the call, which
+    /// only serves to test the bookkeeping.
+    pub fn set_queue_ahead(&mut self, on: bool) -> Result<(), EngineError> {
+        self.settle_queued()?;
+        self.queue_ahead = on;
+        Ok(())
+    }
+
+    /// How many greedy steps were queued ahead so far, and how many of them were taken.
+    pub fn queued_ahead_steps(&self) -> QueuedAheadSteps {
+        self.queued_ahead_steps
+    }
+
+    /// Waits for the greedy steps queued on the backend and forgets them.
+    fn settle_queued(&mut self) -> Result<(), EngineError> {
+        self.queued_ahead = None;
+        self.ran_greedy.clear();
+        self.backend.drop_queued_greedy()
+    }
+
+    fn decode_greedy_queued(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+        ahead: bool,
+    ) -> Result<&[u32], EngineError> {
+        // The step queued ahead is this one when it has these sequences in this order, and as inputs the tokens
+        // the last call returned (which it took on the device).
+        let queued =
+            self.queued_ahead.take().is_some_and(|ids| {
+                ids.len() == steps.len()
+                    && ids.iter().zip(steps).zip(&self.greedy_tokens).all(
+                        |((&queued_id, &(id, token)), &picked)| queued_id == id && token == picked,
+                    )
+            });
+        if queued {
+            self.queued_ahead_steps.taken += 1;
+        } else {
+            self.settle_queued()?;
+        }
+        if let Err(error) = self.append_decode_tokens(steps) {
+            let _ = self.settle_queued();
+            return Err(error);
+        }
+        let result = self.run_greedy(steps, queued, ahead);
+        match result {
+            Ok(queued_next) => {
+                self.commit_decode_tokens(steps);
+                self.queued_ahead = queued_next;
+                Ok(&self.greedy_tokens)
+            }
+            Err(error) => {
+                self.pop_decode_tokens(steps);
+                // What failed may have left steps queued; none of them is what a caller expects any more.
+                let _ = self.settle_queued();
+                Err(error)
+            }
+        }
+    }
+
+    /// Queues the greedy step of `steps` (whose tokens are appended) unless `queued` says it is queued already,
+    /// queues the step after it when `ahead` asks and queueing ahead is on, and takes this step's tokens into
+    /// `greedy_tokens`. Returns the sequences of the step queued after it, if one was.
+    fn run_greedy(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+        queued: bool,
+        ahead: bool,
+    ) -> Result<Option<Vec<SequenceId>>, EngineError> {
+        if !queued {
+            let batch = decode_batch(&self.sequences, steps, 0)?;
+            queue_greedy_step(self.backend.as_mut(), &mut self.ran_greedy, &batch, false)?;
+        }
+        let mut queued_next = None;
+        if ahead && self.queue_ahead && self.reserve_next_tokens(steps) {
+            let batch = decode_batch(&self.sequences, steps, 1)?;
+            queue_greedy_step(self.backend.as_mut(), &mut self.ran_greedy, &batch, true)?;
+            queued_next = Some(steps.iter().map(|&(id, _)| id).collect());
+            self.queued_ahead_steps.queued += 1;
+        }
+        take_greedy_step(
+            self.backend.as_mut(),
+            &mut self.ran_greedy,
+            &mut self.greedy_tokens,
+        )?;
+        Ok(queued_next)
+    }
+
+    /// Reserves room for one more token after the appended ones of every sequence of `steps`, for the step
+    /// queued ahead; false when the pool has no block for one (then none is queued: the next step takes the
+    /// usual way and gives up the newest request as it would have).
+    fn reserve_next_tokens(&mut self, steps: &[(SequenceId, u32)]) -> bool {
+        steps.iter().all(|&(id, _)| {
+            self.sequences.get_mut(&id).is_some_and(|sequence| {
+                let tokens = sequence.token_ids.len() + 1;
+                self.kv_cache
+                    .reserve(&mut sequence.block_table, tokens)
+                    .is_ok()
+            })
+        })
     }
 
     /// Whether drawn steps ([`Engine::decode_drawn`], [`Engine::prefill_drawn`]) draw on the device. Where they
@@ -428,7 +566,29 @@ impl Engine {
         steps: &[(SequenceId, u32)],
         output: DecodeOutput<'_>,
     ) -> Result<(), EngineError> {
+        self.settle_queued()?;
         self.last_step_drawn = false;
+        self.append_decode_tokens(steps)?;
+        let batch = decode_batch(&self.sequences, steps, 0)?;
+        let result = match output {
+            DecodeOutput::Logits => self.backend.forward(&batch, &mut self.logits),
+            DecodeOutput::Drawn(params) => {
+                // Left empty by a backend that keeps the logits, so no earlier step's rows pass for this one's.
+                self.logits.clear();
+                self.backend
+                    .forward_drawn(&batch, params, &mut self.logits, &mut self.draws)
+            }
+        };
+        drop(batch);
+        match result {
+            Ok(()) => self.commit_decode_tokens(steps),
+            Err(_) => self.pop_decode_tokens(steps),
+        }
+        result
+    }
+
+    /// Checks `steps` and appends each token to its sequence, with a block for it where it starts one.
+    fn append_decode_tokens(&mut self, steps: &[(SequenceId, u32)]) -> Result<(), EngineError> {
         let block_size = self.config.block_size_tokens;
         let mut needed_blocks = 0;
         for (index, &(id, token_id)) in steps.iter().enumerate() {
@@ -462,36 +622,13 @@ impl Engine {
             self.kv_cache
                 .reserve(&mut sequence.block_table, sequence.token_ids.len())?;
         }
+        Ok(())
+    }
 
-        let mut batch = Vec::with_capacity(steps.len());
-        for &(id, _) in steps {
-            let sequence = self
-                .sequences
-                .get(&id)
-                .ok_or(EngineError::UnknownSequence(id))?;
-            batch.push(SequenceStep {
-                token_ids: &sequence.token_ids[sequence.num_computed_tokens..],
-                start_position: sequence.num_computed_tokens,
-                block_table: &sequence.block_table.blocks,
-            });
-        }
-        let result = match output {
-            DecodeOutput::Logits => self.backend.forward(&batch, &mut self.logits),
-            DecodeOutput::Greedy => self.backend.forward_greedy(&batch, &mut self.greedy_tokens),
-            DecodeOutput::Drawn(params) => {
-                // Left empty by a backend that keeps the logits, so no earlier step's rows pass for this one's.
-                self.logits.clear();
-                self.backend
-                    .forward_drawn(&batch, params, &mut self.logits, &mut self.draws)
-            }
-        };
-        drop(batch);
+    /// After a step of `steps` ran: their appended tokens are computed.
+    fn commit_decode_tokens(&mut self, steps: &[(SequenceId, u32)]) {
         for &(id, _) in steps {
             if let Some(sequence) = self.sequences.get_mut(&id) {
-                if result.is_err() {
-                    sequence.token_ids.pop();
-                    continue;
-                }
                 sequence.num_computed_tokens = sequence.token_ids.len();
                 self.kv_cache.register_full_blocks(
                     &mut sequence.block_table,
@@ -500,11 +637,21 @@ impl Engine {
                 );
             }
         }
-        result
+    }
+
+    /// After a step of `steps` failed: their appended tokens are taken back (the blocks reserved for them stay).
+    fn pop_decode_tokens(&mut self, steps: &[(SequenceId, u32)]) {
+        for &(id, _) in steps {
+            if let Some(sequence) = self.sequences.get_mut(&id) {
+                sequence.token_ids.pop();
+            }
+        }
     }
 
     /// Forgets a sequence and frees its blocks; its full blocks stay in the prefix cache until reused.
     pub fn remove_sequence(&mut self, id: SequenceId) -> Result<(), EngineError> {
+        // A step queued ahead may still write into this sequence's blocks.
+        self.settle_queued()?;
         let sequence = self
             .sequences
             .remove(&id)
@@ -542,6 +689,7 @@ impl Engine {
     /// Creates a sequence from an export (of this engine or another with the same model and block size).
     /// Its tokens are all computed: the next call for it is [`Engine::decode`].
     pub fn import_kv(&mut self, bytes: &[u8]) -> Result<SequenceId, EngineError> {
+        self.settle_queued()?;
         let layout = self.kv_layout();
         let parsed = layout.parse_export(bytes)?;
         self.check_tokens(&parsed.token_ids)?;
@@ -692,6 +840,7 @@ impl Engine {
         target: &str,
         destination_blocks: &[crate::kv_cache::BlockId],
     ) -> Result<(u64, &'static str), EngineError> {
+        self.settle_queued()?;
         let sequence = self.sequence(id)?;
         let block_size = self.kv_layout().block_size_tokens;
         let num_tokens = sequence.num_computed_tokens;
@@ -722,6 +871,7 @@ impl Engine {
         id: SequenceId,
         from_token: usize,
     ) -> Result<(), EngineError> {
+        self.settle_queued()?;
         let sequence = awaiting_kv_from(&mut self.sequences, id, from_token)?;
         let num_tokens = sequence.token_ids.len();
         sequence.num_computed_tokens = num_tokens;
@@ -745,6 +895,7 @@ impl Engine {
         from_token: usize,
         layers: &[L],
     ) -> Result<(), EngineError> {
+        self.settle_queued()?;
         let layout = self.kv_layout();
         let block_size = layout.block_size_tokens;
         let layer_bytes = layout.block_bytes() / layout.num_layers;
@@ -783,6 +934,75 @@ impl Engine {
         );
         Ok(())
     }
+}
+
+/// The one-token steps of `steps`' sequences after their appended tokens, `offset` positions on: 0 for the step of
+/// the appended tokens, 1 for the step queued after it (whose token the backend takes from that step's picks; the
+/// last appended token stands in for it).
+fn decode_batch<'s>(
+    sequences: &'s HashMap<SequenceId, Sequence>,
+    steps: &[(SequenceId, u32)],
+    offset: usize,
+) -> Result<Vec<SequenceStep<'s>>, EngineError> {
+    steps
+        .iter()
+        .map(|&(id, _)| {
+            let sequence = sequences.get(&id).ok_or(EngineError::UnknownSequence(id))?;
+            let last = sequence.token_ids.len() - 1;
+            Ok(SequenceStep {
+                token_ids: &sequence.token_ids[last..],
+                start_position: last + offset,
+                block_table: &sequence.block_table.blocks,
+            })
+        })
+        .collect()
+}
+
+/// Queues a greedy step on `backend` ([`Backend::queue_greedy`]); a backend that runs steps inside the call runs
+/// it now, and its tokens wait in `ran` (with `from_previous`, its inputs are the last ones there).
+fn queue_greedy_step(
+    backend: &mut dyn Backend,
+    ran: &mut VecDeque<Vec<u32>>,
+    batch: &[SequenceStep<'_>],
+    from_previous: bool,
+) -> Result<(), EngineError> {
+    if backend.queues_greedy_steps() {
+        return backend.queue_greedy(batch, from_previous);
+    }
+    let mut tokens = Vec::new();
+    if from_previous {
+        let previous = ran.back().ok_or_else(|| {
+            EngineError::Config("a step queued ahead follows no greedy step".into())
+        })?;
+        let batch: Vec<SequenceStep<'_>> = batch
+            .iter()
+            .zip(previous)
+            .map(|(step, token)| SequenceStep {
+                token_ids: std::slice::from_ref(token),
+                ..*step
+            })
+            .collect();
+        backend.forward_greedy(&batch, &mut tokens)?;
+    } else {
+        backend.forward_greedy(batch, &mut tokens)?;
+    }
+    ran.push_back(tokens);
+    Ok(())
+}
+
+/// The tokens of the oldest greedy step [`queue_greedy_step`] queued.
+fn take_greedy_step(
+    backend: &mut dyn Backend,
+    ran: &mut VecDeque<Vec<u32>>,
+    tokens: &mut Vec<u32>,
+) -> Result<(), EngineError> {
+    if backend.queues_greedy_steps() {
+        return backend.take_greedy(tokens);
+    }
+    *tokens = ran
+        .pop_front()
+        .ok_or_else(|| EngineError::Config("no greedy step is queued".into()))?;
+    Ok(())
 }
 
 /// The sequence `id`, when it holds exactly its first `from_token` prompt tokens and still lacks the rest: the KV

@@ -25,7 +25,7 @@ pub use backend::cuda::{
     cuda_driver_present, device_pool_reachable, measure_ceilings,
 };
 pub use backend::{Backend, SequenceStep};
-pub use engine::{Engine, EngineConfig, FinishReason, Generation, SequenceId};
+pub use engine::{Engine, EngineConfig, FinishReason, Generation, QueuedAheadSteps, SequenceId};
 pub use error::{EngineError, LoadError};
 pub use kv_cache::layout::KvLayout;
 pub use kv_cache::{BlockId, KvCacheEvent};

@@ -6,7 +6,8 @@ mod common;
 
 use common::{engine, long_prompt, max_abs_diff, small_config};
 use tandem_workers::{
-    Engine, EngineConfig, EngineError, FinishReason, SamplingParams, builtin_config, builtin_model,
+    Engine, EngineConfig, EngineError, FinishReason, QueuedAheadSteps, SamplingParams,
+    builtin_config, builtin_model,
 };
 
 const MODEL: &str = "tiny_f32_untied_t5";
@@ -316,4 +317,92 @@ fn the_builtin_model_is_deterministic_and_qwen3_shaped() {
             .iter()
             .all(|l| l.logprob < 0.0 && l.top.len() == 2)
     );
+}
+
+/// Greedy steps queued ahead (`decode_greedy_ahead`: each call queues the next step of its batch with the tokens
+/// it returns) give the tokens and KV of steps run one call at a time, through what drops a queued step: a
+/// sequence leaving, one joining, a caller feeding a token other than the pick, and block boundaries crossed.
+#[test]
+fn greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
+    let long = long_prompt(MODEL);
+    let prompts = [
+        long[..5].to_vec(),
+        long[..40].to_vec(),
+        long[100..113].to_vec(),
+    ];
+    let joining = long[50..70].to_vec();
+    let steps = 40;
+
+    let run = |queue_ahead: bool| {
+        let mut engine = engine(MODEL, small_config());
+        engine.set_queue_ahead(queue_ahead).unwrap();
+        let mut ids: Vec<u64> = Vec::new();
+        let mut next: Vec<u32> = Vec::new();
+        for prompt in &prompts {
+            let id = engine.add_sequence(prompt).unwrap();
+            next.push(argmax(engine.prefill(id).unwrap()));
+            ids.push(id);
+        }
+        let mut picked_per_step = Vec::new();
+        for step in 0..steps {
+            match step {
+                12 => {
+                    engine.remove_sequence(ids.remove(1)).unwrap();
+                    next.remove(1);
+                }
+                20 => {
+                    let id = engine.add_sequence(&joining).unwrap();
+                    next.push(argmax(engine.prefill(id).unwrap()));
+                    ids.push(id);
+                }
+                // Not the pick: the queued step took the pick, so it cannot serve.
+                30 => next[0] = (next[0] + 1) % 64,
+                _ => {}
+            }
+            let batch: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+            let picked = if queue_ahead {
+                engine.decode_greedy_ahead(&batch).unwrap()
+            } else {
+                engine.decode_greedy(&batch).unwrap()
+            };
+            next = picked.to_vec();
+            picked_per_step.push(next.clone());
+        }
+        // The KV each sequence holds: the logits of one more step, which read all of it.
+        let batch: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+        let logits = engine.decode(&batch).unwrap().to_vec();
+        let token_ids: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|&id| engine.token_ids(id).unwrap().to_vec())
+            .collect();
+        for id in ids {
+            engine.remove_sequence(id).unwrap();
+        }
+        let queued_ahead = engine.queued_ahead_steps();
+        (
+            picked_per_step,
+            logits,
+            token_ids,
+            engine.num_free_blocks(),
+            queued_ahead,
+        )
+    };
+    let (one_at_a_time, logits, token_ids, free_blocks, none_queued) = run(false);
+    let (queued, queued_logits, queued_token_ids, queued_free_blocks, queued_ahead) = run(true);
+    assert_eq!(none_queued, QueuedAheadSteps::default());
+    // Every call queued the next step; the first had none to take, and the calls after the sequence left, the
+    // sequence joined, the other token and the last step's (the plain decode) dropped theirs.
+    assert_eq!(
+        queued_ahead,
+        QueuedAheadSteps {
+            queued: steps as u64,
+            taken: steps as u64 - 4,
+        }
+    );
+    assert_eq!(queued, one_at_a_time);
+    assert_eq!(queued_token_ids, token_ids);
+    assert_eq!(queued_logits, logits);
+    // The blocks reserved for steps queued and dropped went back to the pool.
+    assert_eq!(queued_free_blocks, free_blocks);
+    assert_eq!(free_blocks, small_config().num_blocks);
 }
