@@ -725,10 +725,23 @@ impl Batcher<'_> {
         let only_argmax = decoding().all(|run| run.sampler.needs_only_argmax());
         let fits_row_draws =
             self.engine.draws_on_device() && decoding().all(|run| run.sampler.fits_row_draw());
+        // The next greedy step is queued ahead, to run on the GPU while this one's tokens stream out, when the batch
+        // should stay as it is: no prompt is computed or waits to start here, and no request reaches its length
+        // with this token. A request that stops on a stop token or string, or a command that changes the batch,
+        // wastes the queued step (the engine waits for it and drops it).
+        let batch_stays = self.waiting.is_empty()
+            && self.running.iter().all(|run| match run.phase {
+                Phase::Decoding { .. } => run.generated_token_ids.len() + 1 < run.max_tokens,
+                Phase::Prefilling => false,
+                Phase::AwaitingKv => true,
+            });
         let decoded = if only_argmax {
-            self.engine
-                .decode_greedy(&steps)
-                .map(|tokens| StepOutput::Tokens(tokens.to_vec()))
+            let picked = if batch_stays {
+                self.engine.decode_greedy_ahead(&steps)
+            } else {
+                self.engine.decode_greedy(&steps)
+            };
+            picked.map(|tokens| StepOutput::Tokens(tokens.to_vec()))
         } else if fits_row_draws {
             let params: Vec<RowDrawParams> = steps
                 .iter()
@@ -1245,6 +1258,15 @@ mod tests {
 
     /// Runs `jobs` together to their end on the counting CPU backend: what each gave, and the steps taken.
     fn run_counted(jobs: Vec<Job>, keeps_logits: bool) -> (Generated, Arc<StepCounts>) {
+        run_counted_queueing(jobs, keeps_logits, false)
+    }
+
+    /// [`run_counted`], with greedy steps queued ahead where the batcher asks for it when `queue_ahead`.
+    fn run_counted_queueing(
+        jobs: Vec<Job>,
+        keeps_logits: bool,
+        queue_ahead: bool,
+    ) -> (Generated, Arc<StepCounts>) {
         let counts = Arc::new(StepCounts::default());
         let config = EngineConfig::default();
         let backend = CountingBackend {
@@ -1254,7 +1276,8 @@ mod tests {
             keeps_logits,
             kept_logits: Vec::new(),
         };
-        let engine = Engine::new(Box::new(backend), config).expect("engine");
+        let mut engine = Engine::new(Box::new(backend), config).expect("engine");
+        engine.set_queue_ahead(queue_ahead).expect("queue ahead");
         (run_jobs(engine, jobs), counts)
     }
 
@@ -1289,6 +1312,41 @@ mod tests {
         assert_eq!(sampled_tokens, greedy_tokens);
         assert_eq!(*sampled_logprobs, 10);
         assert_eq!(counted(&sampled_counts), [10, 0, 0, 0]);
+    }
+
+    /// Greedy steps queued ahead while the batch stays as it is give every request the tokens of steps run one at a
+    /// time. Requests that end by length are seen coming, so as many greedy steps run; a stop token is not, so the
+    /// step queued after it runs for nothing, once.
+    #[test]
+    fn greedy_steps_queued_ahead_give_the_same_tokens_and_waste_only_unforeseen_ends() {
+        let jobs = |stop_token: Option<u32>| {
+            let mut last = job("c", 5, 20);
+            last.sampling.stop_token_ids.extend(stop_token);
+            vec![job("a", 8, 6), job("b", 11, 13), last]
+        };
+        let (one_at_a_time, counts) = run_counted_queueing(jobs(None), false, false);
+        let (queued, queued_counts) = run_counted_queueing(jobs(None), false, true);
+        assert_eq!(queued, one_at_a_time);
+        for (request_id, length) in [("a", 6), ("b", 13), ("c", 20)] {
+            assert_eq!(queued[request_id].0.len(), length, "request {request_id}");
+        }
+        assert_eq!(counted(&queued_counts), counted(&counts));
+
+        // "c" stops on a token it first generates while "a" and "b" still decode.
+        let tokens = &one_at_a_time["c"].0;
+        let stop_index = (2..5)
+            .find(|&index| !tokens[..index].contains(&tokens[index]))
+            .expect("a token new to the request among its first five");
+        let stop_token = Some(tokens[stop_index]);
+        let (one_at_a_time, counts) = run_counted_queueing(jobs(stop_token), false, false);
+        let (queued, queued_counts) = run_counted_queueing(jobs(stop_token), false, true);
+        assert_eq!(queued, one_at_a_time);
+        assert_eq!(queued["c"].0.len(), stop_index + 1);
+        let [logits_steps, greedy_steps, drawn_steps, rows_read] = counted(&counts);
+        assert_eq!(
+            counted(&queued_counts),
+            [logits_steps, greedy_steps + 1, drawn_steps, rows_read]
+        );
     }
 
     /// Requests that sample get the same tokens and logprobs from row draws, with the logits kept by the backend
