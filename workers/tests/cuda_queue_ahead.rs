@@ -1,0 +1,137 @@
+//! Greedy steps queued ahead on the GPU (`Engine::decode_greedy_ahead`: each call queues the next step of its batch,
+//! whose inputs are the tokens it returns, still on the device) against the same steps run one call at a time, on a
+//! random model of the Qwen3-0.6B shape: the same tokens at every step, through what drops a queued step (a
+//! sequence leaving, one joining, a token other than the pick), at one sequence (the fused argmax's keys), two and
+//! eight (cuBLAS, `argmax_rows`'s tokens), with sequences passing 256 tokens (a larger block-table capacity: a new
+//! graph captured, and the metadata buffer grown, behind a queued step). Skips, saying why, where no CUDA driver
+//! exists.
+
+use std::time::Instant;
+
+mod common;
+
+use common::driver_or_skip;
+use tandem_workers::{Engine, EngineConfig, QueuedAheadSteps, qwen3_shape, random_model};
+
+const STEPS: usize = 48;
+
+/// Runs `STEPS` greedy steps over `prompts` on `engine`, with a sequence leaving at step 16, one joining at step 28
+/// (where there is more than one) and row 0 fed another token than its pick at step 36; returns every step's
+/// picks, the milliseconds the first 16 steps took, and the queued-ahead counts of the run.
+fn run(
+    engine: &mut Engine,
+    prompts: &[Vec<u32>],
+    joining: &[u32],
+    queue_ahead: bool,
+) -> (Vec<Vec<u32>>, f64, QueuedAheadSteps) {
+    engine.set_queue_ahead(queue_ahead).expect("queue ahead");
+    let before = engine.queued_ahead_steps();
+    let mut ids = Vec::new();
+    let mut next = Vec::new();
+    for prompt in prompts {
+        let id = engine.add_sequence(prompt).expect("a sequence");
+        let logits = engine.prefill(id).expect("a prefill");
+        next.push(argmax(logits));
+        ids.push(id);
+    }
+    let mut picks = Vec::new();
+    let mut started = Instant::now();
+    let mut first_steps_ms = 0.0;
+    for step in 0..STEPS {
+        match step {
+            1 => started = Instant::now(),
+            16 => {
+                first_steps_ms = started.elapsed().as_secs_f64() * 1e3 / 15.0;
+                if ids.len() > 1 {
+                    engine
+                        .remove_sequence(ids.pop().expect("a sequence"))
+                        .expect("removed");
+                    next.pop();
+                }
+            }
+            28 if prompts.len() > 1 => {
+                let id = engine.add_sequence(joining).expect("a sequence");
+                next.push(argmax(engine.prefill(id).expect("a prefill")));
+                ids.push(id);
+            }
+            36 => next[0] = (next[0] + 1) % 1000,
+            _ => {}
+        }
+        let batch: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+        let picked = if queue_ahead {
+            engine.decode_greedy_ahead(&batch)
+        } else {
+            engine.decode_greedy(&batch)
+        }
+        .unwrap_or_else(|error| panic!("step {step}: {error}"));
+        next = picked.to_vec();
+        picks.push(next.clone());
+    }
+    for id in ids {
+        engine.remove_sequence(id).expect("removed");
+    }
+    let after = engine.queued_ahead_steps();
+    let counts = QueuedAheadSteps {
+        queued: after.queued - before.queued,
+        taken: after.taken - before.taken,
+    };
+    (picks, first_steps_ms, counts)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, &value) in row.iter().enumerate() {
+        if value > row[best] {
+            best = index;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
+    if !driver_or_skip("greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time") {
+        return;
+    }
+    let shape = qwen3_shape("qwen3-0.6b").expect("the built-in shapes include qwen3-0.6b");
+    let vocab_size = shape.vocab_size as u64;
+    let weights = random_model(shape, 13);
+    let config = EngineConfig {
+        block_size_tokens: 16,
+        num_blocks: 1024,
+        prefill_chunk_tokens: 512,
+        prefix_caching: false,
+    };
+    let mut engine = Engine::cuda(&weights, config, 0).expect("a CUDA engine");
+    let prompt = |sequence: u64, len: u64| -> Vec<u32> {
+        (0..len)
+            .map(|i| ((i * 2_654_435_761 + sequence * 97 + 5) % vocab_size) as u32)
+            .collect()
+    };
+    for batch in [1u64, 2, 8] {
+        // The first sequence passes 256 tokens (16 blocks) during the run.
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|sequence| prompt(sequence, 230 + 7 * sequence))
+            .collect();
+        let joining = prompt(99, 61);
+        let (one_at_a_time, waiting_ms, none_queued) = run(&mut engine, &prompts, &joining, false);
+        let (queued, queued_ms, counts) = run(&mut engine, &prompts, &joining, true);
+        assert_eq!(none_queued, QueuedAheadSteps::default());
+        for (step, (queued, expected)) in queued.iter().zip(&one_at_a_time).enumerate() {
+            assert_eq!(queued, expected, "batch {batch}, step {step}");
+        }
+        // Every step queued the next; the first had none to take, and the steps after a change dropped theirs.
+        let changes = if batch > 1 { 3 } else { 1 };
+        assert_eq!(
+            counts,
+            QueuedAheadSteps {
+                queued: STEPS as u64,
+                taken: STEPS as u64 - 1 - changes,
+            },
+            "batch {batch}"
+        );
+        eprintln!(
+            "batch {batch}: {STEPS} steps give the same tokens queued ahead; steps 1-15 took {queued_ms:.3} ms each queued ahead, {waiting_ms:.3} ms one at a time"
+        );
+    }
+}
