@@ -521,19 +521,11 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let weight_bytes = decode_weight_bytes(&config);
     let mut decode_results = Vec::new();
     for &batch in &args.batch {
-        let (ids, mut next_tokens) = start_bench_sequences(&mut engine, batch, args.prompt_len)?;
         let warmup_steps = DECODE_WARMUP_STEPS;
-        // The serving path: each step queued ahead of the host, so the GPU runs it while the host takes the tokens
-        // of the one before (where the engine queues ahead; elsewhere the two rounds are the same).
-        let seconds = decode_greedy_timed(
-            &mut engine,
-            &ids,
-            &mut next_tokens,
-            warmup_steps,
-            args.decode_steps,
-            true,
-        )?;
-        let ms_per_step = seconds * 1e3 / args.decode_steps as f64;
+        // Each step waiting for the host, then the serving path: each step queued ahead of the host, so the GPU
+        // runs it while the host takes the tokens of the one before (where the engine queues ahead; elsewhere the
+        // two rounds are the same). Both from the same prompts, so over the same contexts.
+        let (ids, mut next_tokens) = start_bench_sequences(&mut engine, batch, args.prompt_len)?;
         let waiting_ms_per_step = decode_greedy_timed(
             &mut engine,
             &ids,
@@ -543,7 +535,20 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             false,
         )? * 1e3
             / args.decode_steps as f64;
-        // KV read per step: each sequence's whole context, averaged over the first round's timed steps.
+        for id in ids {
+            engine.remove_sequence(id)?;
+        }
+        let (ids, mut next_tokens) = start_bench_sequences(&mut engine, batch, args.prompt_len)?;
+        let seconds = decode_greedy_timed(
+            &mut engine,
+            &ids,
+            &mut next_tokens,
+            warmup_steps,
+            args.decode_steps,
+            true,
+        )?;
+        let ms_per_step = seconds * 1e3 / args.decode_steps as f64;
+        // KV read per step: each sequence's whole context, averaged over the timed steps.
         let mean_context = (args.prompt_len + warmup_steps) as f64 + args.decode_steps as f64 / 2.0;
         let bytes = weight_bytes + kv_bytes_per_token * mean_context * batch as f64;
         let roofline_ms = bytes / ceilings.copy_bytes_per_s * 1e3;

@@ -115,6 +115,9 @@ pub struct CudaBackend {
     queued_greedy: std::collections::VecDeque<QueuedGreedy>,
     /// The picks buffer of the next queued greedy step.
     next_picks_slot: usize,
+    /// Whether engines queue greedy steps ahead on this backend ([`Backend::queues_greedy_steps`]); on unless
+    /// `TANDEM_CUDA_QUEUE_AHEAD=0` (for side-by-side measurements of serving).
+    queues_greedy_steps: bool,
     /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
@@ -373,6 +376,8 @@ impl CudaBackend {
         } else {
             0
         };
+        let queues_greedy_steps =
+            std::env::var("TANDEM_CUDA_QUEUE_AHEAD").map_or(true, |value| value != "0");
         let qkv_attention = std::env::var("TANDEM_CUDA_QKV_ATTENTION")
             .map_or(true, |value| value != "0")
             && qkv_attention_fits(
@@ -406,6 +411,7 @@ impl CudaBackend {
             meta: Vec::new(),
             queued_greedy: std::collections::VecDeque::new(),
             next_picks_slot: 0,
+            queues_greedy_steps,
             step_io,
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
@@ -654,7 +660,7 @@ impl CudaBackend {
                 let capacity = table_capacity(longest_table);
                 let parts = self.build_padded_meta(batch, bucket, capacity);
                 if from_previous {
-                    self.inputs_from_previous(&parts)?;
+                    self.inputs_from_previous(&parts, batch.len())?;
                 }
                 self.prepare(&parts)?;
                 let fused = self.uses_decode_gemv(&parts);
@@ -676,7 +682,7 @@ impl CudaBackend {
             None => {
                 let parts = self.build_meta(batch);
                 if from_previous {
-                    self.inputs_from_previous(&parts)?;
+                    self.inputs_from_previous(&parts, batch.len())?;
                 }
                 self.prepare(&parts)?;
                 self.launch_step(&parts, true)?;
@@ -685,11 +691,11 @@ impl CudaBackend {
         }
     }
 
-    /// Has step `parts` (one token a row, `rows` rows) embed the tokens the last queued greedy step picked for its
-    /// rows, which need not have reached the host: its token ids become marks `embed` resolves on the GPU.
-    /// Where the step grows the work buffers (which drops the picks on the GPU), it waits for the picks on the
-    /// host and writes the tokens instead.
-    fn inputs_from_previous(&mut self, parts: &StepMeta) -> Result<(), EngineError> {
+    /// Has the first `rows` rows of step `parts` (one token a row; a captured step pads more) embed the tokens the
+    /// last queued greedy step picked for its rows, which need not have reached the host: their token ids become
+    /// marks `embed` resolves on the GPU. Where the step grows the work buffers (which drops the picks on the
+    /// GPU), it waits for the picks on the host and writes the tokens instead.
+    fn inputs_from_previous(&mut self, parts: &StepMeta, rows: usize) -> Result<(), EngineError> {
         let previous = self
             .queued_greedy
             .back()
@@ -697,10 +703,9 @@ impl CudaBackend {
             .ok_or_else(|| {
                 EngineError::Config("a step queued ahead follows no queued greedy step".into())
             })?;
-        if previous.rows() < parts.rows {
+        if previous.rows() != rows {
             return Err(EngineError::Config(format!(
-                "a step of {} rows queued ahead follows a greedy step of {}",
-                parts.rows,
+                "a step of {rows} sequences queued ahead follows a greedy step of {}",
                 previous.rows()
             )));
         }
@@ -718,9 +723,9 @@ impl CudaBackend {
         } else {
             TOKEN_FROM_PREVIOUS_TOKEN
         };
-        let ids = &mut self.meta[parts.token_ids..parts.token_ids + parts.rows];
+        let ids = &mut self.meta[parts.token_ids..parts.token_ids + rows];
         if grows {
-            ids.copy_from_slice(&tokens[..parts.rows]);
+            ids.copy_from_slice(&tokens);
         } else {
             ids.fill(mark);
         }
@@ -1249,7 +1254,7 @@ impl Backend for CudaBackend {
     }
 
     fn queues_greedy_steps(&self) -> bool {
-        true
+        self.queues_greedy_steps
     }
 
     fn queue_greedy(
