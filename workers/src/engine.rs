@@ -96,30 +96,53 @@ pub struct Engine {
     /// A row of the last drawn step's logits read back from the backend.
     logits_row: Vec<f32>,
     /// Whether [`Engine::decode_greedy_ahead`] queues the next step: by default where the backend runs steps
-    /// while the host works ([`Backend::queues_greedy_steps`]); [`Engine::set_queue_ahead`] overrides it.
+    /// while the host works ([`Backend::queues_steps`]); [`Engine::set_queue_ahead`] overrides it.
     queue_ahead: bool,
-    /// The sequences, in row order, of the greedy step the last [`Engine::decode_greedy_ahead`] queued; its
-    /// inputs are the tokens that call returned (`greedy_tokens`).
-    queued_ahead: Option<Vec<SequenceId>>,
-    /// Where the backend runs steps inside the call: the tokens of the greedy steps the engine ran when it
-    /// queued them, oldest first.
-    ran_greedy: VecDeque<Vec<u32>>,
+    /// The step the last `decode_*_ahead` call queued after its own.
+    queued_ahead: Option<QueuedAhead>,
+    /// Where the backend runs steps inside the call: what the steps the engine ran when it queued them picked,
+    /// oldest first.
+    ran_steps: VecDeque<RanStep>,
     /// Greedy steps queued ahead so far, and how many of them a call took.
     queued_ahead_steps: QueuedAheadSteps,
 }
 
-/// How many greedy steps [`Engine::decode_greedy_ahead`] queued ahead, and how many of them the next call took;
-/// the others were dropped (the GPU ran them for nothing).
+/// A step queued after a call's own ([`Engine::decode_greedy_ahead`], [`Engine::decode_drawn_ahead`]): its
+/// sequences in row order, its inputs (the tokens that call returned), and for a drawn step its rows' parameters.
+struct QueuedAhead {
+    ids: Vec<SequenceId>,
+    inputs: Vec<u32>,
+    params: Option<Vec<RowDrawParams>>,
+}
+
+/// What a step run at once in place of being queued picked (the engine's `ran_steps`).
+enum RanStep {
+    Greedy(Vec<u32>),
+    Drawn(Vec<RowDraw>),
+}
+
+impl RanStep {
+    fn token(&self, row: usize) -> Option<u32> {
+        match self {
+            Self::Greedy(tokens) => tokens.get(row).copied(),
+            Self::Drawn(draws) => draws.get(row).map(|draw| draw.drawn_token),
+        }
+    }
+}
+
+/// The kind of a step the engine queues: greedy, or drawn with each row's parameters.
+#[derive(Clone, Copy)]
+enum StepKind<'p> {
+    Greedy,
+    Drawn(&'p [RowDrawParams]),
+}
+
+/// How many steps [`Engine::decode_greedy_ahead`] and [`Engine::decode_drawn_ahead`] queued ahead, and how many of
+/// them the next call took; the others were dropped (the GPU ran them for nothing).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueuedAheadSteps {
     pub queued: u64,
     pub taken: u64,
-}
-
-/// What a decode step leaves behind besides the greedy steps: every sequence's logits, or each row's draw.
-enum DecodeOutput<'p> {
-    Logits,
-    Drawn(&'p [RowDrawParams]),
 }
 
 impl Engine {
@@ -142,11 +165,11 @@ impl Engine {
                 "prefill_chunk_tokens must be at least 1".into(),
             ));
         }
-        let queue_ahead = backend.queues_greedy_steps();
+        let queue_ahead = backend.queues_steps();
         Ok(Self {
             queue_ahead,
             queued_ahead: None,
-            ran_greedy: VecDeque::new(),
+            ran_steps: VecDeque::new(),
             queued_ahead_steps: QueuedAheadSteps::default(),
             kv_cache: KvCacheManager::new(
                 config.num_blocks,
@@ -393,14 +416,15 @@ impl Engine {
     /// Appends one token to each listed (fully prefilled) sequence and runs them all in one step; returns
     /// the logits that follow each, `[steps.len(), vocab_size]` in the order given.
     pub fn decode(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[f32], EngineError> {
-        self.decode_step(steps, DecodeOutput::Logits)?;
+        self.decode_step(steps)?;
         Ok(&self.logits)
     }
 
     /// Like [`Engine::decode`] for greedy sequences: returns the argmax token that follows each, picked by
     /// the backend (on the GPU for CUDA, so no logits cross to the host).
     pub fn decode_greedy(&mut self, steps: &[(SequenceId, u32)]) -> Result<&[u32], EngineError> {
-        self.decode_greedy_queued(steps, false)
+        self.decode_queued(steps, StepKind::Greedy, None)?;
+        Ok(&self.greedy_tokens)
     }
 
     /// Like [`Engine::decode_greedy`], and before it returns, queues the next greedy step of the same
@@ -413,42 +437,86 @@ impl Engine {
         &mut self,
         steps: &[(SequenceId, u32)],
     ) -> Result<&[u32], EngineError> {
-        self.decode_greedy_queued(steps, true)
+        self.decode_queued(steps, StepKind::Greedy, Some(StepKind::Greedy))?;
+        Ok(&self.greedy_tokens)
     }
 
-    /// Turns queueing ahead ([`Engine::decode_greedy_ahead`]) on or off. On by default where the backend runs
-    /// steps while the host works (a GPU); where it does not, a step queued ahead runs inside the call, which
-    /// only serves to test the bookkeeping.
+    /// Like [`Engine::decode_drawn`], and before it returns, queues the next drawn step of the same sequences
+    /// with `next_params`, each row's input being the token its draw drew (`RowDraw::drawn_token`), as
+    /// [`Engine::decode_greedy_ahead`] does for greedy steps. Only for rows whose sampler takes the drawn token
+    /// (greedy or a plain temperature: [`crate::Sampler::takes_drawn_token`]), with the uniforms that follow
+    /// ([`crate::Sampler::row_draw_params_after_next`]); the next call takes the queued step when its steps are those sequences
+    /// with the drawn tokens and its parameters are `next_params`. Where a step is queued after this one, its
+    /// logits are not kept: [`Engine::step_logits`] errors.
+    pub fn decode_drawn_ahead(
+        &mut self,
+        steps: &[(SequenceId, u32)],
+        params: &[RowDrawParams],
+        next_params: &[RowDrawParams],
+    ) -> Result<&[RowDraw], EngineError> {
+        for given in [params, next_params] {
+            if given.len() != steps.len() {
+                return Err(EngineError::Config(format!(
+                    "a drawn step of {} sequences was given {} rows of sampling parameters",
+                    steps.len(),
+                    given.len()
+                )));
+            }
+        }
+        self.decode_queued(
+            steps,
+            StepKind::Drawn(params),
+            Some(StepKind::Drawn(next_params)),
+        )?;
+        Ok(&self.draws)
+    }
+
+    /// Turns queueing ahead ([`Engine::decode_greedy_ahead`], [`Engine::decode_drawn_ahead`]) on or off. On by
+    /// default where the backend runs steps while the host works (a GPU); where it does not, a step queued ahead
+    /// runs inside the call, which only serves to test the bookkeeping.
     pub fn set_queue_ahead(&mut self, on: bool) -> Result<(), EngineError> {
         self.settle_queued()?;
         self.queue_ahead = on;
         Ok(())
     }
 
-    /// How many greedy steps were queued ahead so far, and how many of them were taken.
+    /// How many steps were queued ahead so far, and how many of them were taken.
     pub fn queued_ahead_steps(&self) -> QueuedAheadSteps {
         self.queued_ahead_steps
     }
 
-    /// Waits for the greedy steps queued on the backend and forgets them.
+    /// Waits for the steps queued on the backend and forgets them.
     fn settle_queued(&mut self) -> Result<(), EngineError> {
         self.queued_ahead = None;
-        self.ran_greedy.clear();
-        self.backend.drop_queued_greedy()
+        self.ran_steps.clear();
+        self.backend.drop_queued_steps()
     }
 
-    fn decode_greedy_queued(
+    /// A decode step of `kind` through the backend's queue, which leaves its picks in `greedy_tokens` or `draws`:
+    /// taken from the step queued ahead where it is this one, else queued now; with `next`, the step after it is
+    /// queued before this one's picks are taken.
+    fn decode_queued(
         &mut self,
         steps: &[(SequenceId, u32)],
-        ahead: bool,
-    ) -> Result<&[u32], EngineError> {
-        // The step queued ahead is this one when it has these sequences in this order, and as inputs the tokens
-        // the last call returned (which it took on the device).
+        kind: StepKind<'_>,
+        next: Option<StepKind<'_>>,
+    ) -> Result<(), EngineError> {
+        self.last_step_drawn = false;
+        // The step queued ahead is this one when it has these sequences in this order, as inputs the tokens the
+        // last call returned (which it took on the device), and the same kind and parameters.
         let queued =
-            self.queued_ahead.take().is_some_and(|ids| {
-                ids.len() == steps.len()
-                    && ids.iter().zip(steps).zip(&self.greedy_tokens).all(
-                        |((&queued_id, &(id, token)), &picked)| queued_id == id && token == picked,
+            self.queued_ahead.take().is_some_and(|ahead| {
+                let same_kind = match (kind, &ahead.params) {
+                    (StepKind::Greedy, None) => true,
+                    (StepKind::Drawn(params), Some(queued_params)) => {
+                        params == queued_params.as_slice()
+                    }
+                    _ => false,
+                };
+                same_kind
+                    && ahead.ids.len() == steps.len()
+                    && ahead.ids.iter().zip(&ahead.inputs).zip(steps).all(
+                        |((&queued_id, &input), &(id, token))| queued_id == id && input == token,
                     )
             });
         if queued {
@@ -460,12 +528,15 @@ impl Engine {
             let _ = self.settle_queued();
             return Err(error);
         }
-        let result = self.run_greedy(steps, queued, ahead);
-        match result {
+        match self.run_queued(steps, kind, queued, next) {
             Ok(queued_next) => {
                 self.commit_decode_tokens(steps);
+                if let StepKind::Drawn(_) = kind {
+                    // This step's logits are still where the backend keeps them unless a step was queued after it.
+                    self.last_step_drawn = queued_next.is_none();
+                }
                 self.queued_ahead = queued_next;
-                Ok(&self.greedy_tokens)
+                Ok(())
             }
             Err(error) => {
                 self.pop_decode_tokens(steps);
@@ -476,31 +547,71 @@ impl Engine {
         }
     }
 
-    /// Queues the greedy step of `steps` (whose tokens are appended) unless `queued` says it is queued already,
-    /// queues the step after it when `ahead` asks and queueing ahead is on, and takes this step's tokens into
-    /// `greedy_tokens`. Returns the sequences of the step queued after it, if one was.
-    fn run_greedy(
+    /// Queues the step of `steps` (whose tokens are appended) unless `queued` says it is queued already, queues
+    /// the step after it when `next` asks and queueing ahead is on, and takes this step's picks. Returns the
+    /// step queued after it, if one was.
+    fn run_queued(
         &mut self,
         steps: &[(SequenceId, u32)],
+        kind: StepKind<'_>,
         queued: bool,
-        ahead: bool,
-    ) -> Result<Option<Vec<SequenceId>>, EngineError> {
+        next: Option<StepKind<'_>>,
+    ) -> Result<Option<QueuedAhead>, EngineError> {
+        if let StepKind::Drawn(_) = kind {
+            // Left empty by a backend that keeps the logits, so no earlier step's rows pass for this one's.
+            self.logits.clear();
+        }
         if !queued {
             let batch = decode_batch(&self.sequences, steps, 0)?;
-            queue_greedy_step(self.backend.as_mut(), &mut self.ran_greedy, &batch, false)?;
+            queue_step(
+                self.backend.as_mut(),
+                &mut self.ran_steps,
+                &mut self.logits,
+                &batch,
+                kind,
+                false,
+            )?;
         }
         let mut queued_next = None;
-        if ahead && self.queue_ahead && self.reserve_next_tokens(steps) {
+        if let Some(next_kind) = next.filter(|_| self.queue_ahead)
+            && self.reserve_next_tokens(steps)
+        {
             let batch = decode_batch(&self.sequences, steps, 1)?;
-            queue_greedy_step(self.backend.as_mut(), &mut self.ran_greedy, &batch, true)?;
-            queued_next = Some(steps.iter().map(|&(id, _)| id).collect());
+            queue_step(
+                self.backend.as_mut(),
+                &mut self.ran_steps,
+                &mut self.logits,
+                &batch,
+                next_kind,
+                true,
+            )?;
             self.queued_ahead_steps.queued += 1;
+            queued_next = Some(QueuedAhead {
+                ids: steps.iter().map(|&(id, _)| id).collect(),
+                inputs: Vec::new(),
+                params: match next_kind {
+                    StepKind::Greedy => None,
+                    StepKind::Drawn(params) => Some(params.to_vec()),
+                },
+            });
         }
-        take_greedy_step(
-            self.backend.as_mut(),
-            &mut self.ran_greedy,
-            &mut self.greedy_tokens,
-        )?;
+        let inputs = match kind {
+            StepKind::Greedy => {
+                take_greedy_step(
+                    self.backend.as_mut(),
+                    &mut self.ran_steps,
+                    &mut self.greedy_tokens,
+                )?;
+                self.greedy_tokens.clone()
+            }
+            StepKind::Drawn(_) => {
+                take_drawn_step(self.backend.as_mut(), &mut self.ran_steps, &mut self.draws)?;
+                self.draws.iter().map(|draw| draw.drawn_token).collect()
+            }
+        };
+        if let Some(ahead) = &mut queued_next {
+            ahead.inputs = inputs;
+        }
         Ok(queued_next)
     }
 
@@ -540,8 +651,7 @@ impl Engine {
                 params.len()
             )));
         }
-        self.decode_step(steps, DecodeOutput::Drawn(params))?;
-        self.last_step_drawn = true;
+        self.decode_queued(steps, StepKind::Drawn(params), None)?;
         Ok(&self.draws)
     }
 
@@ -561,24 +671,12 @@ impl Engine {
         Ok(&self.logits_row)
     }
 
-    fn decode_step(
-        &mut self,
-        steps: &[(SequenceId, u32)],
-        output: DecodeOutput<'_>,
-    ) -> Result<(), EngineError> {
+    fn decode_step(&mut self, steps: &[(SequenceId, u32)]) -> Result<(), EngineError> {
         self.settle_queued()?;
         self.last_step_drawn = false;
         self.append_decode_tokens(steps)?;
         let batch = decode_batch(&self.sequences, steps, 0)?;
-        let result = match output {
-            DecodeOutput::Logits => self.backend.forward(&batch, &mut self.logits),
-            DecodeOutput::Drawn(params) => {
-                // Left empty by a backend that keeps the logits, so no earlier step's rows pass for this one's.
-                self.logits.clear();
-                self.backend
-                    .forward_drawn(&batch, params, &mut self.logits, &mut self.draws)
-            }
-        };
+        let result = self.backend.forward(&batch, &mut self.logits);
         drop(batch);
         match result {
             Ok(()) => self.commit_decode_tokens(steps),
@@ -958,51 +1056,105 @@ fn decode_batch<'s>(
         .collect()
 }
 
-/// Queues a greedy step on `backend` ([`Backend::queue_greedy`]); a backend that runs steps inside the call runs
-/// it now, and its tokens wait in `ran` (with `from_previous`, its inputs are the last ones there).
-fn queue_greedy_step(
+/// Queues a step of `kind` on `backend` ([`Backend::queue_greedy`], [`Backend::queue_drawn`]); a backend that runs
+/// steps inside the call runs it now (a drawn one leaving its logits in `logits`), and its picks wait in `ran`
+/// (with `from_previous`, its inputs are the tokens of the last one there).
+fn queue_step(
     backend: &mut dyn Backend,
-    ran: &mut VecDeque<Vec<u32>>,
+    ran: &mut VecDeque<RanStep>,
+    logits: &mut Vec<f32>,
     batch: &[SequenceStep<'_>],
+    kind: StepKind<'_>,
     from_previous: bool,
 ) -> Result<(), EngineError> {
-    if backend.queues_greedy_steps() {
-        return backend.queue_greedy(batch, from_previous);
+    if backend.queues_steps() {
+        return match kind {
+            StepKind::Greedy => backend.queue_greedy(batch, from_previous),
+            StepKind::Drawn(params) => backend.queue_drawn(batch, params, from_previous),
+        };
     }
-    let mut tokens = Vec::new();
-    if from_previous {
-        let previous = ran.back().ok_or_else(|| {
-            EngineError::Config("a step queued ahead follows no greedy step".into())
-        })?;
-        let batch: Vec<SequenceStep<'_>> = batch
+    let inputs: Vec<u32> = if from_previous {
+        let previous = ran
+            .back()
+            .ok_or_else(|| EngineError::Config("a step queued ahead follows no step".into()))?;
+        (0..batch.len())
+            .map(|row| {
+                previous.token(row).ok_or_else(|| {
+                    EngineError::Config(format!(
+                        "a step of {} sequences queued ahead follows a smaller one",
+                        batch.len()
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let rebuilt: Vec<SequenceStep<'_>>;
+    let batch = if from_previous {
+        rebuilt = batch
             .iter()
-            .zip(previous)
+            .zip(&inputs)
             .map(|(step, token)| SequenceStep {
                 token_ids: std::slice::from_ref(token),
                 ..*step
             })
             .collect();
-        backend.forward_greedy(&batch, &mut tokens)?;
+        &rebuilt
     } else {
-        backend.forward_greedy(batch, &mut tokens)?;
-    }
-    ran.push_back(tokens);
+        batch
+    };
+    let picked = match kind {
+        StepKind::Greedy => {
+            let mut tokens = Vec::new();
+            backend.forward_greedy(batch, &mut tokens)?;
+            RanStep::Greedy(tokens)
+        }
+        StepKind::Drawn(params) => {
+            let mut draws = Vec::new();
+            logits.clear();
+            backend.forward_drawn(batch, params, logits, &mut draws)?;
+            RanStep::Drawn(draws)
+        }
+    };
+    ran.push_back(picked);
     Ok(())
 }
 
-/// The tokens of the oldest greedy step [`queue_greedy_step`] queued.
+/// The tokens of the oldest step [`queue_step`] queued, which was greedy.
 fn take_greedy_step(
     backend: &mut dyn Backend,
-    ran: &mut VecDeque<Vec<u32>>,
+    ran: &mut VecDeque<RanStep>,
     tokens: &mut Vec<u32>,
 ) -> Result<(), EngineError> {
-    if backend.queues_greedy_steps() {
+    if backend.queues_steps() {
         return backend.take_greedy(tokens);
     }
-    *tokens = ran
-        .pop_front()
-        .ok_or_else(|| EngineError::Config("no greedy step is queued".into()))?;
-    Ok(())
+    match ran.pop_front() {
+        Some(RanStep::Greedy(picked)) => {
+            *tokens = picked;
+            Ok(())
+        }
+        _ => Err(EngineError::Config("no greedy step is queued".into())),
+    }
+}
+
+/// The draws of the oldest step [`queue_step`] queued, which was drawn.
+fn take_drawn_step(
+    backend: &mut dyn Backend,
+    ran: &mut VecDeque<RanStep>,
+    draws: &mut Vec<RowDraw>,
+) -> Result<(), EngineError> {
+    if backend.queues_steps() {
+        return backend.take_drawn(draws);
+    }
+    match ran.pop_front() {
+        Some(RanStep::Drawn(drawn)) => {
+            *draws = drawn;
+            Ok(())
+        }
+        _ => Err(EngineError::Config("no drawn step is queued".into())),
+    }
 }
 
 /// The sequence `id`, when it holds exactly its first `from_token` prompt tokens and still lacks the rest: the KV

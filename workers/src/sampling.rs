@@ -127,6 +127,29 @@ impl Sampler {
         }
     }
 
+    /// [`Sampler::row_draw_params`] for the token after the next one: the uniform that follows, for a step queued
+    /// ahead ([`crate::Engine::decode_drawn_ahead`]) while the next token is still being drawn. Right once that
+    /// token is taken, which uses up one uniform.
+    pub fn row_draw_params_after_next(&self) -> RowDrawParams {
+        if self.draws() {
+            let mut rng = self.rng.clone();
+            rng.next_f64();
+            RowDrawParams {
+                inverse_temperature: 1.0 / self.params.temperature as f64,
+                uniform: rng.next_f64(),
+            }
+        } else {
+            RowDrawParams::GREEDY
+        }
+    }
+
+    /// Whether the token [`Sampler::sample_from_draw`] takes is always the draw's own (`RowDraw::drawn_token`):
+    /// greedy, or a temperature over the whole vocabulary (no top-k, no top-p). Then the device knows the token
+    /// before the host does, and a step can be queued ahead on it.
+    pub fn takes_drawn_token(&self) -> bool {
+        !self.draws() || (self.params.top_k == 0 && self.params.top_p >= 1.0)
+    }
+
     /// Picks the next token from what the device gave back for `params`, the same token [`Sampler::sample`]
     /// picks from the whole row. `None` when the request's top-p nucleus reaches past the candidates: then
     /// [`Sampler::sample_with_params`] takes the row's logits with the same `params`.

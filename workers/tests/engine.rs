@@ -6,8 +6,8 @@ mod common;
 
 use common::{engine, long_prompt, max_abs_diff, small_config};
 use tandem_workers::{
-    Engine, EngineConfig, EngineError, FinishReason, QueuedAheadSteps, SamplingParams,
-    builtin_config, builtin_model,
+    Engine, EngineConfig, EngineError, FinishReason, QueuedAheadSteps, RowDrawParams,
+    SamplingParams, builtin_config, builtin_model,
 };
 
 const MODEL: &str = "tiny_f32_untied_t5";
@@ -405,4 +405,92 @@ fn greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
     // The blocks reserved for steps queued and dropped went back to the pool.
     assert_eq!(queued_free_blocks, free_blocks);
     assert_eq!(free_blocks, small_config().num_blocks);
+}
+
+/// Drawn steps queued ahead (`decode_drawn_ahead`: each call queues the next step with the next uniforms, its
+/// inputs the tokens the draws drew) give the draws of steps run one call at a time, through a sequence leaving and
+/// parameters other than the queued ones; the rows' logits are kept only where no step was queued after them.
+#[test]
+fn drawn_steps_queued_ahead_give_the_draws_of_steps_run_one_at_a_time() {
+    let long = long_prompt(MODEL);
+    let prompts = [
+        long[..9].to_vec(),
+        long[..33].to_vec(),
+        long[60..80].to_vec(),
+    ];
+    let steps = 24;
+    // Row 0 greedy, the others at temperatures; a uniform per step and row.
+    let params_at = |step: usize, rows: usize| -> Vec<RowDrawParams> {
+        (0..rows)
+            .map(|row| RowDrawParams {
+                inverse_temperature: [0.0, 1.0 / 0.8, 1.0][row % 3],
+                uniform: ((step * 7 + row * 3) % 10) as f64 / 10.0 + 0.05,
+            })
+            .collect()
+    };
+
+    let run = |queue_ahead: bool| {
+        let mut engine = engine(MODEL, small_config());
+        engine.set_queue_ahead(queue_ahead).unwrap();
+        let mut ids: Vec<u64> = Vec::new();
+        let mut next: Vec<u32> = Vec::new();
+        for prompt in &prompts {
+            let id = engine.add_sequence(prompt).unwrap();
+            next.push(argmax(engine.prefill(id).unwrap()));
+            ids.push(id);
+        }
+        let mut drawn_per_step = Vec::new();
+        for step in 0..steps {
+            if step == 9 {
+                engine.remove_sequence(ids.remove(2)).unwrap();
+                next.remove(2);
+            }
+            let batch: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+            let mut params = params_at(step, ids.len());
+            // Not the uniforms queued with the step before: it cannot serve.
+            if step == 15 {
+                params[1].uniform = 0.99;
+            }
+            let draws = if queue_ahead {
+                engine
+                    .decode_drawn_ahead(&batch, &params, &params_at(step + 1, ids.len()))
+                    .unwrap()
+                    .to_vec()
+            } else {
+                engine.decode_drawn(&batch, &params).unwrap().to_vec()
+            };
+            assert_eq!(engine.step_logits(0).is_ok(), !queue_ahead, "step {step}");
+            next = draws.iter().map(|draw| draw.drawn_token).collect();
+            drawn_per_step.push(draws);
+        }
+        let queued_ahead = engine.queued_ahead_steps();
+        for id in ids {
+            engine.remove_sequence(id).unwrap();
+        }
+        (drawn_per_step, queued_ahead, engine.num_free_blocks())
+    };
+    let (one_at_a_time, none_queued, free_blocks) = run(false);
+    let (queued, queued_ahead, queued_free_blocks) = run(true);
+    assert_eq!(none_queued, QueuedAheadSteps::default());
+    for (step, (queued, expected)) in queued.iter().zip(&one_at_a_time).enumerate() {
+        let tokens = |draws: &[tandem_workers::RowDraw]| -> Vec<u32> {
+            draws.iter().map(|draw| draw.drawn_token).collect()
+        };
+        assert_eq!(tokens(queued), tokens(expected), "step {step}");
+        for (row, (queued, expected)) in queued.iter().zip(expected).enumerate() {
+            assert_eq!(
+                queued.candidates, expected.candidates,
+                "step {step}, row {row}"
+            );
+        }
+    }
+    // The first step had none to take; the steps after the sequence left and after the other uniform dropped theirs.
+    assert_eq!(
+        queued_ahead,
+        QueuedAheadSteps {
+            queued: steps as u64,
+            taken: steps as u64 - 3,
+        }
+    );
+    assert_eq!(queued_free_blocks, free_blocks);
 }

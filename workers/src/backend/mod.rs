@@ -64,10 +64,10 @@ pub trait Backend: Send {
         Ok(())
     }
 
-    /// Whether greedy steps can be queued ([`Backend::queue_greedy`]) and run while the host works: a backend
-    /// whose steps run on a device. Its default, where every step runs inside the call, says no; the engine then
-    /// runs a step it would queue at once.
-    fn queues_greedy_steps(&self) -> bool {
+    /// Whether steps can be queued ([`Backend::queue_greedy`], [`Backend::queue_drawn`]) and run while the host
+    /// works: a backend whose steps run on a device. Its default, where every step runs inside the call, says no;
+    /// the engine then runs a step it would queue at once.
+    fn queues_steps(&self) -> bool {
         false
     }
 
@@ -87,14 +87,36 @@ pub trait Backend: Send {
         ))
     }
 
-    /// The tokens of the oldest greedy step [`Backend::queue_greedy`] queued, once it has run.
+    /// The tokens of the oldest queued step, which [`Backend::queue_greedy`] queued, once it has run.
     fn take_greedy(&mut self, tokens: &mut Vec<u32>) -> Result<(), EngineError> {
         let _ = tokens;
         Err(EngineError::Config("no greedy step is queued".into()))
     }
 
-    /// Waits for every queued greedy step and forgets their tokens.
-    fn drop_queued_greedy(&mut self) -> Result<(), EngineError> {
+    /// Queues a drawn step like [`Backend::forward_drawn`] without waiting for it; [`Backend::take_drawn`] gives
+    /// its draws, and its logits stay on the device as far as [`Backend::read_logits_row`] goes only while no
+    /// step is queued after it. With `from_previous`, row `i` takes as its input the token the last queued step
+    /// drew (or picked) for its row `i`, as [`Backend::queue_greedy`] does.
+    fn queue_drawn(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        params: &[RowDrawParams],
+        from_previous: bool,
+    ) -> Result<(), EngineError> {
+        let _ = (batch, params, from_previous);
+        Err(EngineError::Config(
+            "this backend runs its steps inside the call: it queues none".into(),
+        ))
+    }
+
+    /// The draws of the oldest queued step, which [`Backend::queue_drawn`] queued, once it has run.
+    fn take_drawn(&mut self, draws: &mut Vec<RowDraw>) -> Result<(), EngineError> {
+        let _ = draws;
+        Err(EngineError::Config("no drawn step is queued".into()))
+    }
+
+    /// Waits for every queued step and forgets what they picked.
+    fn drop_queued_steps(&mut self) -> Result<(), EngineError> {
         Ok(())
     }
 

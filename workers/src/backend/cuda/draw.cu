@@ -288,10 +288,11 @@ extern "C" __global__ void draw_chunk_stats(const float* logits, int vocab_size,
 }
 
 // One row's totals, candidates and draw. Grid (rows), 1024 threads; dynamic shared memory of
-// chunks * DRAW_CANDIDATES rounded up to a power of two 8-byte words.
+// chunks * DRAW_CANDIDATES rounded up to a power of two 8-byte words. The drawn token also goes to tokens[row],
+// where a step queued ahead of the host takes its input (embed's TOKEN_FROM_PREVIOUS_TOKEN).
 extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chunks, const DrawParams* params,
                                     const unsigned long long* chunk_top, const DrawChunkStats* stats,
-                                    const unsigned long long* chunk_candidates, DrawOut* out) {
+                                    const unsigned long long* chunk_candidates, DrawOut* out, unsigned* tokens) {
     extern __shared__ unsigned long long draw_shared[];
     __shared__ double warp_prefix[32];
     __shared__ int drawn_chunk, drawn_index, last_weighted_index;
@@ -378,6 +379,7 @@ extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chu
         if (threadIdx.x == 0) {
             o->drawn_token = argmax;
             o->drawn_logit = row[argmax];
+            tokens[row_index] = argmax;
         }
         return;
     }
@@ -432,5 +434,6 @@ extern "C" __global__ void draw_row(const float* logits, int vocab_size, int chu
         const unsigned token = index >= 0 ? (unsigned)(first + index) : argmax;
         o->drawn_token = token;
         o->drawn_logit = row[token];
+        tokens[row_index] = token;
     }
 }

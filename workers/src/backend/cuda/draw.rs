@@ -51,15 +51,13 @@ impl DeviceDraws {
             self.host_params
                 .extend([row.inverse_temperature, row.uniform]);
         }
-        step_io.upload_draw_params(
-            &self.host_params,
-            addr(&self.params, gpu),
-            gpu.stream.cu_stream(),
-        )
+        step_io.upload_draw_params(&self.host_params, addr(&self.params, gpu), &gpu.stream)
     }
 
-    pub(super) fn buffers(&self, gpu: &GpuContext) -> DrawBuffers {
+    /// The buffers of a launch of the draw kernels; each row's drawn token also goes to `tokens` (u32 a row).
+    pub(super) fn buffers(&self, gpu: &GpuContext, tokens: u64) -> DrawBuffers {
         DrawBuffers {
+            tokens,
             params: addr(&self.params, gpu),
             chunk_top: addr(&self.chunk_top, gpu),
             chunk_stats: addr(&self.chunk_stats, gpu),
@@ -68,23 +66,23 @@ impl DeviceDraws {
         }
     }
 
-    /// Copies the first `rows` draws back (synchronizing the stream) and decodes them into `draws`.
-    pub(super) fn download(
-        &self,
-        rows: usize,
-        vocab_size: usize,
-        step_io: &mut StepIo,
-        gpu: &GpuContext,
-        draws: &mut Vec<RowDraw>,
-    ) -> Result<(), CudaError> {
-        let out =
-            step_io.download_draws(addr(&self.out, gpu), DRAW_OUT_BYTES * rows, &gpu.stream)?;
-        draws.clear();
-        for row_out in out.chunks_exact(DRAW_OUT_BYTES) {
-            draws.push(decode_draw(row_out, vocab_size)?);
-        }
-        Ok(())
+    /// Where the draws of the last launch are, for their copy to the host.
+    pub(super) fn out(&self, gpu: &GpuContext) -> u64 {
+        addr(&self.out, gpu)
     }
+}
+
+/// Decodes the `DrawOut`s a step's draws came down as ([`DRAW_OUT_BYTES`] a row) into `draws`.
+pub(super) fn decode_draws(
+    out: &[u8],
+    vocab_size: usize,
+    draws: &mut Vec<RowDraw>,
+) -> Result<(), CudaError> {
+    draws.clear();
+    for row_out in out.chunks_exact(DRAW_OUT_BYTES) {
+        draws.push(decode_draw(row_out, vocab_size)?);
+    }
+    Ok(())
 }
 
 /// One `DrawOut` (draw.cu): u32 token, f32 logit, f64 tempered total, f64 log normalizer, then the candidates'

@@ -61,6 +61,8 @@ pub(crate) struct DrawBuffers {
     pub(crate) chunk_stats: u64,
     pub(crate) chunk_candidates: u64,
     pub(crate) out: u64,
+    /// Each row's drawn token again, one u32 a row: where a step queued ahead finds its input.
+    pub(crate) tokens: u64,
 }
 
 /// Tokens of the largest step the decode GEMVs take (`GEMV_MAX_TOKENS`: the graph buckets 1 and 2). At four
@@ -1222,6 +1224,7 @@ impl Kernels {
                     Arg::Ptr(buffers.chunk_stats),
                     Arg::Ptr(buffers.chunk_candidates),
                     Arg::Ptr(buffers.out),
+                    Arg::Ptr(buffers.tokens),
                 ],
                 false,
             )

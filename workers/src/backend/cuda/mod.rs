@@ -32,19 +32,19 @@ use rayon::prelude::*;
 pub use ceilings::{Ceilings, measure_ceilings};
 pub use device::{CudaError, Device, cuda_device_count, cuda_driver_present};
 use device::{DriverContext, GpuContext};
-use draw::DeviceDraws;
+use draw::{DeviceDraws, decode_draws};
 use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
-    AttentionShape, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS, MAX_HEAD_DIM,
-    PREFILL_TILE_TOKENS, TOKEN_FROM_PREVIOUS_KEY, TOKEN_FROM_PREVIOUS_TOKEN, TokenSource,
-    decode_attention_fits, decode_gemv_fits, draw_fits, grouped_decode_attention_fits,
+    AttentionShape, DRAW_OUT_BYTES, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS,
+    MAX_HEAD_DIM, PREFILL_TILE_TOKENS, TOKEN_FROM_PREVIOUS_KEY, TOKEN_FROM_PREVIOUS_TOKEN,
+    TokenSource, decode_attention_fits, decode_gemv_fits, draw_fits, grouped_decode_attention_fits,
     prefill_kernel_fits, qkv_attention_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
 use launch_times::LaunchTimes;
-use step_io::{Picks, PicksSlot, StepIo};
+use step_io::{Picks, PicksKind, PicksSlot, StepIo};
 use weights::{DeviceLayer, DeviceWeights};
 
 use super::{Backend, SequenceStep, draw_on_host};
@@ -110,14 +110,14 @@ pub struct CudaBackend {
     meta: Vec<u32>,
     /// Page-locked buffers of each step's metadata upload and greedy picks download.
     step_io: StepIo,
-    /// Greedy steps queued on the stream whose tokens the host has not taken ([`Backend::queue_greedy`]),
-    /// oldest first; at most two, one per picks buffer.
-    queued_greedy: std::collections::VecDeque<QueuedGreedy>,
-    /// The picks buffer of the next queued greedy step.
+    /// Steps queued on the stream whose picks the host has not taken ([`Backend::queue_greedy`],
+    /// [`Backend::queue_drawn`]), oldest first; at most two, one per picks buffer.
+    queued_steps: std::collections::VecDeque<QueuedStep>,
+    /// The picks buffer of the next queued step.
     next_picks_slot: usize,
-    /// Whether engines queue greedy steps ahead on this backend ([`Backend::queues_greedy_steps`]); on unless
+    /// Whether engines queue steps ahead on this backend ([`Backend::queues_steps`]); on unless
     /// `TANDEM_CUDA_QUEUE_AHEAD=0` (for side-by-side measurements of serving).
-    queues_greedy_steps: bool,
+    queues_steps: bool,
     /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
@@ -147,8 +147,9 @@ pub struct CudaBackend {
     drawn_rows: usize,
 }
 
-/// A greedy step queued on the stream ([`Backend::queue_greedy`]) whose tokens the host has not taken.
-struct QueuedGreedy {
+/// A step queued on the stream ([`Backend::queue_greedy`], [`Backend::queue_drawn`]) whose picks the host has not
+/// taken.
+struct QueuedStep {
     /// Where its picks come down; queued right after the step, before anything can overwrite them.
     picks: PicksSlot,
     /// Tokens of the step, for the launch times of an eager one.
@@ -376,7 +377,7 @@ impl CudaBackend {
         } else {
             0
         };
-        let queues_greedy_steps =
+        let queues_steps =
             std::env::var("TANDEM_CUDA_QUEUE_AHEAD").map_or(true, |value| value != "0");
         let qkv_attention = std::env::var("TANDEM_CUDA_QKV_ATTENTION")
             .map_or(true, |value| value != "0")
@@ -409,9 +410,9 @@ impl CudaBackend {
             destinations: DeviceDestinations::default(),
             _blas_workspace: blas_workspace,
             meta: Vec::new(),
-            queued_greedy: std::collections::VecDeque::new(),
+            queued_steps: std::collections::VecDeque::new(),
             next_picks_slot: 0,
-            queues_greedy_steps,
+            queues_steps,
             step_io,
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
@@ -691,21 +692,78 @@ impl CudaBackend {
         }
     }
 
+    /// Errors where two steps are queued already (the picks buffers are both in use).
+    fn check_queue_room(&self) -> Result<(), EngineError> {
+        if self.queued_steps.len() >= 2 {
+            return Err(EngineError::Config(
+                "two steps are queued already: take one first".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues the copy of the step just launched's `rows` picks of `kind` from `source`, right behind it (before a
+    /// step queued after it overwrites them), and records the step as queued.
+    fn queue_picks(
+        &mut self,
+        kind: PicksKind,
+        source: u64,
+        rows: usize,
+    ) -> Result<(), EngineError> {
+        let slot = self.next_picks_slot;
+        let picks = self
+            .step_io
+            .queue_picks(slot, kind, source, rows, &self.gpu.stream)?;
+        self.next_picks_slot ^= 1;
+        self.queued_steps.push_back(QueuedStep {
+            picks,
+            num_tokens: rows,
+        });
+        Ok(())
+    }
+
+    /// Takes the oldest queued step, which must be drawn (`drawn`) or greedy, and reports its launch times.
+    fn take_queued(&mut self, drawn: bool) -> Result<QueuedStep, EngineError> {
+        let is_drawn = |queued: &QueuedStep| queued.picks.kind() == PicksKind::Draws;
+        match self.queued_steps.front() {
+            None => return Err(EngineError::Config("no step is queued".into())),
+            Some(queued) if is_drawn(queued) != drawn => {
+                return Err(EngineError::Config(format!(
+                    "the oldest queued step is {}",
+                    if drawn {
+                        "greedy, not drawn"
+                    } else {
+                        "drawn, not greedy"
+                    }
+                )));
+            }
+            Some(_) => {}
+        }
+        let queued = self
+            .queued_steps
+            .pop_front()
+            .ok_or_else(|| EngineError::Config("no step is queued".into()))?;
+        if let Some(times) = &self.launch_times {
+            times.report(queued.num_tokens)?;
+        }
+        Ok(queued)
+    }
+
     /// Has the first `rows` rows of step `parts` (one token a row; a captured step pads more) embed the tokens the
-    /// last queued greedy step picked for its rows, which need not have reached the host: their token ids become
+    /// last queued step picked (or drew) for its rows, which need not have reached the host: their token ids become
     /// marks `embed` resolves on the GPU. Where the step grows the work buffers (which drops the picks on the
     /// GPU), it waits for the picks on the host and writes the tokens instead.
     fn inputs_from_previous(&mut self, parts: &StepMeta, rows: usize) -> Result<(), EngineError> {
         let previous = self
-            .queued_greedy
+            .queued_steps
             .back()
             .map(|queued| queued.picks)
             .ok_or_else(|| {
-                EngineError::Config("a step queued ahead follows no queued greedy step".into())
+                EngineError::Config("a step queued ahead follows no queued step".into())
             })?;
         if previous.rows() != rows {
             return Err(EngineError::Config(format!(
-                "a step of {rows} sequences queued ahead follows a greedy step of {}",
+                "a step of {rows} sequences queued ahead follows a step of {}",
                 previous.rows()
             )));
         }
@@ -718,10 +776,10 @@ impl CudaBackend {
                 &mut tokens,
             )?;
         }
-        let mark = if previous.holds_keys() {
-            TOKEN_FROM_PREVIOUS_KEY
-        } else {
-            TOKEN_FROM_PREVIOUS_TOKEN
+        // Row draws leave their tokens where `argmax_rows` does (`draw_row`).
+        let mark = match previous.kind() {
+            PicksKind::Keys => TOKEN_FROM_PREVIOUS_KEY,
+            PicksKind::Tokens | PicksKind::Draws => TOKEN_FROM_PREVIOUS_TOKEN,
         };
         let ids = &mut self.meta[parts.token_ids..parts.token_ids + rows];
         if grows {
@@ -1248,13 +1306,13 @@ impl Backend for CudaBackend {
         tokens: &mut Vec<u32>,
     ) -> Result<(), EngineError> {
         // Steps queued by someone who never took them would hold the picks buffers.
-        self.drop_queued_greedy()?;
+        self.drop_queued_steps()?;
         self.queue_greedy(batch, false)?;
         self.take_greedy(tokens)
     }
 
-    fn queues_greedy_steps(&self) -> bool {
-        self.queues_greedy_steps
+    fn queues_steps(&self) -> bool {
+        self.queues_steps
     }
 
     fn queue_greedy(
@@ -1262,11 +1320,7 @@ impl Backend for CudaBackend {
         batch: &[SequenceStep<'_>],
         from_previous: bool,
     ) -> Result<(), EngineError> {
-        if self.queued_greedy.len() >= 2 {
-            return Err(EngineError::Config(
-                "two greedy steps are queued already: take one first".into(),
-            ));
-        }
+        self.check_queue_room()?;
         let picked_on_gpu = self.run(batch, from_previous)?;
         let gpu = &self.gpu;
         let s = &self.scratch;
@@ -1285,43 +1339,103 @@ impl Backend for CudaBackend {
         } else {
             addr(&s.tokens, gpu)
         };
-        let slot = self.next_picks_slot;
-        let picks = self
-            .step_io
-            .queue_picks(slot, picked_on_gpu, source, rows, &gpu.stream)?;
-        self.next_picks_slot ^= 1;
-        self.queued_greedy.push_back(QueuedGreedy {
-            picks,
-            num_tokens: rows,
-        });
-        Ok(())
+        let kind = if picked_on_gpu {
+            PicksKind::Keys
+        } else {
+            PicksKind::Tokens
+        };
+        self.queue_picks(kind, source, rows)
     }
 
     fn take_greedy(&mut self, tokens: &mut Vec<u32>) -> Result<(), EngineError> {
-        let queued = self
-            .queued_greedy
-            .pop_front()
-            .ok_or_else(|| EngineError::Config("no greedy step is queued".into()))?;
+        let queued = self.take_queued(false)?;
         picked_tokens(
             self.step_io.picks(queued.picks)?,
             self.config.vocab_size,
             tokens,
         )?;
-        if let Some(times) = &self.launch_times {
-            times.report(queued.num_tokens)?;
+        Ok(())
+    }
+
+    fn queue_drawn(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        params: &[RowDrawParams],
+        from_previous: bool,
+    ) -> Result<(), EngineError> {
+        let vocab_size = self.config.vocab_size;
+        if !draw_fits(vocab_size) {
+            return Err(EngineError::Config(format!(
+                "rows of {vocab_size} logits are not drawn on this GPU: it queues no drawn step"
+            )));
+        }
+        let rows = batch.len();
+        if params.len() != rows {
+            return Err(EngineError::Config(format!(
+                "a drawn step of {rows} sequences was given {} rows of sampling parameters",
+                params.len()
+            )));
+        }
+        self.check_queue_room()?;
+        self.drawn_rows = 0;
+        self.run(batch, from_previous)?;
+        let gpu = &self.gpu;
+        if self
+            .device_draws
+            .as_ref()
+            .is_none_or(|device_draws| device_draws.rows() < rows)
+        {
+            // Buffers of a step still queued are freed in stream order, after it.
+            self.device_draws = None;
+            self.device_draws = Some(DeviceDraws::new(gpu, vocab_size, rows.next_power_of_two())?);
+        }
+        let device_draws = self
+            .device_draws
+            .as_mut()
+            .ok_or_else(|| CudaError::Unsupported("the row draw buffers are missing".into()))?;
+        device_draws.upload(params, &mut self.step_io, gpu)?;
+        // Timed from here when launch times are on (a graph step's own launches are never timed).
+        let launch_times = &self.launch_times;
+        let mark = |kind: &'static str| match launch_times {
+            Some(times) => times.mark(&gpu.stream, kind),
+            None => Ok(()),
+        };
+        mark("draw_params")?;
+        self.kernels.draw_rows(
+            addr(&self.scratch.logits, gpu),
+            &device_draws.buffers(gpu, addr(&self.scratch.tokens, gpu)),
+            rows,
+            vocab_size,
+            &mark,
+        )?;
+        let out = device_draws.out(gpu);
+        self.queue_picks(PicksKind::Draws, out, rows)?;
+        self.drawn_rows = rows;
+        Ok(())
+    }
+
+    fn take_drawn(&mut self, draws: &mut Vec<RowDraw>) -> Result<(), EngineError> {
+        let queued = self.take_queued(true)?;
+        match self.step_io.picks(queued.picks)? {
+            Picks::Draws(out) => decode_draws(out, self.config.vocab_size, draws)?,
+            Picks::Keys(_) | Picks::Tokens(_) => {
+                return Err(EngineError::Config(
+                    "the oldest queued step is greedy, not drawn".into(),
+                ));
+            }
         }
         Ok(())
     }
 
-    fn drop_queued_greedy(&mut self) -> Result<(), EngineError> {
-        if self.queued_greedy.is_empty() {
+    fn drop_queued_steps(&mut self) -> Result<(), EngineError> {
+        if self.queued_steps.is_empty() {
             return Ok(());
         }
-        self.queued_greedy.clear();
+        self.queued_steps.clear();
         self.gpu
             .stream
             .synchronize()
-            .during(|| "waiting for the greedy steps queued ahead".into())?;
+            .during(|| "waiting for the steps queued ahead".into())?;
         Ok(())
     }
 
@@ -1342,51 +1456,19 @@ impl Backend for CudaBackend {
             draw_on_host(logits, vocab_size, params, draws);
             return Ok(());
         }
-        let rows = batch.len();
-        if params.len() != rows {
-            return Err(EngineError::Config(format!(
-                "a drawn step of {rows} sequences was given {} rows of sampling parameters",
-                params.len()
-            )));
-        }
-        self.drawn_rows = 0;
-        self.run(batch, false)?;
-        let gpu = &self.gpu;
-        if self
-            .device_draws
-            .as_ref()
-            .is_none_or(|device_draws| device_draws.rows() < rows)
-        {
-            self.device_draws = None;
-            self.device_draws = Some(DeviceDraws::new(gpu, vocab_size, rows.next_power_of_two())?);
-        }
-        let device_draws = self
-            .device_draws
-            .as_mut()
-            .ok_or_else(|| CudaError::Unsupported("the row draw buffers are missing".into()))?;
-        device_draws.upload(params, &mut self.step_io, gpu)?;
-        // Timed from here when launch times are on (a graph step's own launches are never timed).
-        let launch_times = &self.launch_times;
-        let mark = |kind: &'static str| match launch_times {
-            Some(times) => times.mark(&gpu.stream, kind),
-            None => Ok(()),
-        };
-        mark("draw_params")?;
-        self.kernels.draw_rows(
-            addr(&self.scratch.logits, gpu),
-            &device_draws.buffers(gpu),
-            rows,
-            vocab_size,
-            &mark,
-        )?;
-        device_draws.download(rows, vocab_size, &mut self.step_io, gpu, draws)?;
-        self.report_launches(batch)?;
+        self.drop_queued_steps()?;
+        self.queue_drawn(batch, params, false)?;
+        self.take_drawn(draws)?;
         logits.clear();
-        self.drawn_rows = rows;
         Ok(())
     }
 
     fn read_logits_row(&mut self, row: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        if !self.queued_steps.is_empty() {
+            return Err(EngineError::LogitsNotKept(
+                "a step queued after the drawn one overwrites its logits".into(),
+            ));
+        }
         if row >= self.drawn_rows {
             return Err(EngineError::LogitsNotKept(format!(
                 "row {row} of a drawn step of {} rows",
@@ -1671,7 +1753,7 @@ impl Drop for CudaBackend {
     }
 }
 
-/// The tokens of a greedy step's `picks`: a fused argmax key's low half is `u32::MAX - token`
+/// The tokens of a step's `picks`: a fused argmax key's low half is `u32::MAX - token`
 /// (`argmax_key` in decode_gemv.cu), and a key of 0 means the row had no logit to pick.
 fn picked_tokens(
     picks: Picks<'_>,
@@ -1692,6 +1774,18 @@ fn picked_tokens(
             }
         }
         Picks::Tokens(picked) => tokens.extend_from_slice(picked),
+        Picks::Draws(out) => {
+            // A `DrawOut` starts with the drawn token (draw.cu).
+            for row in out.chunks_exact(DRAW_OUT_BYTES) {
+                let token = u32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+                if token as usize >= vocab_size {
+                    return Err(CudaError::Unsupported(format!(
+                        "the GPU drew token {token}, outside the vocabulary ({vocab_size} tokens)"
+                    )));
+                }
+                tokens.push(token);
+            }
+        }
     }
     Ok(())
 }

@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice, result};
 
 use super::device::{CudaError, DriverContext};
+use super::kernels::DRAW_OUT_BYTES;
 
 /// A page-locked host buffer that grows to the largest copy asked of it.
 struct PinnedBuffer<T> {
@@ -42,46 +43,6 @@ impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits> PinnedBuffer<T> {
         Ok(&mut buffer
             .as_mut_slice()
             .during(|| "reading a page-locked step buffer".into())?[..len])
-    }
-}
-
-impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> PinnedBuffer<T> {
-    /// Stages `data` (`what`, for errors) here and queues its copy to `target` (at least `data.len()` elements)
-    /// on `stream`.
-    fn upload(
-        &mut self,
-        context: &Arc<CudaContext>,
-        data: &[T],
-        target: CUdeviceptr,
-        stream: CUstream,
-        what: &str,
-    ) -> Result<(), CudaError> {
-        let staged = self.slice_mut(context, data.len())?;
-        staged.copy_from_slice(data);
-        // SAFETY: `target` holds at least `data.len()` elements (the caller's contract); the page-locked source
-        // is not written again before the stream is synchronized (see `StepIo`).
-        unsafe { result::memcpy_htod_async(target, staged, stream) }
-            .during(|| format!("uploading {what}"))
-    }
-
-    /// Copies `len` elements of `what` from `source` on `stream`, waits for the stream, and returns them.
-    fn download(
-        &mut self,
-        context: &Arc<CudaContext>,
-        source: CUdeviceptr,
-        len: usize,
-        stream: &CudaStream,
-        what: &str,
-    ) -> Result<&[T], CudaError> {
-        let staged = self.slice_mut(context, len)?;
-        // SAFETY: `source` holds at least `len` elements (the caller's contract), and the destination outlives
-        // the copy: the stream is synchronized before this returns.
-        unsafe { result::memcpy_dtoh_async(staged, source, stream.cu_stream()) }
-            .during(|| format!("copying {what} to the host"))?;
-        stream
-            .synchronize()
-            .during(|| format!("waiting for {what}"))?;
-        Ok(staged)
     }
 }
 
@@ -189,26 +150,35 @@ impl<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> PinnedSlots<T> {
     }
 }
 
-/// The page-locked buffers of the step copies. A drawn step's copies must be complete (its stream synchronized)
-/// before the next drawn step starts here, which every drawn step does before it returns; the metadata and the
-/// picks alternate between two buffers guarded by events instead.
+/// The page-locked buffers of the step copies, each kind two used in turn behind events: a step queued ahead
+/// uploads its metadata (and draw parameters) while the step before it runs, and each step's picks come down
+/// while the next one runs.
 pub(crate) struct StepIo {
     context: Arc<CudaContext>,
     meta: PinnedSlots<u32>,
     /// The buffer of the next metadata upload.
     next_meta_slot: usize,
+    draw_params: PinnedSlots<f64>,
+    next_draw_params_slot: usize,
     keys: PinnedSlots<u64>,
     tokens: PinnedSlots<u32>,
-    draw_params: PinnedBuffer<f64>,
-    draws: PinnedBuffer<u8>,
+    draws: PinnedSlots<u8>,
 }
 
-/// Which buffer holds a greedy step's picks on their way to the host ([`StepIo::queue_picks`]).
+/// What a step picked, as it comes down: the fused argmax's keys (u64 a row), `argmax_rows`'s tokens (u32 a row),
+/// or row draws (`DrawOut`, [`DRAW_OUT_BYTES`] a row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PicksKind {
+    Keys,
+    Tokens,
+    Draws,
+}
+
+/// Which buffer holds a step's picks on their way to the host ([`StepIo::queue_picks`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PicksSlot {
     slot: usize,
-    /// Fused argmax keys (u64) rather than `argmax_rows` tokens (u32).
-    keys: bool,
+    kind: PicksKind,
     rows: usize,
 }
 
@@ -217,16 +187,17 @@ impl PicksSlot {
         self.rows
     }
 
-    /// Whether the picks are fused argmax keys rather than `argmax_rows` tokens.
-    pub(crate) fn holds_keys(&self) -> bool {
-        self.keys
+    pub(crate) fn kind(&self) -> PicksKind {
+        self.kind
     }
 }
 
-/// A greedy step's picks on the host: the fused argmax's keys or `argmax_rows`'s tokens.
+/// A step's picks on the host.
 pub(crate) enum Picks<'a> {
     Keys(&'a [u64]),
     Tokens(&'a [u32]),
+    /// [`DRAW_OUT_BYTES`] a row.
+    Draws(&'a [u8]),
 }
 
 impl StepIo {
@@ -235,10 +206,11 @@ impl StepIo {
             context: Arc::clone(context),
             meta: PinnedSlots::new(),
             next_meta_slot: 0,
+            draw_params: PinnedSlots::new(),
+            next_draw_params_slot: 0,
             keys: PinnedSlots::new(),
             tokens: PinnedSlots::new(),
-            draw_params: PinnedBuffer::new(),
-            draws: PinnedBuffer::new(),
+            draws: PinnedSlots::new(),
         }
     }
 
@@ -262,81 +234,85 @@ impl StepIo {
         )
     }
 
-    /// Queues the copy of a greedy step's `rows` picks from `source` (keys with `keys`, else tokens) into
-    /// buffer `slot` (0 or 1; a slot is reused only once its picks were read) on `stream`.
+    /// Queues the copy of a step's `rows` picks of `kind` from `source` into buffer `slot` (0 or 1; a slot is
+    /// reused only once its picks were read) on `stream`.
     pub(crate) fn queue_picks(
         &mut self,
         slot: usize,
-        keys: bool,
+        kind: PicksKind,
         source: CUdeviceptr,
         rows: usize,
         stream: &CudaStream,
     ) -> Result<PicksSlot, CudaError> {
-        if keys {
-            self.keys.queue_download(
-                &self.context,
-                slot,
-                source,
-                rows,
-                stream,
-                "the greedy keys",
-            )?;
-        } else {
-            self.tokens.queue_download(
-                &self.context,
+        let context = &self.context;
+        match kind {
+            PicksKind::Keys => {
+                self.keys
+                    .queue_download(context, slot, source, rows, stream, "the greedy keys")?
+            }
+            PicksKind::Tokens => self.tokens.queue_download(
+                context,
                 slot,
                 source,
                 rows,
                 stream,
                 "the greedy tokens",
-            )?;
+            )?,
+            PicksKind::Draws => self.draws.queue_download(
+                context,
+                slot,
+                source,
+                rows * DRAW_OUT_BYTES,
+                stream,
+                "the row draws",
+            )?,
         }
-        Ok(PicksSlot { slot, keys, rows })
+        Ok(PicksSlot { slot, kind, rows })
     }
 
     /// The picks of a [`StepIo::queue_picks`], once their copy is done.
     pub(crate) fn picks(&mut self, queued: PicksSlot) -> Result<Picks<'_>, CudaError> {
-        Ok(if queued.keys {
-            Picks::Keys(self.keys.downloaded(
-                &self.context,
-                queued.slot,
-                queued.rows,
-                "the greedy keys",
-            )?)
-        } else {
-            Picks::Tokens(self.tokens.downloaded(
-                &self.context,
-                queued.slot,
-                queued.rows,
-                "the greedy tokens",
-            )?)
+        let context = &self.context;
+        let (slot, rows) = (queued.slot, queued.rows);
+        Ok(match queued.kind {
+            PicksKind::Keys => {
+                Picks::Keys(
+                    self.keys
+                        .downloaded(context, slot, rows, "the greedy keys")?,
+                )
+            }
+            PicksKind::Tokens => {
+                Picks::Tokens(
+                    self.tokens
+                        .downloaded(context, slot, rows, "the greedy tokens")?,
+                )
+            }
+            PicksKind::Draws => Picks::Draws(self.draws.downloaded(
+                context,
+                slot,
+                rows * DRAW_OUT_BYTES,
+                "the row draws",
+            )?),
         })
     }
 
-    /// Queues the upload of a drawn step's `params` (two f64 a row) to `target` (at least as long) on `stream`.
+    /// Queues the upload of a drawn step's `params` (two f64 a row) to `target` (at least as long) on `stream`,
+    /// from the two buffers in turn like the metadata.
     pub(crate) fn upload_draw_params(
         &mut self,
         params: &[f64],
         target: CUdeviceptr,
-        stream: CUstream,
+        stream: &CudaStream,
     ) -> Result<(), CudaError> {
+        let slot = self.next_draw_params_slot;
+        self.next_draw_params_slot ^= 1;
         self.draw_params.upload(
             &self.context,
+            slot,
             params,
             target,
             stream,
             "the row draws' parameters",
         )
-    }
-
-    /// Copies `len` bytes of row draws from `source` on `stream`, waits for the stream, and returns them.
-    pub(crate) fn download_draws(
-        &mut self,
-        source: CUdeviceptr,
-        len: usize,
-        stream: &CudaStream,
-    ) -> Result<&[u8], CudaError> {
-        self.draws
-            .download(&self.context, source, len, stream, "the row draws")
     }
 }
