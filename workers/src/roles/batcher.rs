@@ -743,21 +743,30 @@ impl Batcher<'_> {
             };
             picked.map(|tokens| StepOutput::Tokens(tokens.to_vec()))
         } else if fits_row_draws {
-            let params: Vec<RowDrawParams> = steps
-                .iter()
-                .map(|&(sequence_id, _)| {
-                    self.running
-                        .iter()
-                        .find(|run| run.sequence_id == sequence_id)
-                        .map_or(RowDrawParams::GREEDY, |run| run.sampler.row_draw_params())
-                })
-                .collect();
-            self.engine
-                .decode_drawn(&steps, &params)
-                .map(|draws| StepOutput::Drawn {
-                    draws: draws.to_vec(),
-                    params,
-                })
+            let row_params = |params_of: fn(&Sampler) -> RowDrawParams| -> Vec<RowDrawParams> {
+                steps
+                    .iter()
+                    .map(|&(sequence_id, _)| {
+                        self.running
+                            .iter()
+                            .find(|run| run.sequence_id == sequence_id)
+                            .map_or(RowDrawParams::GREEDY, |run| params_of(&run.sampler))
+                    })
+                    .collect()
+            };
+            let params = row_params(Sampler::row_draw_params);
+            // Queued ahead too where every row's token is its draw's, which the GPU knows first.
+            let drawn = if batch_stays && decoding().all(|run| run.sampler.takes_drawn_token()) {
+                let next_params = row_params(Sampler::row_draw_params_after_next);
+                self.engine
+                    .decode_drawn_ahead(&steps, &params, &next_params)
+            } else {
+                self.engine.decode_drawn(&steps, &params)
+            };
+            drawn.map(|draws| StepOutput::Drawn {
+                draws: draws.to_vec(),
+                params,
+            })
         } else {
             self.engine
                 .decode(&steps)
@@ -1347,6 +1356,37 @@ mod tests {
             counted(&queued_counts),
             [logits_steps, greedy_steps + 1, drawn_steps, rows_read]
         );
+    }
+
+    /// Drawn steps queued ahead (requests at a plain temperature, or greedy with logprobs, whose tokens are their
+    /// draws') give every request the tokens and logprobs of steps run one at a time, and as many steps run when
+    /// requests end by length.
+    #[test]
+    fn drawn_steps_queued_ahead_give_the_same_tokens_and_logprobs() {
+        let jobs = || {
+            let sampled = |request_id: &str, prompt_tokens, max_tokens, seed| {
+                let mut job = job(request_id, prompt_tokens, max_tokens);
+                job.sampling.temperature = 0.9;
+                job.sampling.seed = Some(seed);
+                job.sampling.logprobs = Some(3);
+                job
+            };
+            let mut greedy = job("greedy", 6, 9);
+            greedy.sampling.logprobs = Some(2);
+            vec![sampled("a", 8, 7, 5), sampled("b", 10, 15, 6), greedy]
+        };
+        let (one_at_a_time, counts) = run_counted_queueing(jobs(), true, false);
+        let (queued, queued_counts) = run_counted_queueing(jobs(), true, true);
+        assert_eq!(queued, one_at_a_time);
+        for (request_id, length) in [("a", 7), ("b", 15), ("greedy", 9)] {
+            assert_eq!(queued[request_id].0.len(), length, "request {request_id}");
+            assert_eq!(
+                queued[request_id].1, length,
+                "request {request_id}'s logprobs"
+            );
+        }
+        assert!(counted(&counts)[2] > 0, "no drawn step ran");
+        assert_eq!(counted(&queued_counts), counted(&counts));
     }
 
     /// Requests that sample get the same tokens and logprobs from row draws, with the logits kept by the backend
