@@ -357,6 +357,9 @@ enum DrawnWhere {
     /// Each row's draw made by the backend (`Engine::decode_drawn`: on a GPU, where the logits are); only a row
     /// whose top-p nucleus reaches past the candidates reads its logits.
     RowDraws,
+    /// As `RowDraws`, each step queued ahead of the host (`Engine::decode_drawn_ahead`, the serving path of rows
+    /// whose token is their draw's).
+    RowDrawsAhead,
 }
 
 /// Runs `steps` decode steps of the sequences `ids`, every sequence sampling at `temperature` (0: greedy; seeded by
@@ -398,10 +401,19 @@ fn decode_sampled(
                     *next = sampler.sample(row).token_id;
                 }
             }
-            DrawnWhere::RowDraws => {
+            DrawnWhere::RowDraws | DrawnWhere::RowDrawsAhead => {
                 let params: Vec<RowDrawParams> =
                     samplers.iter().map(Sampler::row_draw_params).collect();
-                let draws = engine.decode_drawn(&batch, &params)?.to_vec();
+                let draws = if let DrawnWhere::RowDrawsAhead = drawn_where {
+                    let next_params: Vec<RowDrawParams> = samplers
+                        .iter()
+                        .map(Sampler::row_draw_params_after_next)
+                        .collect();
+                    engine.decode_drawn_ahead(&batch, &params, &next_params)?
+                } else {
+                    engine.decode_drawn(&batch, &params)?
+                }
+                .to_vec();
                 for (row, (sampler, next)) in
                     samplers.iter_mut().zip(next_tokens.iter_mut()).enumerate()
                 {
@@ -456,11 +468,12 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
     let parameters = weights.num_parameters();
     let max_prefill = args.prefill_lens.iter().copied().max().unwrap_or(1);
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, four rounds of timed steps
-    // (greedy on the device, greedy with the logits to the host, temperature 1 drawn on the device, temperature 1
-    // drawn on the host), one spare.
+    // Each decoding sequence rounds up to whole blocks: prompt, warm-up steps, five rounds of timed steps (greedy
+    // on the device queued ahead, greedy with the logits to the host, temperature 1 drawn on the device, the same
+    // queued ahead, temperature 1 drawn on the host), one spare and one for a step queued ahead. The round of
+    // greedy steps waiting for the host runs on sequences of its own, removed before these start.
     let block_tokens = args.engine.kv_block_tokens.max(1);
-    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + 4 * args.decode_steps + 1)
+    let sequence_tokens = (args.prompt_len + DECODE_WARMUP_STEPS + 5 * args.decode_steps + 2)
         .div_ceil(block_tokens)
         * block_tokens;
     let tokens_needed = max_prefill.max(max_batch * sequence_tokens);
@@ -559,12 +572,13 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             roofline_ms / ms_per_step * 100.0
         );
         // The same steps with each sequence's logits copied to the host and sampled there (greedy): what a step
-        // cost before sampled steps drew on the GPU. Then temperature 1 both ways: drawn on the GPU, and from
-        // the logits copied to the host.
-        let mut rounds_ms_per_step = [0.0; 3];
+        // cost before sampled steps drew on the GPU. Then temperature 1: drawn on the GPU, the same queued ahead,
+        // and from the logits copied to the host.
+        let mut rounds_ms_per_step = [0.0; 4];
         for (ms_per_step, (temperature, drawn_where)) in rounds_ms_per_step.iter_mut().zip([
             (0.0, DrawnWhere::HostLogits),
             (1.0, DrawnWhere::RowDraws),
+            (1.0, DrawnWhere::RowDrawsAhead),
             (1.0, DrawnWhere::HostLogits),
         ]) {
             *ms_per_step = decode_sampled(
@@ -580,6 +594,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
         let [
             logits_ms_per_step,
             drawn_ms_per_step,
+            drawn_ahead_ms_per_step,
             host_drawn_ms_per_step,
         ] = rounds_ms_per_step;
         println!(
@@ -589,7 +604,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             "decode batch {batch} with the logits copied to the host and sampled there: {logits_ms_per_step:.3} ms/step"
         );
         println!(
-            "decode batch {batch} at temperature 1: drawn on the GPU {drawn_ms_per_step:.3} ms/step, from the logits on the host {host_drawn_ms_per_step:.3} ms/step"
+            "decode batch {batch} at temperature 1: drawn on the GPU {drawn_ms_per_step:.3} ms/step ({drawn_ahead_ms_per_step:.3} queued ahead), from the logits on the host {host_drawn_ms_per_step:.3} ms/step"
         );
         decode_results.push(json!({
             "batch": batch, "steps": args.decode_steps, "ms_per_step": ms_per_step,
@@ -598,6 +613,7 @@ fn bench_engine_cuda(args: &BenchEngineArgs, ordinal: usize) -> Result<()> {
             "not_queued_ahead_ms_per_step": waiting_ms_per_step,
             "logits_to_host_ms_per_step": logits_ms_per_step,
             "temperature_1_drawn_on_device_ms_per_step": drawn_ms_per_step,
+            "temperature_1_drawn_on_device_queued_ahead_ms_per_step": drawn_ahead_ms_per_step,
             "temperature_1_drawn_on_host_ms_per_step": host_drawn_ms_per_step,
         }));
         for id in ids {
