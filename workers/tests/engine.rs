@@ -319,6 +319,17 @@ fn the_builtin_model_is_deterministic_and_qwen3_shaped() {
     );
 }
 
+/// Adds and prefills `prompts`: their ids, and each one's greedy first token.
+fn prefill_all(engine: &mut Engine, prompts: &[Vec<u32>]) -> (Vec<u64>, Vec<u32>) {
+    prompts
+        .iter()
+        .map(|prompt| {
+            let id = engine.add_sequence(prompt).unwrap();
+            (id, argmax(engine.prefill(id).unwrap()))
+        })
+        .unzip()
+}
+
 /// Greedy steps queued ahead (`decode_greedy_ahead`: each call queues the next step of its batch with the tokens
 /// it returns) give the tokens and KV of steps run one call at a time, through what drops a queued step: a
 /// sequence leaving, one joining, a caller feeding a token other than the pick, and block boundaries crossed.
@@ -336,13 +347,7 @@ fn greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
     let run = |queue_ahead: bool| {
         let mut engine = engine(MODEL, small_config());
         engine.set_queue_ahead(queue_ahead).unwrap();
-        let mut ids: Vec<u64> = Vec::new();
-        let mut next: Vec<u32> = Vec::new();
-        for prompt in &prompts {
-            let id = engine.add_sequence(prompt).unwrap();
-            next.push(argmax(engine.prefill(id).unwrap()));
-            ids.push(id);
-        }
+        let (mut ids, mut next) = prefill_all(&mut engine, &prompts);
         let mut picked_per_step = Vec::new();
         for step in 0..steps {
             match step {
@@ -432,13 +437,7 @@ fn drawn_steps_queued_ahead_give_the_draws_of_steps_run_one_at_a_time() {
     let run = |queue_ahead: bool| {
         let mut engine = engine(MODEL, small_config());
         engine.set_queue_ahead(queue_ahead).unwrap();
-        let mut ids: Vec<u64> = Vec::new();
-        let mut next: Vec<u32> = Vec::new();
-        for prompt in &prompts {
-            let id = engine.add_sequence(prompt).unwrap();
-            next.push(argmax(engine.prefill(id).unwrap()));
-            ids.push(id);
-        }
+        let (mut ids, mut next) = prefill_all(&mut engine, &prompts);
         let mut drawn_per_step = Vec::new();
         for step in 0..steps {
             if step == 9 {
