@@ -95,15 +95,16 @@ pub struct Engine {
     last_step_drawn: bool,
     /// A row of the last drawn step's logits read back from the backend.
     logits_row: Vec<f32>,
-    /// Whether [`Engine::decode_greedy_ahead`] queues the next step: by default where the backend runs steps
-    /// while the host works ([`Backend::queues_steps`]); [`Engine::set_queue_ahead`] overrides it.
+    /// Whether [`Engine::decode_greedy_ahead`] and [`Engine::decode_drawn_ahead`] queue the next step: by default
+    /// where the backend runs steps while the host works ([`Backend::queues_steps`]); [`Engine::set_queue_ahead`]
+    /// overrides it.
     queue_ahead: bool,
     /// The step the last `decode_*_ahead` call queued after its own.
     queued_ahead: Option<QueuedAhead>,
     /// Where the backend runs steps inside the call: what the steps the engine ran when it queued them picked,
     /// oldest first.
     ran_steps: VecDeque<RanStep>,
-    /// Greedy steps queued ahead so far, and how many of them a call took.
+    /// Steps queued ahead so far, and how many of them a call took.
     queued_ahead_steps: QueuedAheadSteps,
 }
 
@@ -115,17 +116,18 @@ struct QueuedAhead {
     params: Option<Vec<RowDrawParams>>,
 }
 
-/// What a step run at once in place of being queued picked (the engine's `ran_steps`).
+/// What a step run at once in place of being queued picked (the engine's `ran_steps`): its tokens, or its draws
+/// and the logits they were drawn from.
 enum RanStep {
     Greedy(Vec<u32>),
-    Drawn(Vec<RowDraw>),
+    Drawn(Vec<RowDraw>, Vec<f32>),
 }
 
 impl RanStep {
     fn token(&self, row: usize) -> Option<u32> {
         match self {
             Self::Greedy(tokens) => tokens.get(row).copied(),
-            Self::Drawn(draws) => draws.get(row).map(|draw| draw.drawn_token),
+            Self::Drawn(draws, _) => draws.get(row).map(|draw| draw.drawn_token),
         }
     }
 }
@@ -431,8 +433,9 @@ impl Engine {
     /// sequences, whose inputs are the tokens it returns, so that the GPU runs it while the caller handles
     /// them (where queueing ahead is on: [`Engine::set_queue_ahead`]). The next call whose steps are exactly
     /// those (the same sequences in the same order, with these tokens) takes that step's tokens instead of
-    /// running one. Anything else asked of the engine first waits for the queued step and drops it, so its
-    /// only cost is the GPU time of a step nobody takes (its KV writes go to slots no sequence holds yet).
+    /// running one. Any other step, and any change to the sequences' blocks (a removal, an import, a push),
+    /// first waits for the queued step and drops it, so its only cost is the GPU time of a step nobody takes
+    /// (its KV writes go to the slot past each sequence's computed tokens, in a block reserved for it).
     pub fn decode_greedy_ahead(
         &mut self,
         steps: &[(SequenceId, u32)],
@@ -519,9 +522,7 @@ impl Engine {
                         |((&queued_id, &input), &(id, token))| queued_id == id && input == token,
                     )
             });
-        if queued {
-            self.queued_ahead_steps.taken += 1;
-        } else {
+        if !queued {
             self.settle_queued()?;
         }
         if let Err(error) = self.append_decode_tokens(steps) {
@@ -530,6 +531,9 @@ impl Engine {
         }
         match self.run_queued(steps, kind, queued, next) {
             Ok(queued_next) => {
+                if queued {
+                    self.queued_ahead_steps.taken += 1;
+                }
                 self.commit_decode_tokens(steps);
                 if let StepKind::Drawn(_) = kind {
                     // This step's logits are still where the backend keeps them unless a step was queued after it.
@@ -566,7 +570,6 @@ impl Engine {
             queue_step(
                 self.backend.as_mut(),
                 &mut self.ran_steps,
-                &mut self.logits,
                 &batch,
                 kind,
                 false,
@@ -580,7 +583,6 @@ impl Engine {
             queue_step(
                 self.backend.as_mut(),
                 &mut self.ran_steps,
-                &mut self.logits,
                 &batch,
                 next_kind,
                 true,
@@ -605,7 +607,12 @@ impl Engine {
                 self.greedy_tokens.clone()
             }
             StepKind::Drawn(_) => {
-                take_drawn_step(self.backend.as_mut(), &mut self.ran_steps, &mut self.draws)?;
+                take_drawn_step(
+                    self.backend.as_mut(),
+                    &mut self.ran_steps,
+                    &mut self.draws,
+                    &mut self.logits,
+                )?;
                 self.draws.iter().map(|draw| draw.drawn_token).collect()
             }
         };
@@ -1056,18 +1063,27 @@ fn decode_batch<'s>(
         .collect()
 }
 
-/// Queues a step of `kind` on `backend` ([`Backend::queue_greedy`], [`Backend::queue_drawn`]); a backend that runs
-/// steps inside the call runs it now (a drawn one leaving its logits in `logits`), and its picks wait in `ran`
-/// (with `from_previous`, its inputs are the tokens of the last one there).
+/// Whether `backend` queues steps of `kind` itself: where it runs steps while the host works, and for drawn steps
+/// where it draws on its device (elsewhere its drawn steps fall back to the host, inside the call).
+fn backend_queues(backend: &dyn Backend, kind: StepKind<'_>) -> bool {
+    backend.queues_steps()
+        && match kind {
+            StepKind::Greedy => true,
+            StepKind::Drawn(_) => backend.draws_on_device(),
+        }
+}
+
+/// Queues a step of `kind` on `backend` ([`Backend::queue_greedy`], [`Backend::queue_drawn`]); where
+/// [`backend_queues`] says no, the engine runs it now and its picks wait in `ran` (with `from_previous`, its
+/// inputs are the tokens of the last one there).
 fn queue_step(
     backend: &mut dyn Backend,
     ran: &mut VecDeque<RanStep>,
-    logits: &mut Vec<f32>,
     batch: &[SequenceStep<'_>],
     kind: StepKind<'_>,
     from_previous: bool,
 ) -> Result<(), EngineError> {
-    if backend.queues_steps() {
+    if backend_queues(backend, kind) {
         return match kind {
             StepKind::Greedy => backend.queue_greedy(batch, from_previous),
             StepKind::Drawn(params) => backend.queue_drawn(batch, params, from_previous),
@@ -1111,10 +1127,9 @@ fn queue_step(
             RanStep::Greedy(tokens)
         }
         StepKind::Drawn(params) => {
-            let mut draws = Vec::new();
-            logits.clear();
-            backend.forward_drawn(batch, params, logits, &mut draws)?;
-            RanStep::Drawn(draws)
+            let (mut draws, mut logits) = (Vec::new(), Vec::new());
+            backend.forward_drawn(batch, params, &mut logits, &mut draws)?;
+            RanStep::Drawn(draws, logits)
         }
     };
     ran.push_back(picked);
@@ -1127,7 +1142,7 @@ fn take_greedy_step(
     ran: &mut VecDeque<RanStep>,
     tokens: &mut Vec<u32>,
 ) -> Result<(), EngineError> {
-    if backend.queues_steps() {
+    if backend_queues(backend, StepKind::Greedy) {
         return backend.take_greedy(tokens);
     }
     match ran.pop_front() {
@@ -1139,18 +1154,21 @@ fn take_greedy_step(
     }
 }
 
-/// The draws of the oldest step [`queue_step`] queued, which was drawn.
+/// The draws of the oldest step [`queue_step`] queued, which was drawn; where the engine ran it, the logits they
+/// were drawn from go to `logits` (a backend that queues keeps them itself).
 fn take_drawn_step(
     backend: &mut dyn Backend,
     ran: &mut VecDeque<RanStep>,
     draws: &mut Vec<RowDraw>,
+    logits: &mut Vec<f32>,
 ) -> Result<(), EngineError> {
-    if backend.queues_steps() {
+    if backend_queues(backend, StepKind::Drawn(&[])) {
         return backend.take_drawn(draws);
     }
     match ran.pop_front() {
-        Some(RanStep::Drawn(drawn)) => {
+        Some(RanStep::Drawn(drawn, drawn_from)) => {
             *draws = drawn;
+            *logits = drawn_from;
             Ok(())
         }
         _ => Err(EngineError::Config("no drawn step is queued".into())),

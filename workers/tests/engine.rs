@@ -462,14 +462,26 @@ fn drawn_steps_queued_ahead_give_the_draws_of_steps_run_one_at_a_time() {
             next = draws.iter().map(|draw| draw.drawn_token).collect();
             drawn_per_step.push(draws);
         }
+        // A plain drawn step that takes the one queued by the last call keeps its logits.
+        let batch: Vec<(u64, u32)> = ids.iter().copied().zip(next.iter().copied()).collect();
+        engine
+            .decode_drawn(&batch, &params_at(steps, ids.len()))
+            .unwrap();
+        let last_logits = engine.step_logits(1).unwrap().to_vec();
         let queued_ahead = engine.queued_ahead_steps();
         for id in ids {
             engine.remove_sequence(id).unwrap();
         }
-        (drawn_per_step, queued_ahead, engine.num_free_blocks())
+        (
+            drawn_per_step,
+            last_logits,
+            queued_ahead,
+            engine.num_free_blocks(),
+        )
     };
-    let (one_at_a_time, none_queued, free_blocks) = run(false);
-    let (queued, queued_ahead, queued_free_blocks) = run(true);
+    let (one_at_a_time, last_logits, none_queued, free_blocks) = run(false);
+    let (queued, queued_last_logits, queued_ahead, queued_free_blocks) = run(true);
+    assert_eq!(queued_last_logits, last_logits);
     assert_eq!(none_queued, QueuedAheadSteps::default());
     for (step, (queued, expected)) in queued.iter().zip(&one_at_a_time).enumerate() {
         let tokens = |draws: &[tandem_workers::RowDraw]| -> Vec<u32> {
@@ -483,12 +495,13 @@ fn drawn_steps_queued_ahead_give_the_draws_of_steps_run_one_at_a_time() {
             );
         }
     }
-    // The first step had none to take; the steps after the sequence left and after the other uniform dropped theirs.
+    // The first step had none to take; the steps after the sequence left and after the other uniform dropped
+    // theirs; the plain step after the last took its.
     assert_eq!(
         queued_ahead,
         QueuedAheadSteps {
             queued: steps as u64,
-            taken: steps as u64 - 3,
+            taken: steps as u64 - 2,
         }
     );
     assert_eq!(queued_free_blocks, free_blocks);

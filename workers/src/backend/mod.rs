@@ -73,7 +73,7 @@ pub trait Backend: Send {
 
     /// Queues a greedy step like [`Backend::forward_greedy`] without waiting for it; [`Backend::take_greedy`]
     /// gives its tokens, steps in the order queued (at most two are queued at once). With `from_previous`, row
-    /// `i` takes as its input the token the last queued greedy step picked for its row `i`, which need not have
+    /// `i` takes as its input the token the last queued step picked (or drew) for its row `i`, which need not have
     /// reached the host: the batch's token ids are then ignored (one a row). So the next step of a batch can run
     /// while the host still streams this one's tokens.
     fn queue_greedy(

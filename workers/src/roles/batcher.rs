@@ -725,10 +725,11 @@ impl Batcher<'_> {
         let only_argmax = decoding().all(|run| run.sampler.needs_only_argmax());
         let fits_row_draws =
             self.engine.draws_on_device() && decoding().all(|run| run.sampler.fits_row_draw());
-        // The next greedy step is queued ahead, to run on the GPU while this one's tokens stream out, when the batch
-        // should stay as it is: no prompt is computed or waits to start here, and no request reaches its length
-        // with this token. A request that stops on a stop token or string, or a command that changes the batch,
-        // wastes the queued step (the engine waits for it and drops it).
+        // The next step is queued ahead, to run on the GPU while this one's tokens stream out, when the batch should
+        // stay as it is: no prompt is computed here or waits to be admitted, and no request reaches its length with
+        // this token (a request waiting for its KV from a prefill worker joins when it arrives, dropping the queued
+        // step then). A request that stops on a stop token or string, or a command that changes the batch, wastes
+        // the queued step (the engine waits for it and drops it).
         let batch_stays = self.waiting.is_empty()
             && self.running.iter().all(|run| match run.phase {
                 Phase::Decoding { .. } => run.generated_token_ids.len() + 1 < run.max_tokens,
@@ -1270,7 +1271,7 @@ mod tests {
         run_counted_queueing(jobs, keeps_logits, false)
     }
 
-    /// [`run_counted`], with greedy steps queued ahead where the batcher asks for it when `queue_ahead`.
+    /// [`run_counted`], with steps queued ahead where the batcher asks for it when `queue_ahead`.
     fn run_counted_queueing(
         jobs: Vec<Job>,
         keeps_logits: bool,

@@ -57,8 +57,8 @@ __device__ __forceinline__ void prefetch_l2(const void* address, unsigned bytes)
 }
 
 // token_ids[t] marking a step queued before the host knew its tokens: take the previous step's pick for row t,
-// from its fused argmax's key (`previous_keys`) or from `argmax_rows` (`previous_tokens`). Vocabularies stop far
-// below these ids.
+// from its fused argmax's key (`previous_keys`) or from where `argmax_rows` or `draw_row` left it
+// (`previous_tokens`). Vocabularies stop far below these ids.
 #define TOKEN_FROM_PREVIOUS_KEY 0xffffffffu
 #define TOKEN_FROM_PREVIOUS_TOKEN 0xfffffffeu
 

@@ -213,7 +213,8 @@ pub(crate) struct TokenSource {
 
 /// The token id that has `embed` take row `t`'s token from the previous step's fused argmax key (kernels.cu).
 pub(crate) const TOKEN_FROM_PREVIOUS_KEY: u32 = u32::MAX;
-/// The token id that has `embed` take row `t`'s token from the previous step's `argmax_rows`.
+/// The token id that has `embed` take row `t`'s token from where the previous step's `argmax_rows` or `draw_row`
+/// left it.
 pub(crate) const TOKEN_FROM_PREVIOUS_TOKEN: u32 = u32::MAX - 1;
 
 /// One kernel argument, passed to the driver by the address of its value.

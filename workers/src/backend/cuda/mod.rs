@@ -116,7 +116,7 @@ pub struct CudaBackend {
     /// The picks buffer of the next queued step.
     next_picks_slot: usize,
     /// Whether engines queue steps ahead on this backend ([`Backend::queues_steps`]); on unless
-    /// `TANDEM_CUDA_QUEUE_AHEAD=0` (for side-by-side measurements of serving).
+    /// `TANDEM_CUDA_QUEUE_AHEAD=0` (for side-by-side measurements of serving) or launch times are on.
     queues_steps: bool,
     /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
@@ -152,7 +152,7 @@ pub struct CudaBackend {
 struct QueuedStep {
     /// Where its picks come down; queued right after the step, before anything can overwrite them.
     picks: PicksSlot,
-    /// Tokens of the step, for the launch times of an eager one.
+    /// Tokens of the step (a prompt chunk has more than its rows), for the launch times of an eager one.
     num_tokens: usize,
 }
 
@@ -377,8 +377,11 @@ impl CudaBackend {
         } else {
             0
         };
-        let queues_steps =
-            std::env::var("TANDEM_CUDA_QUEUE_AHEAD").map_or(true, |value| value != "0");
+        let launch_times = LaunchTimes::from_env();
+        // With launch times on, a step's events would be read after the next step was queued (and wait for it).
+        let queues_steps = std::env::var("TANDEM_CUDA_QUEUE_AHEAD")
+            .map_or(true, |value| value != "0")
+            && launch_times.is_none();
         let qkv_attention = std::env::var("TANDEM_CUDA_QKV_ATTENTION")
             .map_or(true, |value| value != "0")
             && qkv_attention_fits(
@@ -417,7 +420,7 @@ impl CudaBackend {
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
             mma_gemv_from: env_count("TANDEM_CUDA_MMA_GEMV_FROM").unwrap_or(MMA_GEMV_FROM_TOKENS),
-            launch_times: LaunchTimes::from_env(),
+            launch_times,
             fused_attention_max_tokens: env_count("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
                 .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
             grouped_attention_max_tokens,
@@ -709,16 +712,15 @@ impl CudaBackend {
         kind: PicksKind,
         source: u64,
         rows: usize,
+        num_tokens: usize,
     ) -> Result<(), EngineError> {
         let slot = self.next_picks_slot;
         let picks = self
             .step_io
             .queue_picks(slot, kind, source, rows, &self.gpu.stream)?;
         self.next_picks_slot ^= 1;
-        self.queued_steps.push_back(QueuedStep {
-            picks,
-            num_tokens: rows,
-        });
+        self.queued_steps
+            .push_back(QueuedStep { picks, num_tokens });
         Ok(())
     }
 
@@ -790,8 +792,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Where `embed` finds a step's tokens: the ids at `ids`, and the last greedy step's picks for the marks of a
-    /// step queued ahead of the host.
+    /// Where `embed` finds a step's tokens: the ids at `ids`, and the last queued step's picks (or draws) for the
+    /// marks of a step queued ahead of the host.
     fn token_source(&self, ids: u64) -> TokenSource {
         TokenSource {
             ids,
@@ -1344,7 +1346,7 @@ impl Backend for CudaBackend {
         } else {
             PicksKind::Tokens
         };
-        self.queue_picks(kind, source, rows)
+        self.queue_picks(kind, source, rows, step_tokens(batch))
     }
 
     fn take_greedy(&mut self, tokens: &mut Vec<u32>) -> Result<(), EngineError> {
@@ -1409,7 +1411,7 @@ impl Backend for CudaBackend {
             &mark,
         )?;
         let out = device_draws.out(gpu);
-        self.queue_picks(PicksKind::Draws, out, rows)?;
+        self.queue_picks(PicksKind::Draws, out, rows, step_tokens(batch))?;
         self.drawn_rows = rows;
         Ok(())
     }
@@ -1748,9 +1750,16 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if self.gpu.context.bind_to_thread().is_ok() {
+            // A step queued ahead may still run and copy its picks into page-locked memory freed below.
+            let _ = self.gpu.stream.synchronize();
             self.destinations.close();
         }
     }
+}
+
+/// The tokens a step runs, over every sequence of `batch`.
+fn step_tokens(batch: &[SequenceStep<'_>]) -> usize {
+    batch.iter().map(|step| step.token_ids.len()).sum()
 }
 
 /// The tokens of a step's `picks`: a fused argmax key's low half is `u32::MAX - token`
