@@ -448,9 +448,9 @@ impl Engine {
     /// with `next_params`, each row's input being the token its draw drew (`RowDraw::drawn_token`), as
     /// [`Engine::decode_greedy_ahead`] does for greedy steps. Only for rows whose sampler takes the drawn token
     /// (greedy or a plain temperature: [`crate::Sampler::takes_drawn_token`]), with the uniforms that follow
-    /// ([`crate::Sampler::row_draw_params_after_next`]); the next call takes the queued step when its steps are those sequences
-    /// with the drawn tokens and its parameters are `next_params`. Where a step is queued after this one, its
-    /// logits are not kept: [`Engine::step_logits`] errors.
+    /// ([`crate::Sampler::row_draw_params_after_next`]); the next call takes the queued step when its steps are
+    /// those sequences with the drawn tokens and its parameters are `next_params`. Where a step is queued after
+    /// this one, its logits are not kept: [`Engine::step_logits`] errors.
     pub fn decode_drawn_ahead(
         &mut self,
         steps: &[(SequenceId, u32)],
