@@ -34,6 +34,10 @@ pub const KV_BLOCKS_FREE: &str = "tandem:kv_blocks_free";
 pub const PREFIX_CACHE_QUERIES: &str = "tandem:prefix_cache_queries_total";
 /// Counter `{worker_id}`: of those, tokens found cached (hit rate = hits / queries).
 pub const PREFIX_CACHE_HITS: &str = "tandem:prefix_cache_hits_total";
+/// Counter `{worker_id, outcome="taken"|"dropped"}`: decode steps a decode worker queued ahead of the host (before
+/// the step before them returned its tokens) that the next step took, or that a change to the batch made it drop
+/// after the GPU ran them.
+pub const DECODE_STEPS_QUEUED_AHEAD: &str = "tandem:decode_steps_queued_ahead_total";
 /// Counter `{worker_id, where="local"|"remote"}`: prefills a decode worker decided on.
 pub const PREFILL_DECISIONS: &str = "tandem:prefill_decisions_total";
 /// Gauge `{worker_id}`: jobs waiting in the shared prefill queue, as a decode worker last saw it.
@@ -142,6 +146,11 @@ pub fn describe() {
         PREFIX_CACHE_HITS,
         Unit::Count,
         "Prompt tokens found in the prefix cache."
+    );
+    describe_counter!(
+        DECODE_STEPS_QUEUED_AHEAD,
+        Unit::Count,
+        "Decode steps queued ahead of the host, taken or dropped."
     );
     describe_counter!(
         PREFILL_DECISIONS,

@@ -139,12 +139,13 @@ enum StepKind<'p> {
     Drawn(&'p [RowDrawParams]),
 }
 
-/// How many steps [`Engine::decode_greedy_ahead`] and [`Engine::decode_drawn_ahead`] queued ahead, and how many of
-/// them the next call took; the others were dropped (the GPU ran them for nothing).
+/// How many steps [`Engine::decode_greedy_ahead`] and [`Engine::decode_drawn_ahead`] queued ahead, how many of
+/// them the next call took, and how many were dropped (the GPU ran them for nothing); at most one is neither yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueuedAheadSteps {
     pub queued: u64,
     pub taken: u64,
+    pub dropped: u64,
 }
 
 impl Engine {
@@ -490,7 +491,9 @@ impl Engine {
 
     /// Waits for the steps queued on the backend and forgets them.
     fn settle_queued(&mut self) -> Result<(), EngineError> {
-        self.queued_ahead = None;
+        if self.queued_ahead.take().is_some() {
+            self.queued_ahead_steps.dropped += 1;
+        }
         self.ran_steps.clear();
         self.backend.drop_queued_steps()
     }
@@ -508,7 +511,7 @@ impl Engine {
         // The step queued ahead is this one when it has these sequences in this order, as inputs the tokens the
         // last call returned (which it took on the device), and the same kind and parameters.
         let queued =
-            self.queued_ahead.take().is_some_and(|ahead| {
+            self.queued_ahead.as_ref().is_some_and(|ahead| {
                 let same_kind = match (kind, &ahead.params) {
                     (StepKind::Greedy, None) => true,
                     (StepKind::Drawn(params), Some(queued_params)) => {
@@ -522,10 +525,15 @@ impl Engine {
                         |((&queued_id, &input), &(id, token))| queued_id == id && input == token,
                     )
             });
-        if !queued {
+        if queued {
+            self.queued_ahead = None;
+        } else {
             self.settle_queued()?;
         }
         if let Err(error) = self.append_decode_tokens(steps) {
+            if queued {
+                self.queued_ahead_steps.dropped += 1;
+            }
             let _ = self.settle_queued();
             return Err(error);
         }
@@ -544,6 +552,9 @@ impl Engine {
             }
             Err(error) => {
                 self.pop_decode_tokens(steps);
+                if queued {
+                    self.queued_ahead_steps.dropped += 1;
+                }
                 // What failed may have left steps queued; none of them is what a caller expects any more.
                 let _ = self.settle_queued();
                 Err(error)

@@ -402,6 +402,7 @@ fn greedy_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
         QueuedAheadSteps {
             queued: steps as u64,
             taken: steps as u64 - 4,
+            dropped: 4,
         }
     );
     assert_eq!(queued, one_at_a_time);
@@ -502,6 +503,7 @@ fn drawn_steps_queued_ahead_give_the_draws_of_steps_run_one_at_a_time() {
         QueuedAheadSteps {
             queued: steps as u64,
             taken: steps as u64 - 2,
+            dropped: 2,
         }
     );
     assert_eq!(queued_free_blocks, free_blocks);

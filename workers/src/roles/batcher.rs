@@ -278,6 +278,10 @@ pub fn run_batcher(
         batcher.admit();
         batcher.step();
         batcher.report_kv_cache_changes();
+        batcher
+            .config
+            .metrics
+            .steps_queued_ahead(batcher.engine.queued_ahead_steps());
         batcher.config.metrics.batch(
             batcher.running.len(),
             batcher.waiting.len(),

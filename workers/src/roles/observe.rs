@@ -1,15 +1,18 @@
 //! The worker roles' metrics, labelled with the worker's id (several workers may share a process under
-//! `tandem serve`): the decode worker's batch, KV blocks, prefix-cache lookups and prefill decisions; the prefill
+//! `tandem serve`): the decode worker's batch, KV blocks, prefix-cache lookups, prefill decisions and steps queued
+//! ahead; the prefill
 //! worker's queue wait and compute. The names are in `tandem_events::metric_names`; spans are made where the work
 //! is (`decode.request` in `decode.rs`, `prefill.*` in `prefill.rs`, `kv_transfer.*` in `transfer/`).
 
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
+
+use crate::engine::QueuedAheadSteps;
 use tandem_events::metric_names::{
-    KV_BLOCKS_FREE, KV_BLOCKS_USED, NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, PREFILL_COMPUTE,
-    PREFILL_DECISIONS, PREFILL_QUEUE_DEPTH, PREFILL_QUEUE_WAIT, PREFILL_TOKENS, PREFIX_CACHE_HITS,
-    PREFIX_CACHE_QUERIES,
+    DECODE_STEPS_QUEUED_AHEAD, KV_BLOCKS_FREE, KV_BLOCKS_USED, NUM_REQUESTS_RUNNING,
+    NUM_REQUESTS_WAITING, PREFILL_COMPUTE, PREFILL_DECISIONS, PREFILL_QUEUE_DEPTH,
+    PREFILL_QUEUE_WAIT, PREFILL_TOKENS, PREFIX_CACHE_HITS, PREFIX_CACHE_QUERIES,
 };
 
 /// A decode worker's metric handles (resolved once, then cheap to update from the engine thread).
@@ -24,6 +27,8 @@ pub struct DecodeMetrics {
     prefill_local: Counter,
     prefill_remote: Counter,
     prefill_queue_depth: Gauge,
+    steps_queued_ahead_taken: Counter,
+    steps_queued_ahead_dropped: Counter,
 }
 
 impl std::fmt::Debug for DecodeMetrics {
@@ -44,7 +49,9 @@ impl DecodeMetrics {
             prefix_cache_hits: metrics::counter!(PREFIX_CACHE_HITS, "worker_id" => worker_id.clone()),
             prefill_local: metrics::counter!(PREFILL_DECISIONS, "worker_id" => worker_id.clone(), "where" => "local"),
             prefill_remote: metrics::counter!(PREFILL_DECISIONS, "worker_id" => worker_id.clone(), "where" => "remote"),
-            prefill_queue_depth: metrics::gauge!(PREFILL_QUEUE_DEPTH, "worker_id" => worker_id),
+            prefill_queue_depth: metrics::gauge!(PREFILL_QUEUE_DEPTH, "worker_id" => worker_id.clone()),
+            steps_queued_ahead_taken: metrics::counter!(DECODE_STEPS_QUEUED_AHEAD, "worker_id" => worker_id.clone(), "outcome" => "taken"),
+            steps_queued_ahead_dropped: metrics::counter!(DECODE_STEPS_QUEUED_AHEAD, "worker_id" => worker_id, "outcome" => "dropped"),
         }
     }
 
@@ -60,6 +67,12 @@ impl DecodeMetrics {
         } else {
             self.prefill_local.increment(1);
         }
+    }
+
+    /// The engine's counts of steps queued ahead so far (its own, so they are set, not added to).
+    pub(crate) fn steps_queued_ahead(&self, steps: QueuedAheadSteps) {
+        self.steps_queued_ahead_taken.absolute(steps.taken);
+        self.steps_queued_ahead_dropped.absolute(steps.dropped);
     }
 
     /// The batch after an engine step.
