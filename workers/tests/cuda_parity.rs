@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{FIXTURES, driver_or_skip, load_fixture, log_softmax, reference};
+use common::{FIXTURES, argmax, driver_or_skip, load_fixture, log_softmax, reference};
 use tandem_workers::{
     Engine, EngineConfig, ModelConfig, ModelWeights, cuda_driver_present, qwen3_shape, random_model,
 };
@@ -101,16 +101,6 @@ impl Comparison {
         let compared = confident.clone().count();
         (compared, confident.filter(|(_, agree)| *agree).count())
     }
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (index, &value) in row.iter().enumerate() {
-        if value > row[best] {
-            best = index;
-        }
-    }
-    best as u32
 }
 
 fn top_two_margin(logprobs: &[f64]) -> f64 {

@@ -10,10 +10,8 @@ use std::time::Instant;
 
 mod common;
 
-use common::driver_or_skip;
-use tandem_workers::{
-    Engine, EngineConfig, QueuedAheadSteps, RowDrawParams, qwen3_shape, random_model,
-};
+use common::{argmax, driver_or_skip, random_qwen3_0_6b_on_gpu};
+use tandem_workers::{Engine, QueuedAheadSteps, RowDrawParams};
 
 const STEPS: usize = 48;
 
@@ -111,31 +109,13 @@ fn run(
     (picks, first_steps_ms, counts)
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (index, &value) in row.iter().enumerate() {
-        if value > row[best] {
-            best = index;
-        }
-    }
-    best as u32
-}
-
 #[test]
 fn steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
     if !driver_or_skip("steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time") {
         return;
     }
-    let shape = qwen3_shape("qwen3-0.6b").expect("the built-in shapes include qwen3-0.6b");
-    let vocab_size = shape.vocab_size as u64;
-    let weights = random_model(shape, 13);
-    let config = EngineConfig {
-        block_size_tokens: 16,
-        num_blocks: 1024,
-        prefill_chunk_tokens: 512,
-        prefix_caching: false,
-    };
-    let mut engine = Engine::cuda(&weights, config, 0).expect("a CUDA engine");
+    let mut engine = random_qwen3_0_6b_on_gpu(13, 1024);
+    let vocab_size = engine.model_config().vocab_size as u64;
     let prompt = |sequence: u64, len: u64| -> Vec<u32> {
         (0..len)
             .map(|i| ((i * 2_654_435_761 + sequence * 97 + 5) % vocab_size) as u32)

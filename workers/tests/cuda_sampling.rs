@@ -9,8 +9,8 @@ use std::time::Instant;
 
 mod common;
 
-use common::driver_or_skip;
-use tandem_workers::{Engine, EngineConfig, RowDraw, RowDrawParams, qwen3_shape, random_model};
+use common::{driver_or_skip, random_qwen3_0_6b_on_gpu};
+use tandem_workers::{Engine, RowDraw, RowDrawParams};
 
 const STEPS: usize = 24;
 /// Per row: the inverse temperature (0: greedy).
@@ -85,16 +85,8 @@ fn gpu_row_draws_match_the_host_on_the_same_logits() {
     if !driver_or_skip("gpu_row_draws_match_the_host_on_the_same_logits") {
         return;
     }
-    let shape = qwen3_shape("qwen3-0.6b").expect("the built-in shapes include qwen3-0.6b");
-    let vocab_size = shape.vocab_size as u64;
-    let weights = random_model(shape, 11);
-    let config = EngineConfig {
-        block_size_tokens: 16,
-        num_blocks: 512,
-        prefill_chunk_tokens: 512,
-        prefix_caching: false,
-    };
-    let mut engine = Engine::cuda(&weights, config, 0).expect("a CUDA engine");
+    let mut engine = random_qwen3_0_6b_on_gpu(11, 512);
+    let vocab_size = engine.model_config().vocab_size as u64;
     let mut past_candidates = 0;
     // One sequence (the graph of the fused GEMVs, whose lm_head also picks the argmax), then four.
     for batch in [1usize, 4] {

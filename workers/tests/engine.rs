@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{engine, long_prompt, max_abs_diff, small_config};
+use common::{argmax, engine, long_prompt, max_abs_diff, small_config};
 use tandem_workers::{
     Engine, EngineConfig, EngineError, FinishReason, QueuedAheadSteps, RowDrawParams,
     SamplingParams, builtin_config, builtin_model,
@@ -26,12 +26,6 @@ fn prefill_logits(engine: &mut Engine, prompt: &[u32]) -> Vec<f32> {
     let logits = engine.prefill(id).unwrap().to_vec();
     engine.remove_sequence(id).unwrap();
     logits
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    (0..logits.len())
-        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-        .unwrap() as u32
 }
 
 /// Greedy-decodes `steps` tokens for a sequence already prefilled, starting from `logits`.

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: fixture paths and their reference records, and the CUDA tests' skip.
+//! Helpers shared by the integration tests: fixture paths and their reference records, the greedy argmax, and the
+//! CUDA tests' skip and engine.
 
 #![allow(dead_code)]
 
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use tandem_workers::{
     Engine, EngineConfig, ModelWeights, cuda_device_count, cuda_driver_present, load_model,
+    qwen3_shape, random_model,
 };
 
 pub const FIXTURES: [&str; 3] = [
@@ -64,6 +66,17 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&l| l as f64 - log_sum).collect()
 }
 
+/// The greedy token of a row of logits: its largest, the lowest id among equal ones (as the engine picks).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, &value) in row.iter().enumerate() {
+        if value > row[best] {
+            best = index;
+        }
+    }
+    best as u32
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -83,4 +96,17 @@ pub fn driver_or_skip(test: &str) -> bool {
         return false;
     }
     true
+}
+
+/// An engine on GPU 0 over a random model of the Qwen3-0.6B shape drawn from `seed` (151,936 tokens), with
+/// `num_blocks` KV blocks of 16 tokens and no prefix cache.
+pub fn random_qwen3_0_6b_on_gpu(seed: u64, num_blocks: usize) -> Engine {
+    let shape = qwen3_shape("qwen3-0.6b").expect("the built-in shapes include qwen3-0.6b");
+    let config = EngineConfig {
+        block_size_tokens: 16,
+        num_blocks,
+        prefill_chunk_tokens: 512,
+        prefix_caching: false,
+    };
+    Engine::cuda(&random_model(shape, seed), config, 0).expect("a CUDA engine")
 }
