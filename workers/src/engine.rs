@@ -608,27 +608,25 @@ impl Engine {
                 },
             });
         }
-        let inputs = match kind {
-            StepKind::Greedy => {
-                take_greedy_step(
-                    self.backend.as_mut(),
-                    &mut self.ran_steps,
-                    &mut self.greedy_tokens,
-                )?;
-                self.greedy_tokens.clone()
-            }
-            StepKind::Drawn(_) => {
-                take_drawn_step(
-                    self.backend.as_mut(),
-                    &mut self.ran_steps,
-                    &mut self.draws,
-                    &mut self.logits,
-                )?;
-                self.draws.iter().map(|draw| draw.drawn_token).collect()
-            }
-        };
+        match kind {
+            StepKind::Greedy => take_greedy_step(
+                self.backend.as_mut(),
+                &mut self.ran_steps,
+                &mut self.greedy_tokens,
+            )?,
+            StepKind::Drawn(_) => take_drawn_step(
+                self.backend.as_mut(),
+                &mut self.ran_steps,
+                &mut self.draws,
+                &mut self.logits,
+            )?,
+        }
+        // The queued step's inputs are this step's picks.
         if let Some(ahead) = &mut queued_next {
-            ahead.inputs = inputs;
+            ahead.inputs = match kind {
+                StepKind::Greedy => self.greedy_tokens.clone(),
+                StepKind::Drawn(_) => self.draws.iter().map(|draw| draw.drawn_token).collect(),
+            };
         }
         Ok(queued_next)
     }
