@@ -93,6 +93,13 @@ struct LayerW {
     const bf16_t *qkv, *o, *gate_up, *down, *kv;  // kv: [KVH][ctx][256] (k then v per key)
     const float *norm1, *norm2;
 };
+struct V3 {
+    unsigned long long *qkv, *attn, *hidden_o, *hidden_down, *act;  // tagged values
+    unsigned* merge_counters;  // [LAYERS][KVH]: the splits of a kv head count in; the last one merges
+    unsigned epoch;            // differs every launch
+    int max_ahead;             // stages in the ring ahead of the current one, at most
+    int mode;                  // timing only: bit 0 loads no weights (the chain alone), bit 1 attention copies q
+};
 struct Params {
     LayerW layers[LAYERS];
     float* hidden;       // [H]
@@ -106,6 +113,7 @@ struct Params {
     int variant;         // 0: smem x, last-arriver merge; 1: x in registers, merge in the o stage
     int preload;         // 1: next stage's weights stream ahead; 0: each stage loads after its wait
     unsigned long long* trace;  // [LAYERS*STAGES][nb][4] or null
+    V3 v3;               // mk_v3 only
 };
 __device__ __forceinline__ unsigned long long gtime() { unsigned long long t; asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t)); return t; }
 
@@ -566,6 +574,337 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_alone(long long* c
     if (total == 12345.f) sink[0] = total;
 }
 
+// ---- v3: hand-offs through tagged values, weights streamed through a ring of 16 KB pieces ----
+// Every value a stage hands on is stored as one 64-bit word, its f32 bits above a tag (epoch·256 + the stage
+// that wrote it), as NCCL's LL protocol does: the consumer polls the values themselves, so a hand-off is the
+// producer's store and the consumer's read (no fence, counter or second round trip). Each block owns the same
+// rows of the hidden state in o_proj and down_proj, so it keeps them in shared memory and writes only tagged
+// copies (two buffers, by stage parity, so no block overwrites values another may still read). Weights (and the
+// attention's keys) stream into a ring of 16 KB pieces, each with its own mbarrier: thread 0 keeps every free
+// piece loading (up to `max_ahead` stages ahead), a stage's pieces free at its end, and a warp waits only for
+// the pieces holding its rows.
+constexpr int SLOT_BYTES = 16384, NSLOTS = 12;
+constexpr int V3_MAX_KEYS = 128;  // keys a split
+// qkv rows, keys, o rows, gate_up units, down rows a piece
+__device__ __forceinline__ int rows_per_piece(int stage) { return stage == S_QKV ? 8 : stage == S_ATTN ? 32 : stage == S_DOWN ? 2 : 4; }
+
+__device__ __forceinline__ void ll_store(unsigned long long* at, float value, unsigned tag) {
+    const unsigned long long word = ((unsigned long long)__float_as_uint(value) << 32) | tag;
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(at), "l"(word) : "memory");
+}
+// The two tagged values at `at` (16-byte aligned), once both carry `tag`.
+__device__ __forceinline__ float2 ll_load2(const unsigned long long* at, unsigned tag) {
+    unsigned long long a, b;
+    do {
+        asm volatile("ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(at) : "memory");
+    } while ((unsigned)a != tag || (unsigned)b != tag);
+    return make_float2(__uint_as_float((unsigned)(a >> 32)), __uint_as_float((unsigned)(b >> 32)));
+}
+__device__ __forceinline__ int v3_split_keys(const Params& p, int b, int* k0) {
+    if (b >= KVH * p.splits) { *k0 = 0; return 0; }
+    const int split = b % p.splits, per = (p.ctx + p.splits - 1) / p.splits;
+    *k0 = min(p.ctx, split * per);
+    return min(p.ctx, *k0 + per) - *k0;
+}
+// This block's rows (keys, units) of a stage.
+__device__ __forceinline__ int v3_rows(const Params& p, int stage) {
+    const int b = blockIdx.x, nb = gridDim.x;
+    int k0;
+    switch (stage) {
+        case S_QKV: return share_of(QKV, b, nb).rows;
+        case S_ATTN: return v3_split_keys(p, b, &k0);
+        case S_GU: return share_of(I, b, nb).rows;
+        default: return share_of(H, b, nb).rows;
+    }
+}
+__device__ __forceinline__ int v3_pieces(const Params& p, int stage) {
+    return (v3_rows(p, stage) + rows_per_piece(stage) - 1) / rows_per_piece(stage);
+}
+// thread 0: piece `i` of stage g into `dst`
+__device__ void v3_issue_piece(const Params& p, int g, int i, unsigned char* dst, unsigned long long* bar) {
+    const int layer = g / STAGES, stage = g % STAGES, b = blockIdx.x, nb = gridDim.x;
+    const LayerW& w = p.layers[layer];
+    const int per = rows_per_piece(stage), first = i * per, n = min(per, v3_rows(p, stage) - first);
+    if (stage == S_QKV) {
+        tma_expect(bar, n * H * 2);
+        tma_copy(dst, w.qkv + (size_t)(share_of(QKV, b, nb).r0 + first) * H, n * H * 2, bar);
+    } else if (stage == S_ATTN) {
+        int k0;
+        v3_split_keys(p, b, &k0);
+        tma_expect(bar, n * 512);
+        tma_copy(dst, w.kv + ((size_t)(b / p.splits) * p.ctx + k0 + first) * 256, n * 512, bar);
+    } else if (stage == S_O) {
+        tma_expect(bar, n * QD * 2);
+        tma_copy(dst, w.o + (size_t)(share_of(H, b, nb).r0 + first) * QD, n * QD * 2, bar);
+    } else if (stage == S_GU) {
+        const int r0 = share_of(I, b, nb).r0 + first;
+        tma_expect(bar, 2 * n * H * 2);
+        tma_copy(dst, w.gate_up + (size_t)r0 * H, n * H * 2, bar);
+        tma_copy(dst + n * H * 2, w.gate_up + (size_t)(I + r0) * H, n * H * 2, bar);
+    } else {
+        tma_expect(bar, n * I * 2);
+        tma_copy(dst, w.down + (size_t)(share_of(H, b, nb).r0 + first) * I, n * I * 2, bar);
+    }
+}
+// Dot products of K-wide bf16 rows in shared memory with x in registers (lane holds chunks lane + 32 j).
+template <int CH>
+__device__ __forceinline__ float v3_dot_xreg(const unsigned char* row, const float (&x)[CH][8]) {
+    const int lane = threadIdx.x & 31;
+    const uint4* wr = reinterpret_cast<const uint4*>(row);
+    uint4 wv[CH];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) wv[j] = wr[lane + 32 * j];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+        const unsigned u[4] = {wv[j].x, wv[j].y, wv[j].z, wv[j].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = fmaf(__uint_as_float(u[i] << 16), x[j][2 * i], acc[i]);
+            acc[i] = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[j][2 * i + 1], acc[i]);
+        }
+    }
+    return warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+// The same with x in shared memory as bf16 chunks.
+template <int CH>
+__device__ __forceinline__ float v3_dot_xsmem(const unsigned char* row, const uint4* x) {
+    const int lane = threadIdx.x & 31;
+    const uint4* wr = reinterpret_cast<const uint4*>(row);
+    uint4 wv[CH];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) wv[j] = wr[lane + 32 * j];
+    float acc[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < CH; ++j) acc[j & 1] += dot8_bf16(wv[j], x[lane + 32 * j]);
+    return warp_sum(acc[0] + acc[1]);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_v3(Params p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* ring = smem;
+    float* xf = reinterpret_cast<float*>(smem + NSLOTS * SLOT_BYTES);  // the stage's input, f32 (up to I)
+    uint4* xb = reinterpret_cast<uint4*>(smem + NSLOTS * SLOT_BYTES);  // or bf16 chunks
+    __shared__ __align__(8) unsigned long long bars[NSLOTS];
+    __shared__ float warp_ss[WARPS];
+    __shared__ float own_hidden[8];
+    __shared__ float qs[2 * HD];
+    __shared__ float scores[2][V3_MAX_KEYS];
+    __shared__ float head_max[2], head_sum[2];
+    __shared__ bool merges;
+    const int b = blockIdx.x, nb = gridDim.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const V3& v = p.v3;
+    const unsigned tag0 = v.epoch << 8;
+    if (tid < NSLOTS) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_u32(&bars[tid])) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const Share own = share_of(H, b, nb);
+    if (tid < own.rows) own_hidden[tid] = p.hidden[own.r0 + tid];
+    __syncthreads();
+    const int total = LAYERS * STAGES;
+    // Pieces are numbered in load order; piece n sits in slot n % NSLOTS. `first` is the current stage's first
+    // piece (every thread); thread 0's issue cursor: stage issue_g, its piece issue_i, `issued` pieces so far.
+    int first = 0, issued = 0, issue_g = 0, issue_i = 0;
+    auto piece = [&](int n) -> const unsigned char* {
+        if (!(v.mode & 1)) mbar_wait(&bars[n % NSLOTS], (n / NSLOTS) & 1);
+        return ring + (n % NSLOTS) * SLOT_BYTES;
+    };
+    for (int g = 0; g < total; ++g) {
+        const int layer = g / STAGES, stage = g % STAGES;
+        const LayerW& w = p.layers[layer];
+        const unsigned in_tag = tag0 | (unsigned)(g - 1), out_tag = tag0 | (unsigned)g;
+        unsigned long long* tr = p.trace ? p.trace + ((size_t)g * nb + b) * 8 : nullptr;
+        if (tr && tid == 0) tr[0] = gtime();
+        if (tid == 0) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            while (!(v.mode & 1) && issued < first + NSLOTS && issue_g < total && issue_g <= g + v.max_ahead) {
+                if (issue_i >= v3_pieces(p, issue_g % STAGES)) { ++issue_g; issue_i = 0; continue; }
+                v3_issue_piece(p, issue_g, issue_i, ring + (issued % NSLOTS) * SLOT_BYTES, &bars[issued % NSLOTS]);
+                ++issued;
+                ++issue_i;
+            }
+        }
+        const int rows = v3_rows(p, stage), per = rows_per_piece(stage);
+        if (!rows) {
+            if (tr && tid == 0) tr[1] = tr[2] = gtime();
+        } else if (stage == S_QKV || stage == S_GU) {
+            const float* nw = stage == S_QKV ? w.norm1 : w.norm2;
+            float nwr[4][8];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(nw + 8 * (lane + 32 * j)));
+                const float4 c = __ldg(reinterpret_cast<const float4*>(nw + 8 * (lane + 32 * j) + 4));
+                nwr[j][0] = a.x; nwr[j][1] = a.y; nwr[j][2] = a.z; nwr[j][3] = a.w;
+                nwr[j][4] = c.x; nwr[j][5] = c.y; nwr[j][6] = c.z; nwr[j][7] = c.w;
+            }
+            const int i0 = warp * 64 + 2 * lane;
+            float2 hv;
+            if (g == 0) hv = *reinterpret_cast<const float2*>(p.hidden + i0);
+            else hv = ll_load2((stage == S_QKV ? v.hidden_down : v.hidden_o) + i0, in_tag);
+            *reinterpret_cast<float2*>(xf + i0) = hv;
+            const float ss = warp_sum(hv.x * hv.x + hv.y * hv.y);
+            if (lane == 0) warp_ss[warp] = ss;
+            __syncthreads();
+            if (tr && tid == 0) tr[1] = gtime();
+            const float scale = 1.f / sqrtf(warp_sum(lane < WARPS ? warp_ss[lane] : 0.f) / H + 1e-6f);
+            float x[4][8];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float4 a = *reinterpret_cast<const float4*>(xf + 8 * (lane + 32 * j));
+                const float4 c = *reinterpret_cast<const float4*>(xf + 8 * (lane + 32 * j) + 4);
+                const float hvals[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) x[j][e] = bf2f(f2bf(nwr[j][e] * (hvals[e] * scale)));
+            }
+            if (stage == S_QKV) {
+                const int r0 = share_of(QKV, b, nb).r0;
+                for (int row = warp; row < rows; row += WARPS) {
+                    const unsigned char* at = piece(first + row / per) + (row % per) * H * 2;
+                    if (tr && tid == 0) tr[2] = gtime();
+                    const float d = v3_dot_xreg<4>(at, x);
+                    if (lane == 0) ll_store(v.qkv + r0 + row, d, out_tag);
+                }
+            } else {
+                const int r0 = share_of(I, b, nb).r0;
+                for (int unit = warp; unit < rows; unit += WARPS) {
+                    const int pi = unit / per, in_piece = min(per, rows - pi * per);
+                    const unsigned char* at = piece(first + pi) + (unit % per) * H * 2;
+                    if (tr && tid == 0) tr[2] = gtime();
+                    const float gv = v3_dot_xreg<4>(at, x);
+                    const float uv = v3_dot_xreg<4>(at + in_piece * H * 2, x);
+                    if (lane == 0) ll_store(v.act + r0 + unit, bf2f(f2bf(gv / (1.f + expf(-gv)) * uv)), out_tag);
+                }
+            }
+        } else if (stage == S_ATTN) {
+            int k0;
+            const int nkeys = v3_split_keys(p, b, &k0);
+            const int kvh = b / p.splits, split = b % p.splits, SPL = p.splits;
+            if (v.mode & 2) {
+                if (split == 0 && tid < HD) {
+                    const float2 qv = ll_load2(v.qkv + 2 * kvh * HD + 2 * tid, in_tag);
+                    ll_store(v.attn + 2 * kvh * HD + 2 * tid, qv.x, out_tag);
+                    ll_store(v.attn + 2 * kvh * HD + 2 * tid + 1, qv.y, out_tag);
+                }
+                first += v3_pieces(p, stage);
+                __syncthreads();
+                if (tr && tid == 0) tr[1] = tr[2] = tr[3] = gtime();
+                continue;
+            }
+            if (tid < HD) {
+                const float2 qv = ll_load2(v.qkv + 2 * kvh * HD + 2 * tid, in_tag);
+                qs[2 * tid] = qv.x * 0.0883883f;
+                qs[2 * tid + 1] = qv.y * 0.0883883f;
+            }
+            __syncthreads();
+            if (tr && tid == 0) tr[1] = gtime();
+            for (int pi = 0; pi * per < nkeys; ++pi) piece(first + pi);
+            if (tr && tid == 0) tr[2] = gtime();
+            auto key_at = [&](int key) {
+                return reinterpret_cast<const bf16_t*>(ring + ((first + key / per) % NSLOTS) * SLOT_BYTES) + (size_t)(key % per) * 256;
+            };
+            {
+                const int sub = lane >> 3, part = lane & 7;
+                float q0[16], q1[16];
+#pragma unroll
+                for (int i = 0; i < 16; ++i) { q0[i] = qs[part * 16 + i]; q1[i] = qs[HD + part * 16 + i]; }
+                for (int base = warp * 4; base < nkeys; base += WARPS * 4) {
+                    const int key = min(base + sub, nkeys - 1);
+                    const uint4* kr = reinterpret_cast<const uint4*>(key_at(key) + part * 16);
+                    const uint4 ka = kr[0], kb = kr[1];
+                    const unsigned kw[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
+                    float d0 = 0, d1 = 0;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const float lo = __uint_as_float(kw[i] << 16), hi = __uint_as_float(kw[i] & 0xffff0000u);
+                        d0 = fmaf(q0[2 * i], lo, d0); d0 = fmaf(q0[2 * i + 1], hi, d0);
+                        d1 = fmaf(q1[2 * i], lo, d1); d1 = fmaf(q1[2 * i + 1], hi, d1);
+                    }
+#pragma unroll
+                    for (int o = 4; o > 0; o >>= 1) { d0 += __shfl_xor_sync(0xffffffffu, d0, o); d1 += __shfl_xor_sync(0xffffffffu, d1, o); }
+                    if (part == 0 && base + sub < nkeys) { scores[0][key] = d0; scores[1][key] = d1; }
+                }
+            }
+            __syncthreads();
+            if (warp < 2) {
+                float mx = -INFINITY;
+                for (int key = lane; key < nkeys; key += 32) mx = fmaxf(mx, scores[warp][key]);
+                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                float sm = 0;
+                for (int key = lane; key < nkeys; key += 32) {
+                    const float e = expf(scores[warp][key] - mx);
+                    scores[warp][key] = e;
+                    sm += e;
+                }
+                sm = warp_sum(sm);
+                if (lane == 0) { head_max[warp] = mx; head_sum[warp] = sm; }
+            }
+            __syncthreads();
+            {
+                const int h = tid >> 8, dg = (tid >> 2) & 63, kq = tid & 3;
+                float a0 = 0, a1 = 0;
+                for (int key = kq; key < nkeys; key += 4) {
+                    const float pr = scores[h][key];
+                    const unsigned vv = *reinterpret_cast<const unsigned*>(key_at(key) + 128 + 2 * dg);
+                    a0 = fmaf(pr, __uint_as_float(vv << 16), a0);
+                    a1 = fmaf(pr, __uint_as_float(vv & 0xffff0000u), a1);
+                }
+                a0 += __shfl_xor_sync(0xffffffffu, a0, 1); a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
+                a0 += __shfl_xor_sync(0xffffffffu, a0, 2); a1 += __shfl_xor_sync(0xffffffffu, a1, 2);
+                float* part = p.partials + ((size_t)(2 * kvh + h) * SPL + split) * PSTRIDE;
+                if (kq == 0) { part[2 * dg] = a0; part[2 * dg + 1] = a1; }
+                if (tid == 0 || tid == 256) { part[HD] = head_max[h]; part[HD + 1] = head_sum[h]; }
+            }
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) merges = (atomicAdd(v.merge_counters + layer * KVH + kvh, 1u) + 1) % SPL == 0;
+            __syncthreads();
+            if (merges && tid < 2 * HD) {
+                __threadfence();
+                const int h = tid / HD, d = tid % HD;
+                const float* base = p.partials + (size_t)(2 * kvh + h) * SPL * PSTRIDE;
+                float bm = -INFINITY;
+                for (int s2 = 0; s2 < SPL; ++s2) bm = fmaxf(bm, __ldcg(base + s2 * PSTRIDE + HD));
+                float tot = 0, val = 0;
+                for (int s2 = 0; s2 < SPL; ++s2) {
+                    const float t = __ldcg(base + s2 * PSTRIDE + HD + 1);
+                    if (t > 0) {
+                        const float f = expf(__ldcg(base + s2 * PSTRIDE + HD) - bm);
+                        tot += t * f;
+                        val += __ldcg(base + s2 * PSTRIDE + d) * f;
+                    }
+                }
+                ll_store(v.attn + (2 * kvh + h) * HD + d, bf2f(f2bf(val / tot)), out_tag);
+            }
+        } else {
+            // o_proj or down_proj: the input's bf16 chunks into shared memory, a warp a row, the residual added
+            const int k = stage == S_O ? QD : I;
+            const unsigned long long* src = stage == S_O ? v.attn : v.act;
+            const int per_warp = k / WARPS;  // 128 or 192 values
+            bf16_t* xh = reinterpret_cast<bf16_t*>(xb);
+            for (int i = 2 * lane; i < per_warp; i += 64) {
+                const float2 a = ll_load2(src + warp * per_warp + i, in_tag);
+                const unsigned packed = (unsigned)f2bf(a.x) | ((unsigned)f2bf(a.y) << 16);
+                *reinterpret_cast<unsigned*>(xh + warp * per_warp + i) = packed;
+            }
+            __syncthreads();
+            if (tr && tid == 0) tr[1] = gtime();
+            if (warp < rows) {
+                const unsigned char* at = piece(first + warp / per) + (warp % per) * k * 2;
+                if (tr && tid == 0) tr[2] = gtime();
+                const float d = stage == S_O ? v3_dot_xsmem<QD / 256>(at, xb) : v3_dot_xsmem<I / 256>(at, xb);
+                if (lane == 0) {
+                    const float nh = own_hidden[warp] + d;
+                    own_hidden[warp] = nh;
+                    ll_store((stage == S_O ? v.hidden_o : v.hidden_down) + own.r0 + warp, nh, out_tag);
+                    if (g == total - 1) p.hidden[own.r0 + warp] = nh;
+                }
+            }
+        }
+        first += v3_pieces(p, stage);
+        __syncthreads();  // every thread is done with the stage's pieces and inputs
+        if (tr && tid == 0) tr[3] = gtime();
+    }
+}
+
 // ---- reference: one simple kernel per stage, no PDL ----
 __global__ void ref_norm_gemv(const float* hidden, const float* nw, const bf16_t* w, int k, int n, float* out) {
     __shared__ float scratch[32];
@@ -762,6 +1101,92 @@ int main(int argc, char** argv) {
         const unsigned long long t_first = tr[((size_t)1 * STAGES * nb) * 8];
         const unsigned long long t_last = tr[((size_t)(LAYERS * STAGES - 1) * nb) * 8 + 3];
         printf("  layers 1..27: %.2f us per layer (block 0)\n", (t_last - t_first) / 1e3 / (LAYERS - 1));
+        CK(cudaFree(p.trace));
+        p.trace = nullptr;
+    }
+
+    // v3: tagged hand-offs, the ring streamed ahead
+    {
+        const size_t smem_v3 = NSLOTS * SLOT_BYTES + I * 4;
+        CK(cudaFuncSetAttribute(mk_v3, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_v3));
+        cudaFuncAttributes fa3; CK(cudaFuncGetAttributes(&fa3, mk_v3));
+        printf("mk_v3: %d registers, %zu static smem, dynamic %zu, %d bytes local\n", fa3.numRegs, fa3.sharedSizeBytes, smem_v3, (int)fa3.localSizeBytes);
+        const size_t ll_words = QKV + QD + H + H + I;
+        unsigned long long* ll; CK(cudaMalloc(&ll, ll_words * 8)); CK(cudaMemset(ll, 0, ll_words * 8));
+        p.v3.qkv = ll; p.v3.attn = ll + QKV; p.v3.hidden_o = ll + QKV + QD; p.v3.hidden_down = ll + QKV + QD + H; p.v3.act = ll + QKV + QD + 2 * H;
+        CK(cudaMalloc(&p.v3.merge_counters, LAYERS * KVH * 4));
+        unsigned epoch = 0;
+        auto launch_v3 = [&]() {
+            p.v3.epoch = ++epoch;
+            void* args[] = {&p};
+            CK(cudaLaunchCooperativeKernel((void*)mk_v3, sms, THREADS, args, smem_v3, 0));
+        };
+        auto timed_v3 = [&](int splits, int ahead) {
+            const int split_keys = (ctx + splits - 1) / splits;
+            if (split_keys > V3_MAX_KEYS || (split_keys + 31) / 32 > NSLOTS) { printf("v3 splits %d: skipped\n", splits); return; }
+            p.splits = splits; p.v3.max_ahead = ahead; p.trace = nullptr;
+            CK(cudaMemset(p.v3.merge_counters, 0, LAYERS * KVH * 4));
+            for (int r = 0; r < reps; ++r) {
+                CK(cudaMemcpyAsync(p.hidden, h0d, H * 4, cudaMemcpyDeviceToDevice));
+                CK(cudaEventRecord(ev[2 * r]));
+                launch_v3();
+                CK(cudaEventRecord(ev[2 * r + 1]));
+            }
+            CK(cudaDeviceSynchronize());
+            std::vector<float> t;
+            for (int r = reps / 2; r < reps; ++r) { float ms; CK(cudaEventElapsedTime(&ms, ev[2 * r], ev[2 * r + 1])); t.push_back(ms * 1000); }
+            std::sort(t.begin(), t.end());
+            CK(cudaMemcpy(got.data(), p.hidden, H * 4, cudaMemcpyDeviceToHost));
+            double maxd = 0, maxr = 0;
+            for (int i = 0; i < H; ++i) { maxd = std::max(maxd, (double)fabsf(got[i] - ref[i])); maxr = std::max(maxr, (double)fabsf(ref[i])); }
+            printf("v3 splits %d, %d stages ahead: 28 layers median %.1f us min %.1f (%.2f us/layer), max |diff| %.3g of max |ref| %.3g\n", splits, ahead,
+                   t[t.size() / 2], t[0], t[t.size() / 2] / LAYERS, maxd, maxr);
+        };
+        p.v3.mode = 0;
+        for (int r = 0; r < 2; ++r) timed_v3(16, 8);
+        for (int splits : {8, 16}) for (int ahead : {1, 2, 8}) timed_v3(splits, ahead);
+        for (int splits : {8, 16}) for (int ahead : {1, 2, 8}) timed_v3(splits, ahead);
+        for (int mode : {1, 2, 3}) {
+            p.v3.mode = mode;
+            printf("mode %d (%s):\n", mode, mode == 1 ? "no weight loads" : mode == 2 ? "attention copies q" : "both");
+            for (int splits : {8, 16}) timed_v3(splits, 8);
+        }
+        p.v3.mode = 0;
+        // one traced launch in each mode
+        p.splits = 16; p.v3.max_ahead = 8;
+        for (int mode : {0, 1, 3}) {
+        p.v3.mode = mode;
+        const int nb = sms;
+        std::vector<unsigned long long> tr((size_t)LAYERS * STAGES * nb * 8);
+        if (!p.trace) CK(cudaMalloc(&p.trace, tr.size() * 8));
+        CK(cudaMemset(p.v3.merge_counters, 0, LAYERS * KVH * 4));
+        for (int r = 0; r < 3; ++r) { CK(cudaMemcpy(p.hidden, h0d, H * 4, cudaMemcpyDeviceToDevice)); launch_v3(); CK(cudaDeviceSynchronize()); }
+        CK(cudaMemcpy(tr.data(), p.trace, tr.size() * 8, cudaMemcpyDeviceToHost));
+        const char* names[STAGES] = {"qkv", "attn", "o", "gate_up", "down"};
+        printf("v3 trace, mode %d (splits 16, 8 ahead; layers 1..27, mean over blocks with work; us): stage | start->inputs | inputs->weights | compute | span (first start..last end) | last end - previous stage's last end\n", mode);
+        for (int st = 0; st < STAGES; ++st) {
+            double a = 0, bw = 0, c = 0, span = 0, step = 0; int n = 0;
+            for (int l = 1; l < LAYERS; ++l) {
+                const int g = l * STAGES + st;
+                unsigned long long first = ~0ull, last = 0, prev_last = 0;
+                for (int bb = 0; bb < nb; ++bb) {
+                    const unsigned long long* t = &tr[((size_t)g * nb + bb) * 8];
+                    const unsigned long long* tp = &tr[((size_t)(g - 1) * nb + bb) * 8];
+                    prev_last = std::max(prev_last, tp[3]);
+                    if (bb >= 128) continue;
+                    a += (t[1] - t[0]) / 1e3; bw += (t[2] - t[1]) / 1e3; c += (t[3] - t[2]) / 1e3; ++n;
+                    first = std::min(first, t[0]); last = std::max(last, t[3]);
+                }
+                span += (last - first) / 1e3;
+                step += ((double)last - (double)prev_last) / 1e3;
+            }
+            printf("  %-8s %6.2f %6.2f %6.2f %6.2f %6.2f\n", names[st], a / n, bw / n, c / n, span / (LAYERS - 1), step / (LAYERS - 1));
+        }
+        const unsigned long long t_first = tr[((size_t)1 * STAGES * nb) * 8];
+        const unsigned long long t_last = tr[((size_t)(LAYERS * STAGES - 1) * nb) * 8 + 3];
+        printf("  layers 1..27: %.2f us per layer (block 0)\n", (t_last - t_first) / 1e3 / (LAYERS - 1));
+        }
+        p.v3.mode = 0;
         CK(cudaFree(p.trace));
         p.trace = nullptr;
     }
