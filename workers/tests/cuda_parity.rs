@@ -313,17 +313,19 @@ fn patterned_prompts(lengths: &[usize], vocab_size: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One sequence, then two: decode steps of one and two tokens run on the fused decode GEMVs (FMA at one,
-/// tensor cores at two) and attention, the shapes whose step is bound by launches. At one sequence each layer's
-/// qkv projection and attention are one launch of thread block clusters (`decode_qkv_attention`, sm_90; the
-/// grouped attention, a block per KV head, on older GPUs).
+/// One sequence, then two, then eight: decode steps of one, two and eight tokens run on the fused decode GEMVs
+/// (FMA at one, tensor cores from two) and attention, the shapes whose step is bound by launches. At one
+/// sequence each layer's qkv projection and attention are one launch of thread block clusters
+/// (`decode_qkv_attention`, sm_90; the grouped attention, a block per KV head, on older GPUs).
 #[test]
-fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
-    if !driver_or_skip("a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend") {
+fn a_random_qwen3_0_6b_decodes_one_two_and_eight_sequences_like_the_cpu_backend() {
+    if !driver_or_skip(
+        "a_random_qwen3_0_6b_decodes_one_two_and_eight_sequences_like_the_cpu_backend",
+    ) {
         return;
     }
     let shape = qwen3_0_6b_shape();
-    for lengths in [&[600][..], &[41, 600]] {
+    for lengths in [&[600][..], &[41, 600], &[41, 5, 70, 129, 17, 90, 64, 33]] {
         let prompts = patterned_prompts(lengths, shape.vocab_size);
         let name = format!("qwen3-0.6b (random, prompts of {lengths:?} tokens)");
         check(
@@ -335,10 +337,13 @@ fn a_random_qwen3_0_6b_decodes_one_and_two_sequences_like_the_cpu_backend() {
 
 /// A hidden size of 2048 (Qwen3-1.7B's widths, four layers): the decode GEMVs' RMSNorm keeps only the first
 /// 1024 of the hidden state in registers, so this runs the rest of the norm path, and the down_proj input is
-/// 6144 wide. Then four sequences, whose tensor-core GEMVs take their k in more than one pass.
+/// 6144 wide. Then four sequences, whose tensor-core GEMVs take their k in more than one pass, and eight,
+/// whose inputs no longer fit the GEMVs' shared memory: cuBLAS and the split attention in three launches.
 #[test]
-fn a_random_wider_model_decodes_one_and_four_sequences_like_the_cpu_backend() {
-    if !driver_or_skip("a_random_wider_model_decodes_one_and_four_sequences_like_the_cpu_backend") {
+fn a_random_wider_model_decodes_one_four_and_eight_sequences_like_the_cpu_backend() {
+    if !driver_or_skip(
+        "a_random_wider_model_decodes_one_four_and_eight_sequences_like_the_cpu_backend",
+    ) {
         return;
     }
     let shape = ModelConfig {
@@ -347,7 +352,11 @@ fn a_random_wider_model_decodes_one_and_four_sequences_like_the_cpu_backend() {
         num_layers: 4,
         ..qwen3_0_6b_shape()
     };
-    for lengths in [&[300][..], &[300, 5, 70, 129]] {
+    for lengths in [
+        &[300][..],
+        &[300, 5, 70, 129],
+        &[300, 5, 70, 129, 17, 250, 64, 33],
+    ] {
         let prompts = patterned_prompts(lengths, shape.vocab_size);
         let name = format!("hidden 2048, 4 layers (random, prompts of {lengths:?} tokens)");
         check(

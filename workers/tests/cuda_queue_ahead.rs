@@ -2,7 +2,8 @@
 //! call queues the next step of its batch, whose inputs are the tokens it returns, still on the device) against the
 //! same steps run one call at a time, on a random model of the Qwen3-0.6B shape: the same tokens (and draws) at every
 //! step, through what drops a queued step (a sequence leaving, one joining, a token other than the pick). Greedy at
-//! one sequence (the fused argmax's keys), two and eight (cuBLAS, `argmax_rows`'s tokens), drawn at one and four;
+//! one, two and eight sequences (the decode GEMVs' fused argmax keys) and sixteen (cuBLAS, `argmax_rows`'s tokens),
+//! drawn at one and four;
 //! sequences pass 256 tokens (a larger block-table capacity: a new graph captured, and the metadata buffer grown,
 //! behind a queued step). Skips, saying why, where no CUDA driver exists.
 
@@ -121,7 +122,14 @@ fn steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time() {
             .map(|i| ((i * 2_654_435_761 + sequence * 97 + 5) % vocab_size) as u32)
             .collect()
     };
-    for (batch, drawn) in [(1u64, false), (2, false), (8, false), (1, true), (4, true)] {
+    for (batch, drawn) in [
+        (1u64, false),
+        (2, false),
+        (8, false),
+        (16, false),
+        (1, true),
+        (4, true),
+    ] {
         let kind = if drawn { "drawn" } else { "greedy" };
         // The first sequence passes 256 tokens (16 blocks) during the run.
         let prompts: Vec<Vec<u32>> = (0..batch)

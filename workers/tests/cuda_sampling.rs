@@ -88,8 +88,9 @@ fn gpu_row_draws_match_the_host_on_the_same_logits() {
     let mut engine = random_qwen3_0_6b_on_gpu(11, 512);
     let vocab_size = engine.model_config().vocab_size as u64;
     let mut past_candidates = 0;
-    // One sequence (the graph of the fused GEMVs, whose lm_head also picks the argmax), then four.
-    for batch in [1usize, 4] {
+    // One sequence (the graph of the fused GEMVs, whose lm_head also picks the argmax), then four and eight
+    // (the tensor-core GEMVs).
+    for batch in [1usize, 4, 8] {
         let mut ids = Vec::new();
         let mut next_tokens = Vec::new();
         for sequence in 0..batch {

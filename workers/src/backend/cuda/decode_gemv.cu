@@ -1,4 +1,4 @@
-// Decode projections of steps of up to four tokens (the decode graph buckets 1, 2 and 4), as GEMVs that carry
+// Decode projections of steps of up to eight tokens (the decode graph buckets 1, 2, 4 and 8), as GEMVs that carry
 // the work around them, so that with the fused attention a layer is five launches instead of ten:
 //   qkv      = RMSNorm(hidden) · Wqkvᵀ                     (decode_gemv_norm_store_t*)
 //   hidden  += attention · Woᵀ                             (decode_gemv_add_t*)
@@ -6,7 +6,7 @@
 //   hidden  += act · Wdownᵀ                                (decode_gemv_add_t*)
 //   logits   = RMSNorm(hidden) · Wlm_headᵀ, and argmax     (decode_gemv_norm_argmax_t*)
 // Two kinds: FMA GEMVs for one or two tokens (decode_gemv below; the backend takes them at one) and
-// tensor-core ones for 1, 2 or 4 (decode_gemv_mma, at the end; the backend takes them at two and four).
+// tensor-core ones for 1, 2, 4 or 8 (decode_gemv_mma, at the end; the backend takes them from two to eight).
 // At one token a projection reads each weight once, so it is bound by how many weight bytes are in flight:
 // each FMA warp owns two or four output rows and keeps 16 to 24 16-byte loads in flight per lane, and the grid is
 // one resident wave, so the fixed cost of a block (its prologue) is paid once per multiprocessor slot. The block's
@@ -307,9 +307,9 @@ DECODE_GEMV_ENTRY(decode_gemv_norm_swiglu_t2, 2, GEMV_SWIGLU, true)
 DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t1, 1, GEMV_ARGMAX, true)
 DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t2, 2, GEMV_ARGMAX, true)
 
-// The same projections for steps of up to four tokens on the tensor cores (mma.sync m16n8k16, bf16 in, f32
+// The same projections for steps of up to eight tokens on the tensor cores (mma.sync m16n8k16, bf16 in, f32
 // accumulators), where the FMA GEMVs above would multiply their unpacking and adds by the tokens. The tokens
-// are the mma's rows (A, up to four of its sixteen used) and a tile of eight output rows its columns (B), so a
+// are the mma's rows (A, up to eight of its sixteen used) and a tile of eight output rows its columns (B), so a
 // warp's weight loads stay 16 bytes a lane: since a dot product may sum its k in any order, lane (g, c) takes
 // chunk 4j + c of 32-wide k block j for both its weight row g and its token g, and feeds the chunk's four words
 // to the slots the layout gives lane c in two mma steps. A block's four warps split k (k block j goes to warp
@@ -317,7 +317,7 @@ DECODE_GEMV_ENTRY(decode_gemv_norm_argmax_t2, 2, GEMV_ARGMAX, true)
 // tiles grid-stride, and each loads its first tile's weights before the wait. For the SwiGLU a tile is four
 // units, rows ordered gate, up, gate, up..., so each lane ends with a unit's gate and up values.
 #define MMA_GEMV_WARPS GEMV_WARPS  // stage_gemv_input takes blocks of GEMV_THREADS
-#define MMA_GEMV_MAX_TOKENS 4
+#define MMA_GEMV_MAX_TOKENS 8
 #define MMA_CHAINS 4  // independent accumulators a warp alternates between
 
 template <int T, int EPILOGUE, bool NORM, int KB>
@@ -471,3 +471,4 @@ __device__ __forceinline__ void decode_gemv_mma(const bf16_t* w, int k, int n, c
 DECODE_GEMV_MMA_TOKENS(1)
 DECODE_GEMV_MMA_TOKENS(2)
 DECODE_GEMV_MMA_TOKENS(4)
+DECODE_GEMV_MMA_TOKENS(8)

@@ -69,8 +69,9 @@ pub(crate) struct DrawBuffers {
 /// tokens they measured slower than cuBLAS with the separate norm and SwiGLU kernels (PERF.md).
 pub(crate) const DECODE_GEMV_MAX_TOKENS: usize = 2;
 /// Tokens of the largest step the tensor-core decode GEMVs take (`MMA_GEMV_MAX_TOKENS`: the graph buckets
-/// up to 4); they take 1, 2 or 4. At eight they measured no faster than cuBLAS for the 0.6B shape (PERF.md).
-pub(crate) const MMA_GEMV_MAX_TOKENS: usize = 4;
+/// up to 8); they take 1, 2, 4 or 8. At eight they measured as fast as cuBLAS alone and, with the fused
+/// attention they allow, 3 % faster for the 0.6B shape (PERF.md, stop 26).
+pub(crate) const MMA_GEMV_MAX_TOKENS: usize = 8;
 /// Shared memory a tensor-core decode GEMV's input may take: above it a multiprocessor holds too few blocks
 /// to keep the weights streaming (Qwen3-8B at eight tokens, 192 KiB and one block, measured 27 % slower than
 /// cuBLAS).
@@ -163,7 +164,7 @@ pub(crate) struct Kernels {
     /// `[epilogue][tokens 1, 2]`, see [`GemvOp`].
     decode_gemv: [[CudaFunction; 2]; 4],
     /// The tensor-core decode GEMVs, `[epilogue][tokens 1, 2, 4]`.
-    decode_gemv_mma: [[CudaFunction; 3]; 4],
+    decode_gemv_mma: [[CudaFunction; 4]; 4],
     /// Dynamic shared memory a tensor-core decode GEMV may take (its input, `[tokens][k]` bf16): what the
     /// GPU lets a block opt in to, less its static shared memory.
     mma_gemv_shared_limit: usize,
@@ -260,7 +261,7 @@ pub(crate) fn decode_gemv_fits(num_tokens: usize, input_widths: &[usize]) -> boo
 }
 
 /// Whether the tensor-core decode GEMVs take a step of `num_tokens` tokens whose projections read inputs of
-/// the `input_widths`: 1, 2 or 4 tokens, inputs of whole 32-wide k blocks, the widest within
+/// the `input_widths`: 1, 2, 4 or 8 tokens, inputs of whole 32-wide k blocks, the widest within
 /// [`MMA_GEMV_MAX_SHARED_BYTES`] and the `shared_limit` bytes a block may opt in to.
 fn decode_gemv_mma_fits(num_tokens: usize, input_widths: &[usize], shared_limit: usize) -> bool {
     let widest = input_widths.iter().copied().max().unwrap_or(0);
@@ -409,11 +410,12 @@ impl Kernels {
         let mma_gemv_shared_limit = usize::try_from(shared_optin)
             .unwrap_or(0)
             .saturating_sub(2048);
-        let mma_gemv_set = |epilogue: &str| -> Result<[CudaFunction; 3], CudaError> {
+        let mma_gemv_set = |epilogue: &str| -> Result<[CudaFunction; 4], CudaError> {
             let functions = [
                 load(&format!("decode_gemv_mma_{epilogue}_t1"))?,
                 load(&format!("decode_gemv_mma_{epilogue}_t2"))?,
                 load(&format!("decode_gemv_mma_{epilogue}_t4"))?,
+                load(&format!("decode_gemv_mma_{epilogue}_t8"))?,
             ];
             for function in &functions {
                 function
@@ -642,8 +644,9 @@ impl Kernels {
             (1, _) => 0,
             (2, _) => 1,
             (4, true) => 2,
+            (8, true) => 3,
             (other, mma) => {
-                let takes = if mma { "1, 2 or 4" } else { "1 or 2" };
+                let takes = if mma { "1, 2, 4 or 8" } else { "1 or 2" };
                 return Err(CudaError::Unsupported(format!(
                     "a decode GEMV of {other} tokens (it takes {takes})"
                 )));
@@ -1274,14 +1277,15 @@ mod tests {
     }
 
     #[test]
-    fn tensor_core_decode_gemvs_take_up_to_four_tokens_of_whole_k_blocks() {
+    fn tensor_core_decode_gemvs_take_up_to_eight_tokens_of_whole_k_blocks() {
         // An H100 lets a block opt in to 227 KiB; the kernels keep 2 KiB for their static shared memory.
         let h100 = 227 * 1024 - 2048;
         let qwen3_0_6b = [1024, 2048, 3072];
-        for tokens in [1, 2, 4] {
+        // Eight tokens of the 3072-wide down_proj input: 48 KiB.
+        for tokens in [1, 2, 4, 8] {
             assert!(decode_gemv_mma_fits(tokens, &qwen3_0_6b, h100), "{tokens}");
         }
-        for tokens in [0, 3, 8, 16] {
+        for tokens in [0, 3, 6, 16] {
             assert!(!decode_gemv_mma_fits(tokens, &qwen3_0_6b, h100), "{tokens}");
         }
         // Qwen3-8B: a 12288-wide down_proj input is 24 KiB a token in bf16, so two tokens fit the budget

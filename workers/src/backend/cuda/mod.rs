@@ -1,9 +1,9 @@
 //! [`CudaBackend`]: the Qwen3 forward pass on one NVIDIA GPU through cudarc. Weights live on the GPU in
 //! bf16 and the paged KV cache in device memory (bf16, the block order of `KV_LAYOUT.md`); projections are
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
-//! reductions stay in f32. Decode steps of up to four sequences run on fused GEMVs instead of cuBLAS
+//! reductions stay in f32. Decode steps of up to eight sequences run on fused GEMVs instead of cuBLAS
 //! (`decode_gemv.cu`, five launches a layer with the fused attention): FMA ones at one sequence, tensor-core
-//! ones at two and four. At one sequence the qkv projection and the attention are one launch of thread block
+//! ones at two to eight (while a step's inputs fit their shared memory). At one sequence the qkv projection and the attention are one launch of thread block
 //! clusters where the GPU and the shape allow it (`decode_qkv_attention.cu`), four launches a layer.
 //! Greedy steps pick their tokens on the GPU, so only the token ids come back; steps that sample draw each
 //! row's token there (`draw.cu`, `draw.rs`), so about half a kilobyte a row comes back.
@@ -37,9 +37,9 @@ use gemm::matmul_bf16;
 use graphs::{DecodeGraph, DecodeGraphs, bucket_for, table_capacity};
 use kernels::{
     AttentionShape, DRAW_OUT_BYTES, GemvOp, GemvShape, Kernels, LayerSlice, MAX_ATTENTION_SPLITS,
-    MAX_HEAD_DIM, PREFILL_TILE_TOKENS, TOKEN_FROM_PREVIOUS_KEY, TOKEN_FROM_PREVIOUS_TOKEN,
-    TokenSource, decode_attention_fits, decode_gemv_fits, draw_fits, grouped_decode_attention_fits,
-    prefill_kernel_fits, qkv_attention_fits,
+    MAX_HEAD_DIM, MMA_GEMV_MAX_TOKENS, PREFILL_TILE_TOKENS, TOKEN_FROM_PREVIOUS_KEY,
+    TOKEN_FROM_PREVIOUS_TOKEN, TokenSource, decode_attention_fits, decode_gemv_fits, draw_fits,
+    grouped_decode_attention_fits, prefill_kernel_fits, qkv_attention_fits,
 };
 use kv_io::{DeviceDestinations, DevicePool, KvStaging, PinnedPool, Staged};
 pub use kv_io::{DeviceKvHandle, DevicePath, device_pool_reachable};
@@ -72,8 +72,12 @@ const STAGING_COPY_CHUNK_BYTES: usize = 1 << 20;
 const MMA_GEMV_FROM_TOKENS: usize = 2;
 /// Decode steps of up to this many sequences take the fused attention (`attention_decode_fused`: q/k norm,
 /// RoPE, KV store and split merge in one launch instead of three). At four sequences it measured 1.30 against
-/// 1.38 ms a step (0.6B shape, H100); at eight and sixteen slower than the three launches (PERF.md).
-const FUSED_ATTENTION_MAX_TOKENS: usize = 4;
+/// 1.38 ms a step (0.6B shape, H100); at eight, with the tensor-core GEMVs around it, 1.612-1.644 against
+/// 1.665-1.689 for cuBLAS and the three launches (PERF.md, stop 26).
+const FUSED_ATTENTION_MAX_TOKENS: usize = 8;
+/// Past this many sequences the fused attention is taken only where the step runs on the decode GEMVs: with
+/// cuBLAS around it, it measured slower at eight (1.748 against 1.716 ms) and sixteen (PERF.md, stop 20).
+const FUSED_ATTENTION_WITH_CUBLAS_MAX_TOKENS: usize = 4;
 /// Decode steps of up to this many sequences take the grouped attention (`attention_decode_grouped`, a block
 /// per KV head for its q heads) where the model's shape fits it. At one sequence it measured 0.789-0.799
 /// against 0.830-0.847 ms a step; at two 1.036-1.052 against 1.030-1.046, at four 1.40-1.45 against 1.30-1.34
@@ -118,12 +122,15 @@ pub struct CudaBackend {
     /// Whether engines queue steps ahead on this backend ([`Backend::queues_steps`]); on unless
     /// `TANDEM_CUDA_QUEUE_AHEAD=0` (for side-by-side measurements of serving) or launch times are on.
     queues_steps: bool,
-    /// Whether decode steps of up to four sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
+    /// Whether decode steps of up to eight sequences run on the fused GEMVs (`decode_gemv.cu`) rather than
     /// cuBLAS; on unless `TANDEM_CUDA_DECODE_GEMV=0` (for side-by-side measurements).
     decode_gemv: bool,
     /// Decode steps of this many tokens and more take the tensor-core GEMVs; fewer, the FMA ones.
-    /// `TANDEM_CUDA_MMA_GEMV_FROM` (1, 2, 4, or 5 for never) overrides it for measurements.
+    /// `TANDEM_CUDA_MMA_GEMV_FROM` (1, 2, 4, 8, or 9 for never) overrides it for measurements.
     mma_gemv_from: usize,
+    /// Decode steps of up to this many tokens take the tensor-core GEMVs: `MMA_GEMV_MAX_TOKENS` unless
+    /// `TANDEM_CUDA_MMA_GEMV_MAX` says fewer (4 gives steps of eight cuBLAS again, for measurements).
+    mma_gemv_max: usize,
     /// With `TANDEM_CUDA_LAUNCH_TIMES=1`: eager steps log their time per kind of launch (`launch_times.rs`).
     launch_times: Option<LaunchTimes>,
     /// Decode steps of up to this many sequences take the fused attention (`attention_decode_fused`);
@@ -420,6 +427,7 @@ impl CudaBackend {
             decode_gemv: std::env::var("TANDEM_CUDA_DECODE_GEMV")
                 .map_or(true, |value| value != "0"),
             mma_gemv_from: env_count("TANDEM_CUDA_MMA_GEMV_FROM").unwrap_or(MMA_GEMV_FROM_TOKENS),
+            mma_gemv_max: env_count("TANDEM_CUDA_MMA_GEMV_MAX").unwrap_or(MMA_GEMV_MAX_TOKENS),
             launch_times,
             fused_attention_max_tokens: env_count("TANDEM_CUDA_FUSED_ATTENTION_TOKENS")
                 .unwrap_or(FUSED_ATTENTION_MAX_TOKENS),
@@ -818,7 +826,7 @@ impl CudaBackend {
 
     /// Whether `parts` runs on the decode GEMVs: a step of one token per sequence (so the logits rows are the
     /// token rows) whose inputs fit a GEMV block's shared memory, of one or two sequences for the FMA GEMVs
-    /// and up to four for the tensor-core ones.
+    /// and up to eight for the tensor-core ones.
     fn uses_decode_gemv(&self, parts: &StepMeta) -> bool {
         self.decode_gemv
             && parts.prefill_tiles.is_none()
@@ -830,6 +838,7 @@ impl CudaBackend {
     /// Whether a decode GEMV step of `num_tokens` tokens takes the tensor-core GEMVs.
     fn uses_mma_gemv(&self, num_tokens: usize) -> bool {
         num_tokens >= self.mma_gemv_from
+            && num_tokens <= self.mma_gemv_max
             && self
                 .kernels
                 .decode_gemv_mma_fits(num_tokens, &self.gemv_input_widths())
@@ -1060,6 +1069,8 @@ impl CudaBackend {
             && parts.prefill_tiles.is_none()
             && parts.rows == parts.num_tokens
             && parts.num_tokens <= self.fused_attention_max_tokens
+            && (parts.num_tokens <= FUSED_ATTENTION_WITH_CUBLAS_MAX_TOKENS
+                || self.uses_decode_gemv(parts))
             && decode_attention_fits(self.config.head_dim);
         let gpu = &self.gpu;
         let s = &self.scratch;
@@ -1154,7 +1165,7 @@ impl CudaBackend {
         }
     }
 
-    /// A decode step of up to four sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
+    /// A decode step of up to eight sequences ([`Self::uses_decode_gemv`]): each projection a GEMV carrying
     /// its norm, residual add or SwiGLU, and the greedy argmax in the lm_head's GEMV; the attention does the
     /// q/k norm, RoPE and KV store itself (for the usual head sizes), five launches a layer; at one sequence,
     /// with `qkv_attention`, the qkv projection and the attention are one (`decode_qkv_attention`).
