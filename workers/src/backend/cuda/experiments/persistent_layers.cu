@@ -8,7 +8,10 @@
 // over through counters in global memory (red.release / ld.acquire). Variants:
 //   v0  inputs read from shared memory per row, the attention's splits merged by the last one to arrive;
 //   v1  each warp's share of the input in registers, the splits merged by every o_proj block as it reads them;
-//   v2  v1 with the attention's scores computed eight lanes a key, all keys at once, before the softmax.
+//   v2  v1 with the attention's scores computed eight lanes a key, all keys at once, before the softmax;
+//   v3  (mk_v3, stop 26) hand-offs through tagged values polled by the consumer (NCCL's LL protocol) instead of
+//       counters, weights streamed through a ring of 16 KB pieces up to `max_ahead` stages ahead, and timing-only
+//       modes without weight loads or without the attention, to measure the chain alone.
 // It checks the hidden state after 28 layers against plain one-kernel-per-stage reference kernels, times each
 // variant over 200 launches, traces one launch per stage with %globaltimer, and times bare barrier rounds.
 //
