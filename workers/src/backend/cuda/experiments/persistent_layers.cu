@@ -191,6 +191,27 @@ __device__ void smem_gemv(const bf16_t* wbuf, const bf16_t* x, int rows, int k, 
     __syncthreads();
 }
 
+// A warp's dot product of one bf16 row in shared memory (its CH 16-byte chunks a lane, lane + 32 j) with x in
+// registers (the same chunks, as floats).
+template <int CH>
+__device__ __forceinline__ float dot_row_xreg(const unsigned char* row, const float (&x)[CH][8]) {
+    const int lane = threadIdx.x & 31;
+    const uint4* wr = reinterpret_cast<const uint4*>(row);
+    uint4 wv[CH];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) wv[j] = wr[lane + 32 * j];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+        const unsigned u[4] = {wv[j].x, wv[j].y, wv[j].z, wv[j].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = fmaf(__uint_as_float(u[i] << 16), x[j][2 * i], acc[i]);
+            acc[i] = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[j][2 * i + 1], acc[i]);
+        }
+    }
+    return warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
 // x (bf16, K wide, in smem) read once into registers per warp; warp w takes rows w / SEGS... with segment w % SEGS.
 template <int K, int SEGS>
 __device__ void gemv_xreg(const bf16_t* wbuf, const bf16_t* x, int rows, float* out, float* seg_scratch) {
@@ -208,20 +229,7 @@ __device__ void gemv_xreg(const bf16_t* wbuf, const bf16_t* x, int rows, float* 
     for (int item = warp; item < rows * SEGS; item += WARPS) {
         const int row = item / SEGS;
         const uint4* wr = reinterpret_cast<const uint4*>(wbuf + (size_t)row * K) + seg * (K / 8 / SEGS);
-        uint4 wv[CH];
-#pragma unroll
-        for (int j = 0; j < CH; ++j) wv[j] = wr[lane + 32 * j];
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-            const unsigned u[4] = {wv[j].x, wv[j].y, wv[j].z, wv[j].w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                acc[i] = fmaf(__uint_as_float(u[i] << 16), xf[j][2 * i], acc[i]);
-                acc[i] = fmaf(__uint_as_float(u[i] & 0xffff0000u), xf[j][2 * i + 1], acc[i]);
-            }
-        }
-        const float s = warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+        const float s = dot_row_xreg<CH>(reinterpret_cast<const unsigned char*>(wr), xf);
         if (lane == 0) seg_scratch[item] = s;
     }
     __syncthreads();
@@ -249,6 +257,79 @@ __device__ void norm_to_smem(const float* hidden, const float* weight, bf16_t* x
         x[i] = f2bf(weight[i] * (v[j] * scale));
     }
     __syncthreads();
+}
+
+// One attention split for a KV head's two q heads, keys at key_at(key) (256 bf16: K then V), in three passes
+// separated by block barriers: the scores, eight lanes a key (16 dims each, q0 / q1 this lane's dims, scaled), four
+// keys a warp; the softmax's numerators in place with each head's max and sum (warps 0 and 1); the values, thread
+// (head tid / 256, dims 2 dg and 2 dg + 1, key quarter) into part[head] (HD values, then the max and the sum).
+template <typename KeyAt>
+__device__ void split_scores(const float (&q0)[16], const float (&q1)[16], int nkeys, KeyAt key_at, float* scores,
+                             int stride) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane >> 3, part = lane & 7;
+    for (int base = warp * 4; base < nkeys; base += WARPS * 4) {
+        const int key = min(base + sub, nkeys - 1);
+        const uint4* kr = reinterpret_cast<const uint4*>(key_at(key) + part * 16);
+        const uint4 ka = kr[0], kb = kr[1];
+        const unsigned kw[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
+        float d0 = 0, d1 = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float lo = __uint_as_float(kw[i] << 16), hi = __uint_as_float(kw[i] & 0xffff0000u);
+            d0 = fmaf(q0[2 * i], lo, d0); d0 = fmaf(q0[2 * i + 1], hi, d0);
+            d1 = fmaf(q1[2 * i], lo, d1); d1 = fmaf(q1[2 * i + 1], hi, d1);
+        }
+#pragma unroll
+        for (int o = 4; o > 0; o >>= 1) { d0 += __shfl_xor_sync(0xffffffffu, d0, o); d1 += __shfl_xor_sync(0xffffffffu, d1, o); }
+        if (part == 0 && base + sub < nkeys) { scores[key] = d0; scores[stride + key] = d1; }
+    }
+}
+__device__ void split_softmax(float* scores, int stride, int nkeys, float* head_max, float* head_sum) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= 2) return;
+    float mx = -INFINITY;
+    for (int key = lane; key < nkeys; key += 32) mx = fmaxf(mx, scores[warp * stride + key]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sm = 0;
+    for (int key = lane; key < nkeys; key += 32) {
+        const float e = expf(scores[warp * stride + key] - mx);
+        scores[warp * stride + key] = e;
+        sm += e;
+    }
+    sm = warp_sum(sm);
+    if (lane == 0) { head_max[warp] = mx; head_sum[warp] = sm; }
+}
+template <typename KeyAt>
+__device__ void split_values(const float* scores, int stride, int nkeys, KeyAt key_at, const float* head_max,
+                             const float* head_sum, float* part0, float* part1) {
+    const int tid = threadIdx.x, h = tid >> 8, dg = (tid >> 2) & 63, kq = tid & 3;
+    float a0 = 0, a1 = 0;
+    for (int key = kq; key < nkeys; key += 4) {
+        const float pr = scores[h * stride + key];
+        const unsigned v = *reinterpret_cast<const unsigned*>(key_at(key) + 128 + 2 * dg);
+        a0 = fmaf(pr, __uint_as_float(v << 16), a0);
+        a1 = fmaf(pr, __uint_as_float(v & 0xffff0000u), a1);
+    }
+    a0 += __shfl_xor_sync(0xffffffffu, a0, 1); a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
+    a0 += __shfl_xor_sync(0xffffffffu, a0, 2); a1 += __shfl_xor_sync(0xffffffffu, a1, 2);
+    float* part = h ? part1 : part0;
+    if (kq == 0) { part[2 * dg] = a0; part[2 * dg + 1] = a1; }
+    if (tid == 0 || tid == 256) { part[HD] = head_max[h]; part[HD + 1] = head_sum[h]; }
+}
+// Value d of one q head merged from its `splits` partial rows at `base` (PSTRIDE apart, read from L2).
+__device__ float merged_value(const float* base, int splits, int d) {
+    float bm = -INFINITY;
+    for (int s2 = 0; s2 < splits; ++s2) bm = fmaxf(bm, __ldcg(base + s2 * PSTRIDE + HD));
+    float tot = 0, val = 0;
+    for (int s2 = 0; s2 < splits; ++s2) {
+        const float t = __ldcg(base + s2 * PSTRIDE + HD + 1);
+        if (t > 0) {
+            const float f = expf(__ldcg(base + s2 * PSTRIDE + HD) - bm);
+            tot += t * f;
+            val += __ldcg(base + s2 * PSTRIDE + d) * f;
+        }
+    }
+    return val / tot;
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_layers(Params p) {
@@ -306,67 +387,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_layers(Params p) {
                 const int nkeys = k1 - k0;
                 float* scores = reinterpret_cast<float*>(x);  // [2][MAXK] floats, x is 6 KB: MAXK <= 768
                 constexpr int MAXK = 768;
-                // scores: 8 lanes a key (16 dims each), 4 keys a warp, 64 keys a round
-                {
-                    const int sub = lane >> 3, part = lane & 7;
-                    float q0[16], q1[16];
+                const int part = lane & 7;
+                float q0[16], q1[16];
 #pragma unroll
-                    for (int i = 0; i < 16; i += 4) {
-                        const float4 a = __ldcg(reinterpret_cast<const float4*>(p.qkv_out + (2 * kvh) * HD + part * 16 + i));
-                        const float4 c = __ldcg(reinterpret_cast<const float4*>(p.qkv_out + (2 * kvh + 1) * HD + part * 16 + i));
-                        q0[i] = a.x * 0.0883883f; q0[i + 1] = a.y * 0.0883883f; q0[i + 2] = a.z * 0.0883883f; q0[i + 3] = a.w * 0.0883883f;
-                        q1[i] = c.x * 0.0883883f; q1[i + 1] = c.y * 0.0883883f; q1[i + 2] = c.z * 0.0883883f; q1[i + 3] = c.w * 0.0883883f;
-                    }
-                    for (int base = warp * 4; base < nkeys; base += WARPS * 4) {
-                        const int key = min(base + sub, nkeys - 1);
-                        const uint4* kr = reinterpret_cast<const uint4*>(wb + (size_t)key * 256 + part * 16);
-                        const uint4 ka = kr[0], kb = kr[1];
-                        const unsigned kw[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
-                        float d0 = 0, d1 = 0;
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            const float lo = __uint_as_float(kw[i] << 16), hi = __uint_as_float(kw[i] & 0xffff0000u);
-                            d0 = fmaf(q0[2 * i], lo, d0); d0 = fmaf(q0[2 * i + 1], hi, d0);
-                            d1 = fmaf(q1[2 * i], lo, d1); d1 = fmaf(q1[2 * i + 1], hi, d1);
-                        }
-#pragma unroll
-                        for (int o = 4; o > 0; o >>= 1) { d0 += __shfl_xor_sync(0xffffffffu, d0, o); d1 += __shfl_xor_sync(0xffffffffu, d1, o); }
-                        if (part == 0 && base + sub < nkeys) { scores[key] = d0; scores[MAXK + key] = d1; }
-                    }
+                for (int i = 0; i < 16; i += 4) {
+                    const float4 a = __ldcg(reinterpret_cast<const float4*>(p.qkv_out + (2 * kvh) * HD + part * 16 + i));
+                    const float4 c = __ldcg(reinterpret_cast<const float4*>(p.qkv_out + (2 * kvh + 1) * HD + part * 16 + i));
+                    q0[i] = a.x * 0.0883883f; q0[i + 1] = a.y * 0.0883883f; q0[i + 2] = a.z * 0.0883883f; q0[i + 3] = a.w * 0.0883883f;
+                    q1[i] = c.x * 0.0883883f; q1[i + 1] = c.y * 0.0883883f; q1[i + 2] = c.z * 0.0883883f; q1[i + 3] = c.w * 0.0883883f;
                 }
+                auto key_at = [&](int key) { return wb + (size_t)key * 256; };
+                split_scores(q0, q1, nkeys, key_at, scores, MAXK);
                 __syncthreads();
-                // max and sum per head: warps 0 and 1
                 __shared__ float head_max[2], head_sum[2];
-                if (warp < 2) {
-                    float mx = -INFINITY;
-                    for (int key = lane; key < nkeys; key += 32) mx = fmaxf(mx, scores[warp * MAXK + key]);
-                    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                    float sm = 0;
-                    for (int key = lane; key < nkeys; key += 32) {
-                        const float e = expf(scores[warp * MAXK + key] - mx);
-                        scores[warp * MAXK + key] = e;
-                        sm += e;
-                    }
-                    sm = warp_sum(sm);
-                    if (lane == 0) { head_max[warp] = mx; head_sum[warp] = sm; }
-                }
+                split_softmax(scores, MAXK, nkeys, head_max, head_sum);
                 __syncthreads();
-                // V: thread (head h, dims 2dg..2dg+1, key quarter kq)
-                {
-                    const int h = tid >> 8, dg = (tid >> 2) & 63, kq = tid & 3;
-                    float a0 = 0, a1 = 0;
-                    for (int key = kq; key < nkeys; key += 4) {
-                        const float pr = scores[h * MAXK + key];
-                        const unsigned v = *reinterpret_cast<const unsigned*>(wb + (size_t)key * 256 + 128 + 2 * dg);
-                        a0 = fmaf(pr, __uint_as_float(v << 16), a0);
-                        a1 = fmaf(pr, __uint_as_float(v & 0xffff0000u), a1);
-                    }
-                    a0 += __shfl_xor_sync(0xffffffffu, a0, 1); a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
-                    a0 += __shfl_xor_sync(0xffffffffu, a0, 2); a1 += __shfl_xor_sync(0xffffffffu, a1, 2);
-                    float* part = p.partials + ((size_t)(2 * kvh + h) * SPL + split) * PSTRIDE;
-                    if (kq == 0) { part[2 * dg] = a0; part[2 * dg + 1] = a1; }
-                    if (tid == 0 || tid == 256) { part[HD] = head_max[h]; part[HD + 1] = head_sum[h]; }
-                }
+                float* part0 = p.partials + ((size_t)(2 * kvh) * SPL + split) * PSTRIDE;
+                split_values(scores, MAXK, nkeys, key_at, head_max, head_sum, part0, part0 + SPL * PSTRIDE);
                 arrive(cnt + S_ATTN);
             } else
             if (b < KVH * p.splits) {
@@ -430,18 +467,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_layers(Params p) {
                     if (tid < 2 * HD) {
                         const int h = tid / HD, d = tid % HD;
                         const float* base = p.partials + (size_t)(2 * kvh + h) * SPL * PSTRIDE;
-                        float bm = -INFINITY;
-                        for (int s2 = 0; s2 < SPL; ++s2) bm = fmaxf(bm, __ldcg(base + s2 * PSTRIDE + HD));
-                        float tot = 0, val = 0;
-                        for (int s2 = 0; s2 < SPL; ++s2) {
-                            const float t = __ldcg(base + s2 * PSTRIDE + HD + 1);
-                            if (t > 0) {
-                                const float f = expf(__ldcg(base + s2 * PSTRIDE + HD) - bm);
-                                tot += t * f;
-                                val += __ldcg(base + s2 * PSTRIDE + d) * f;
-                            }
-                        }
-                        p.attn_out[(2 * kvh + h) * HD + d] = f2bf(val / tot);
+                        p.attn_out[(2 * kvh + h) * HD + d] = f2bf(merged_value(base, SPL, d));
                     }
                     arrive(cnt + S_ATTN);
                 }
@@ -649,26 +675,6 @@ __device__ void v3_issue_piece(const Params& p, int g, int i, unsigned char* dst
         tma_copy(dst, w.down + (size_t)(share_of(H, b, nb).r0 + first) * I, n * I * 2, bar);
     }
 }
-// Dot products of K-wide bf16 rows in shared memory with x in registers (lane holds chunks lane + 32 j).
-template <int CH>
-__device__ __forceinline__ float v3_dot_xreg(const unsigned char* row, const float (&x)[CH][8]) {
-    const int lane = threadIdx.x & 31;
-    const uint4* wr = reinterpret_cast<const uint4*>(row);
-    uint4 wv[CH];
-#pragma unroll
-    for (int j = 0; j < CH; ++j) wv[j] = wr[lane + 32 * j];
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < CH; ++j) {
-        const unsigned u[4] = {wv[j].x, wv[j].y, wv[j].z, wv[j].w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            acc[i] = fmaf(__uint_as_float(u[i] << 16), x[j][2 * i], acc[i]);
-            acc[i] = fmaf(__uint_as_float(u[i] & 0xffff0000u), x[j][2 * i + 1], acc[i]);
-        }
-    }
-    return warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-}
 // The same with x in shared memory as bf16 chunks.
 template <int CH>
 __device__ __forceinline__ float v3_dot_xsmem(const unsigned char* row, const uint4* x) {
@@ -763,7 +769,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_v3(Params p) {
                 for (int row = warp; row < rows; row += WARPS) {
                     const unsigned char* at = piece(first + row / per) + (row % per) * H * 2;
                     if (tr && tid == 0) tr[2] = gtime();
-                    const float d = v3_dot_xreg<4>(at, x);
+                    const float d = dot_row_xreg<4>(at, x);
                     if (lane == 0) ll_store(v.qkv + r0 + row, d, out_tag);
                 }
             } else {
@@ -772,8 +778,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_v3(Params p) {
                     const int pi = unit / per, in_piece = min(per, rows - pi * per);
                     const unsigned char* at = piece(first + pi) + (unit % per) * H * 2;
                     if (tr && tid == 0) tr[2] = gtime();
-                    const float gv = v3_dot_xreg<4>(at, x);
-                    const float uv = v3_dot_xreg<4>(at + in_piece * H * 2, x);
+                    const float gv = dot_row_xreg<4>(at, x);
+                    const float uv = dot_row_xreg<4>(at + in_piece * H * 2, x);
                     if (lane == 0) ll_store(v.act + r0 + unit, bf2f(f2bf(gv / (1.f + expf(-gv)) * uv)), out_tag);
                 }
             }
@@ -805,57 +811,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_v3(Params p) {
                 return reinterpret_cast<const bf16_t*>(ring + ((first + key / per) % NSLOTS) * SLOT_BYTES) + (size_t)(key % per) * 256;
             };
             {
-                const int sub = lane >> 3, part = lane & 7;
+                const int part = lane & 7;
                 float q0[16], q1[16];
 #pragma unroll
                 for (int i = 0; i < 16; ++i) { q0[i] = qs[part * 16 + i]; q1[i] = qs[HD + part * 16 + i]; }
-                for (int base = warp * 4; base < nkeys; base += WARPS * 4) {
-                    const int key = min(base + sub, nkeys - 1);
-                    const uint4* kr = reinterpret_cast<const uint4*>(key_at(key) + part * 16);
-                    const uint4 ka = kr[0], kb = kr[1];
-                    const unsigned kw[8] = {ka.x, ka.y, ka.z, ka.w, kb.x, kb.y, kb.z, kb.w};
-                    float d0 = 0, d1 = 0;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        const float lo = __uint_as_float(kw[i] << 16), hi = __uint_as_float(kw[i] & 0xffff0000u);
-                        d0 = fmaf(q0[2 * i], lo, d0); d0 = fmaf(q0[2 * i + 1], hi, d0);
-                        d1 = fmaf(q1[2 * i], lo, d1); d1 = fmaf(q1[2 * i + 1], hi, d1);
-                    }
-#pragma unroll
-                    for (int o = 4; o > 0; o >>= 1) { d0 += __shfl_xor_sync(0xffffffffu, d0, o); d1 += __shfl_xor_sync(0xffffffffu, d1, o); }
-                    if (part == 0 && base + sub < nkeys) { scores[0][key] = d0; scores[1][key] = d1; }
-                }
+                split_scores(q0, q1, nkeys, key_at, &scores[0][0], V3_MAX_KEYS);
             }
             __syncthreads();
-            if (warp < 2) {
-                float mx = -INFINITY;
-                for (int key = lane; key < nkeys; key += 32) mx = fmaxf(mx, scores[warp][key]);
-                for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                float sm = 0;
-                for (int key = lane; key < nkeys; key += 32) {
-                    const float e = expf(scores[warp][key] - mx);
-                    scores[warp][key] = e;
-                    sm += e;
-                }
-                sm = warp_sum(sm);
-                if (lane == 0) { head_max[warp] = mx; head_sum[warp] = sm; }
-            }
+            split_softmax(&scores[0][0], V3_MAX_KEYS, nkeys, head_max, head_sum);
             __syncthreads();
-            {
-                const int h = tid >> 8, dg = (tid >> 2) & 63, kq = tid & 3;
-                float a0 = 0, a1 = 0;
-                for (int key = kq; key < nkeys; key += 4) {
-                    const float pr = scores[h][key];
-                    const unsigned vv = *reinterpret_cast<const unsigned*>(key_at(key) + 128 + 2 * dg);
-                    a0 = fmaf(pr, __uint_as_float(vv << 16), a0);
-                    a1 = fmaf(pr, __uint_as_float(vv & 0xffff0000u), a1);
-                }
-                a0 += __shfl_xor_sync(0xffffffffu, a0, 1); a1 += __shfl_xor_sync(0xffffffffu, a1, 1);
-                a0 += __shfl_xor_sync(0xffffffffu, a0, 2); a1 += __shfl_xor_sync(0xffffffffu, a1, 2);
-                float* part = p.partials + ((size_t)(2 * kvh + h) * SPL + split) * PSTRIDE;
-                if (kq == 0) { part[2 * dg] = a0; part[2 * dg + 1] = a1; }
-                if (tid == 0 || tid == 256) { part[HD] = head_max[h]; part[HD + 1] = head_sum[h]; }
-            }
+            float* part0 = p.partials + ((size_t)(2 * kvh) * SPL + split) * PSTRIDE;
+            split_values(&scores[0][0], V3_MAX_KEYS, nkeys, key_at, head_max, head_sum, part0, part0 + SPL * PSTRIDE);
             __threadfence();
             __syncthreads();
             if (tid == 0) merges = (atomicAdd(v.merge_counters + layer * KVH + kvh, 1u) + 1) % SPL == 0;
@@ -864,18 +830,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) mk_v3(Params p) {
                 __threadfence();
                 const int h = tid / HD, d = tid % HD;
                 const float* base = p.partials + (size_t)(2 * kvh + h) * SPL * PSTRIDE;
-                float bm = -INFINITY;
-                for (int s2 = 0; s2 < SPL; ++s2) bm = fmaxf(bm, __ldcg(base + s2 * PSTRIDE + HD));
-                float tot = 0, val = 0;
-                for (int s2 = 0; s2 < SPL; ++s2) {
-                    const float t = __ldcg(base + s2 * PSTRIDE + HD + 1);
-                    if (t > 0) {
-                        const float f = expf(__ldcg(base + s2 * PSTRIDE + HD) - bm);
-                        tot += t * f;
-                        val += __ldcg(base + s2 * PSTRIDE + d) * f;
-                    }
-                }
-                ll_store(v.attn + (2 * kvh + h) * HD + d, bf2f(f2bf(val / tot)), out_tag);
+                ll_store(v.attn + (2 * kvh + h) * HD + d, bf2f(f2bf(merged_value(base, SPL, d))), out_tag);
             }
         } else {
             // o_proj or down_proj: the input's bf16 chunks into shared memory, a warp a row, the residual added
@@ -1023,19 +978,13 @@ int main(int argc, char** argv) {
     const int reps = 200;
     std::vector<cudaEvent_t> ev(2 * reps);
     for (auto& event : ev) CK(cudaEventCreate(&event));
-    auto timed = [&](const char* label) {
-        // A split's keys must fit one shared-memory buffer (and v2's score rows).
-        const int split_keys = (ctx + p.splits - 1) / p.splits;
-        if (split_keys * 512 > BUF_BYTES || split_keys > 768) {
-            printf("%s: skipped, %d keys a split do not fit a %d-byte buffer\n", label, split_keys, BUF_BYTES);
-            return;
-        }
+    // Times `reps` launches (`launch` each, the hidden state reset before it), checks the result against the
+    // reference, and prints the median of the second half under `label`.
+    auto time_launches = [&](const char* label, auto launch) {
         for (int r = 0; r < reps; ++r) {
             CK(cudaMemcpyAsync(p.hidden, h0d, H * 4, cudaMemcpyDeviceToDevice));
-            CK(cudaMemsetAsync(p.counters, 0, counter_bytes));
             CK(cudaEventRecord(ev[2 * r]));
-            void* args[] = {&p};
-            CK(cudaLaunchCooperativeKernel((void*)mk_layers, sms, THREADS, args, smem, 0));
+            launch();
             CK(cudaEventRecord(ev[2 * r + 1]));
         }
         CK(cudaDeviceSynchronize());
@@ -1047,6 +996,19 @@ int main(int argc, char** argv) {
         for (int i = 0; i < H; ++i) { maxd = std::max(maxd, (double)fabsf(got[i] - ref[i])); maxr = std::max(maxr, (double)fabsf(ref[i])); }
         printf("%s: 28 layers median %.1f us min %.1f (%.2f us/layer), max |diff| %.3g of max |ref| %.3g\n", label, t[t.size() / 2], t[0],
                t[t.size() / 2] / LAYERS, maxd, maxr);
+    };
+    auto timed = [&](const char* label) {
+        // A split's keys must fit one shared-memory buffer (and v2's score rows).
+        const int split_keys = (ctx + p.splits - 1) / p.splits;
+        if (split_keys * 512 > BUF_BYTES || split_keys > 768) {
+            printf("%s: skipped, %d keys a split do not fit a %d-byte buffer\n", label, split_keys, BUF_BYTES);
+            return;
+        }
+        time_launches(label, [&]() {
+            CK(cudaMemsetAsync(p.counters, 0, counter_bytes));
+            void* args[] = {&p};
+            CK(cudaLaunchCooperativeKernel((void*)mk_layers, sms, THREADS, args, smem, 0));
+        });
     };
     // warm the clocks
     p.preload = 1; p.splits = 16; p.variant = 0;
@@ -1129,21 +1091,9 @@ int main(int argc, char** argv) {
             if (split_keys > V3_MAX_KEYS || (split_keys + 31) / 32 > NSLOTS) { printf("v3 splits %d: skipped\n", splits); return; }
             p.splits = splits; p.v3.max_ahead = ahead; p.trace = nullptr;
             CK(cudaMemset(p.v3.merge_counters, 0, LAYERS * KVH * 4));
-            for (int r = 0; r < reps; ++r) {
-                CK(cudaMemcpyAsync(p.hidden, h0d, H * 4, cudaMemcpyDeviceToDevice));
-                CK(cudaEventRecord(ev[2 * r]));
-                launch_v3();
-                CK(cudaEventRecord(ev[2 * r + 1]));
-            }
-            CK(cudaDeviceSynchronize());
-            std::vector<float> t;
-            for (int r = reps / 2; r < reps; ++r) { float ms; CK(cudaEventElapsedTime(&ms, ev[2 * r], ev[2 * r + 1])); t.push_back(ms * 1000); }
-            std::sort(t.begin(), t.end());
-            CK(cudaMemcpy(got.data(), p.hidden, H * 4, cudaMemcpyDeviceToHost));
-            double maxd = 0, maxr = 0;
-            for (int i = 0; i < H; ++i) { maxd = std::max(maxd, (double)fabsf(got[i] - ref[i])); maxr = std::max(maxr, (double)fabsf(ref[i])); }
-            printf("v3 splits %d, %d stages ahead: 28 layers median %.1f us min %.1f (%.2f us/layer), max |diff| %.3g of max |ref| %.3g\n", splits, ahead,
-                   t[t.size() / 2], t[0], t[t.size() / 2] / LAYERS, maxd, maxr);
+            char label[64];
+            snprintf(label, sizeof label, "v3 splits %d, %d stages ahead", splits, ahead);
+            time_launches(label, launch_v3);
         };
         p.v3.mode = 0;
         for (int r = 0; r < 2; ++r) timed_v3(16, 8);
