@@ -163,7 +163,7 @@ pub(crate) struct Kernels {
     multiprocessors: usize,
     /// `[epilogue][tokens 1, 2]`, see [`GemvOp`].
     decode_gemv: [[CudaFunction; 2]; 4],
-    /// The tensor-core decode GEMVs, `[epilogue][tokens 1, 2, 4]`.
+    /// The tensor-core decode GEMVs, `[epilogue][tokens 1, 2, 4, 8]`.
     decode_gemv_mma: [[CudaFunction; 4]; 4],
     /// Dynamic shared memory a tensor-core decode GEMV may take (its input, `[tokens][k]` bf16): what the
     /// GPU lets a block opt in to, less its static shared memory.

@@ -3,8 +3,9 @@
 //! cuBLAS GEMMs accumulating in f32, everything else is NVRTC kernels (`kernels.cu`); residuals and
 //! reductions stay in f32. Decode steps of up to eight sequences run on fused GEMVs instead of cuBLAS
 //! (`decode_gemv.cu`, five launches a layer with the fused attention): FMA ones at one sequence, tensor-core
-//! ones at two to eight (while a step's inputs fit their shared memory). At one sequence the qkv projection and the attention are one launch of thread block
-//! clusters where the GPU and the shape allow it (`decode_qkv_attention.cu`), four launches a layer.
+//! ones at two to eight (while a step's inputs fit their shared memory). At one sequence the qkv projection
+//! and the attention are one launch of thread block clusters where the GPU and the shape allow it
+//! (`decode_qkv_attention.cu`), four launches a layer.
 //! Greedy steps pick their tokens on the GPU, so only the token ids come back; steps that sample draw each
 //! row's token there (`draw.cu`, `draw.rs`), so about half a kilobyte a row comes back.
 //!
