@@ -1057,8 +1057,9 @@ impl CudaBackend {
     }
 
     /// The attention of layer `layer_index`, from `scratch.qkv` to `scratch.attention`: for decode steps of up
-    /// to `fused_attention_max_tokens` sequences one fused launch (q/k norm, RoPE, KV store and the split merge
-    /// inside, for the usual head sizes); otherwise q/k norm, RoPE and the KV store, then the attention.
+    /// to `fused_attention_max_tokens` sequences (past four, only those on the decode GEMVs) one fused launch
+    /// (q/k norm, RoPE, KV store and the split merge inside, for the usual head sizes); otherwise q/k norm, RoPE
+    /// and the KV store, then the attention.
     fn launch_attention(
         &self,
         parts: &StepMeta,
